@@ -1,0 +1,12 @@
+"""peft-ctrl: research PEFT methods registered with upstream peft.
+
+Importing this package registers every method with ``peft`` (idempotent), so ``get_peft_model`` and
+``PeftModel.from_pretrained`` work with the configs below.
+"""
+
+from .metrics import SavedTensorMeter, saved_activation_bytes
+from .state_ctrl import StateCtrlConfig, StateCtrlModel
+
+__version__ = "0.1.0"
+
+__all__ = ["SavedTensorMeter", "StateCtrlConfig", "StateCtrlModel", "saved_activation_bytes"]

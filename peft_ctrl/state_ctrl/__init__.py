@@ -1,0 +1,12 @@
+"""State-based parallel control: one low-rank edge per residual sub-block (DESIGN.md section 3)."""
+
+from peft_ctrl._registry import register
+
+from .architectures import ARCHITECTURES, Architecture
+from .config import StateCtrlConfig
+from .layer import StateCtrlLayer
+from .model import StateCtrlModel, resolve_bridges
+
+__all__ = ["ARCHITECTURES", "Architecture", "StateCtrlConfig", "StateCtrlLayer", "StateCtrlModel", "resolve_bridges"]
+
+register("state_ctrl", config_cls=StateCtrlConfig, model_cls=StateCtrlModel, prefix=StateCtrlModel.prefix)

@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+from peft.config import PeftConfig
+from peft.utils import PeftType
+
+BLOCKS = ("mlp", "attn", "both")
+CONTROLLERS = ("linear", "attention")
+
+
+@dataclass
+class StateCtrlConfig(PeftConfig):
+    """Configuration of state-based parallel control (Zhang, Ren, Cheng, Li, ICML 2025).
+
+    Each chosen residual sub-block with input state h and frozen body F gets one trainable low-rank edge:
+    ``out = h + F(h) + alpha * B (A h)`` (pre-norm) or ``out = LN(h + F(h)) + alpha * B (A h)`` (post-norm),
+    with ``A: r x d`` and ``B: d x r``. B starts at zero, so the adapted model equals the base model at step 0.
+
+    Args:
+        r (`int`): Rank of the control edge (width of ``A h``).
+        alpha (`float`): Plain scale of the control (not divided by ``r``).
+        dropout (`float`): Dropout probability on the control input h.
+        blocks (`str`, *optional*): Which sub-blocks to bridge from the architecture table: ``"mlp"`` (default),
+            ``"attn"`` or ``"both"``. Must be left unset when ``bridges`` is given.
+        bridges (`list[tuple[str, str]]`, *optional*): Custom ``(head, tail)`` module paths relative to one block:
+            the control reads the input of ``head`` and is added to the output of ``tail``. Makes any model work.
+        controller (`str`): ``"linear"`` (``B A h`` per token) or ``"attention"`` (the ICML 2024 nonlinear
+            controller ``u + softmax(u u^T) u`` over the token axis with ``u = B A h``).
+        causal (`bool`, *optional*): Whether the attention controller must be causally masked. Inferred from the
+            architecture table, the task type or ``model.config.is_decoder`` when unset.
+        layers_to_transform (`int | list[int]`, *optional*): Only bridge blocks with these layer indices.
+        layers_pattern (`str | list[str]`, *optional*): Name of the layer list (e.g. ``"layers"``, ``"h"``) used
+            with ``layers_to_transform`` when the default index detection is ambiguous.
+        init_weights (`bool`): ``True`` (default): A Kaiming-uniform, B = 0. ``False``: B random as well, so the
+            adapter changes the output from the start (for tests).
+        modules_to_save (`list[str]`, *optional*): Extra modules (e.g. a classifier head) trained and saved in full.
+    """
+
+    # Bridges are resolved from `blocks`/`bridges`, not from module-name targets; peft's injection code reads
+    # this attribute, so it exists and stays None (a ClassVar, so it is not saved in adapter_config.json).
+    target_modules: ClassVar[None] = None
+
+    r: int = field(default=64, metadata={"help": "Rank of the control edge A: r x d, B: d x r."})
+    alpha: float = field(default=1.0, metadata={"help": "Plain scale of the control (not divided by r)."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the control input h."})
+    blocks: Literal["mlp", "attn", "both"] | None = field(
+        default=None,
+        metadata={
+            "help": "Residual sub-blocks to bridge from the architecture table: 'mlp' (default), 'attn' or 'both'. "
+            "Leave unset when passing `bridges`."
+        },
+    )
+    bridges: list[tuple[str, str]] | None = field(
+        default=None,
+        metadata={
+            "help": "Custom (head, tail) module paths relative to one block: the control reads the input of head "
+            "and is added to the output of tail. Replaces the architecture table."
+        },
+    )
+    controller: Literal["linear", "attention"] = field(
+        default="linear",
+        metadata={"help": "'linear': B A h per token; 'attention': u + softmax(u u^T) u over tokens, u = B A h."},
+    )
+    causal: bool | None = field(
+        default=None,
+        metadata={"help": "Causally mask the attention controller. Inferred from the model when unset."},
+    )
+    layers_to_transform: int | list[int] | None = field(
+        default=None, metadata={"help": "Only bridge blocks with these layer indices."}
+    )
+    layers_pattern: str | list[str] | None = field(
+        default=None, metadata={"help": "Name of the layer list, used with layers_to_transform (e.g. 'layers')."}
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={"help": "True: B = 0 so step 0 equals the base model. False: random B (changes outputs; tests)."},
+    )
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={"help": "Extra modules (e.g. a classifier head) to train and save in full."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.STATE_CTRL
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"`r` must be a positive integer (the rank of the control edge), got {self.r!r}.")
+        if not math.isfinite(float(self.alpha)):
+            raise ValueError(f"`alpha` must be a finite number, got {self.alpha!r}.")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout!r}.")
+        if self.controller not in CONTROLLERS:
+            raise ValueError(f"`controller` must be one of {CONTROLLERS}, got {self.controller!r}.")
+        if self.blocks is not None and self.blocks not in BLOCKS:
+            raise ValueError(f"`blocks` must be one of {BLOCKS}, got {self.blocks!r}.")
+        if self.bridges is not None:
+            if self.blocks is not None:
+                raise ValueError(
+                    "Pass either `blocks` (placement from the architecture table) or `bridges` (your own "
+                    "(head, tail) pairs), not both."
+                )
+            self.bridges = [_as_bridge(b) for b in self.bridges]
+            if not self.bridges:
+                raise ValueError("`bridges` is empty; give at least one (head, tail) pair or leave it unset.")
+        if isinstance(self.layers_to_transform, list) and not self.layers_to_transform:
+            raise ValueError("`layers_to_transform` is empty; leave it unset to bridge every layer.")
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save)
+
+
+def _as_bridge(pair) -> tuple[str, str]:
+    if isinstance(pair, str) or len(pair) != 2 or not all(isinstance(p, str) and p.strip(".") for p in pair):
+        raise ValueError(
+            f"Each bridge must be a (head, tail) pair of non-empty module paths, got {pair!r}; "
+            "for example ('post_attention_layernorm', 'mlp')."
+        )
+    return (pair[0].strip("."), pair[1].strip("."))

@@ -1,0 +1,239 @@
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
+from peft.utils import TaskType
+from torch import nn
+
+from .architectures import bridges_for
+from .config import StateCtrlConfig
+from .layer import MERGE_ERROR, ForwardContext, StateCtrlLayer
+
+
+def _input_width(module: nn.Module) -> int | None:
+    """Width of the state a head module reads: a norm's size, else the first linear layer's input size."""
+    shape = getattr(module, "normalized_shape", None)
+    if shape:
+        return int(shape[-1])
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 1:
+        return weight.shape[0]
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            return sub.in_features
+        if type(sub).__name__ == "Conv1D":  # transformers' GPT-2 linear, weight is (in, out)
+            return sub.weight.shape[0]
+    return None
+
+
+def _output_width(module: nn.Module) -> int | None:
+    """Width of a tail module's output: the last linear layer's output size (or a trailing norm's size)."""
+    width = None
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            width = sub.out_features
+        elif type(sub).__name__ == "Conv1D":
+            width = sub.weight.shape[1]
+    return width
+
+
+def _is_causal(model: nn.Module, config: StateCtrlConfig, table_causal: bool | None) -> bool | None:
+    if config.causal is not None:
+        return config.causal
+    if table_causal is not None:
+        return table_causal
+    if config.task_type == TaskType.CAUSAL_LM:
+        return True
+    return getattr(getattr(model, "config", None), "is_decoder", None)
+
+
+def resolve_bridges(model: nn.Module, config: StateCtrlConfig) -> tuple[dict[str, str], bool | None]:
+    """Map every tail module name to its head module name for ``config`` on ``model``.
+
+    Head and tail paths are relative to one block: a module named ``P + tail`` is a tail when ``P + head``
+    exists too. ``layers_to_transform`` / ``layers_pattern`` / ``modules_to_save`` filter tails the way
+    upstream peft filters ``target_modules``. Also returns whether the model is causal (``None`` = unknown).
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    table_causal = None
+    if config.bridges is not None:
+        pairs = list(config.bridges)
+        try:
+            table_causal = bridges_for(model_type, "mlp")[1]
+        except ValueError:
+            table_causal = None
+    else:
+        pairs, table_causal = bridges_for(model_type, config.blocks or "mlp")
+
+    modules = dict(model.named_modules())
+    inside_tuner = [name + "." for name, m in modules.items() if isinstance(m, BaseTunerLayer)]
+    plan: dict[str, str] = {}
+    for key in modules:
+        if not key or any(key.startswith(prefix) for prefix in inside_tuner):
+            continue
+        for head, tail in pairs:
+            if key != tail and not key.endswith("." + tail):
+                continue
+            head_key = key[: len(key) - len(tail)] + head
+            if head_key not in modules:
+                continue
+            matcher = SimpleNamespace(
+                target_modules=[tail],
+                target_parameters=None,
+                exclude_modules=None,
+                modules_to_save=config.modules_to_save,
+                layers_to_transform=config.layers_to_transform,
+                layers_pattern=config.layers_pattern,
+            )
+            if not check_target_module_exists(matcher, key):
+                continue
+            if key in plan and plan[key] != head_key:
+                raise ValueError(f"Module {key!r} is the tail of two bridges (heads {plan[key]!r} and {head_key!r}).")
+            plan[key] = head_key
+    if not plan:
+        sample = ", ".join(list(k for k in modules if k)[:12])
+        layers = f" with layers_to_transform={config.layers_to_transform!r}" if config.layers_to_transform else ""
+        raise ValueError(
+            f"No state-ctrl bridge matched {type(model).__name__}{layers}: looked for sibling modules named "
+            f"P+head and P+tail for (head, tail) in {pairs}. Module names start with: {sample} ... Pass `bridges` "
+            "with paths that exist in one block (print(model) shows them)."
+        )
+    return plan, _is_causal(model, config, table_causal)
+
+
+class StateCtrlModel(BaseTuner):
+    """Tuner that adds state-based parallel control edges to a model (see ``StateCtrlConfig``).
+
+    Each bridged sub-block's tail module is wrapped in a ``StateCtrlLayer``; the head module gets a forward
+    pre-hook that hands its input h to that layer. Merging is impossible (the bridged body is nonlinear), so
+    ``merge_and_unload`` raises; ``unload``, ``disable_adapter``, multiple adapters and save/load work as in peft.
+    """
+
+    prefix: str = "state_ctrl_"
+    tuner_layer_cls = StateCtrlLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def _prepare_adapter_config(self, peft_config: StateCtrlConfig, model_config: dict) -> StateCtrlConfig:
+        return peft_config
+
+    def _prepare_model(self, peft_config: StateCtrlConfig, model: nn.Module) -> None:
+        plan, causal = resolve_bridges(model, peft_config)
+        if peft_config.controller == "attention" and causal is None:
+            raise ValueError(
+                "controller='attention' mixes tokens, so it must know whether the model is causal; this model is "
+                "not in the architecture table. Set StateCtrlConfig(causal=True) for a decoder, False otherwise."
+            )
+        self.__dict__["_plan"] = plan
+        self.__dict__["_causal"] = bool(causal)
+        if "_context" not in self.__dict__:
+            self.__dict__["_context"] = ForwardContext()
+            self.__dict__["_call_hook"] = model.register_forward_pre_hook(self._record_call, with_kwargs=True)
+
+    def _record_call(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        context = self.__dict__["_context"]
+        mask = kwargs.get("attention_mask")
+        context.attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        past = kwargs.get("past_key_values")
+        if past is None:
+            context.has_past = False
+        elif hasattr(past, "get_seq_length"):
+            context.has_past = past.get_seq_length() > 0
+        else:
+            context.has_past = bool(past)
+
+    def _check_target_module_exists(self, peft_config: StateCtrlConfig, key: str) -> bool:
+        return key in self.__dict__["_plan"]
+
+    def _create_and_replace(
+        self,
+        peft_config: StateCtrlConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **kwargs: Any,
+    ) -> None:
+        head_name = self.__dict__["_plan"][current_key]
+        head = self.model.get_submodule(head_name)
+        if isinstance(target, StateCtrlLayer):
+            layer = target
+        else:
+            in_features, out_features = _input_width(head), _output_width(target)
+            if in_features is None or out_features is None:
+                raise ValueError(
+                    f"Cannot infer the state width of bridge {head_name!r} -> {current_key!r}: the head should be a "
+                    "norm or contain a linear layer, and the tail should contain a linear layer."
+                )
+            layer = StateCtrlLayer(target, in_features, out_features, self.__dict__["_context"])
+            layer._active_adapter = adapter_name
+        layer.update_layer(
+            adapter_name,
+            head_name=head_name,
+            head=head,
+            r=peft_config.r,
+            alpha=float(peft_config.alpha),
+            dropout=float(peft_config.dropout),
+            controller=peft_config.controller,
+            causal=self.__dict__["_causal"],
+            init_weights=peft_config.init_weights,
+            inference_mode=peft_config.inference_mode,
+        )
+        if layer is not target:
+            if adapter_name not in self.active_adapters:
+                layer.requires_grad_(False)
+            self._replace_module(parent, target_name, layer, target)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        raise ValueError(MERGE_ERROR)
+
+    def _unload_and_optionally_merge(self, merge: bool = True, **kwargs: Any) -> nn.Module:
+        if merge:
+            raise ValueError(MERGE_ERROR)
+        for module in self.model.modules():
+            if isinstance(module, StateCtrlLayer):
+                module.remove_hooks()
+        hook = self.__dict__.pop("_call_hook", None)
+        if hook is not None:
+            hook.remove()
+            del self.__dict__["_context"]
+        return super()._unload_and_optionally_merge(merge=False, **kwargs)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: StateCtrlConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        params = dict(model.named_parameters())
+        expected = {
+            k: p for k, p in params.items() if f".{cls.prefix}" in k and (k.endswith(f".{adapter_name}.weight"))
+        }
+        problems = [f"{k}: missing from the checkpoint" for k in expected if k not in remapped]
+        problems += [
+            f"{k}: checkpoint {tuple(remapped[k].shape)} vs model {tuple(p.shape)}"
+            for k, p in expected.items()
+            if k in remapped and remapped[k].shape != p.shape
+        ]
+        if problems:
+            _drop_adapter(model, adapter_name)
+            listed = "\n  ".join(problems[:8])
+            raise ValueError(
+                f"The state-ctrl adapter {adapter_name!r} does not fit this base model ({len(problems)} problem(s)):"
+                f"\n  {listed}\nLoad it onto the base model it was trained with (same architecture and hidden size,"
+                " same bridges/blocks/layers_to_transform). The model was left without this adapter."
+            )
+        return remapped
+
+
+def _drop_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Undo a half-loaded adapter so a failed load leaves the model as it was."""
+    tuner = getattr(model, "base_model", None)
+    if not isinstance(tuner, StateCtrlModel):
+        return
+    if list(tuner.peft_config) == [adapter_name]:
+        tuner.unload()
+    else:
+        tuner.delete_adapter(adapter_name)
