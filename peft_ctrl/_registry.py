@@ -28,7 +28,8 @@ def add_peft_type(name: str) -> PeftType:
         return PeftType[name]
     if not (issubclass(PeftType, str) and issubclass(PeftType, enum.Enum)):
         raise RuntimeError(
-            "peft.utils.PeftType is no longer a str Enum; peft_ctrl/_registry.py must be updated for this peft release."
+            "peft.utils.PeftType is no longer a str Enum; peft_ctrl/_registry.py must be updated for this "
+            "peft release."
         )
     member = str.__new__(PeftType, name)
     member._name_ = name
@@ -56,7 +57,8 @@ def register(name: str, config_cls: type, model_cls: type, prefix: str) -> PeftT
         if not same:
             raise ValueError(
                 f"The PEFT type {peft_type.value} is already registered with {registered.__module__}."
-                f"{registered.__qualname__}; refusing to replace it with {config_cls.__module__}.{config_cls.__qualname__}."
+                f"{registered.__qualname__}; refusing to replace it with "
+                f"{config_cls.__module__}.{config_cls.__qualname__}."
             )
         # Same class (possibly re-created by a reload): point peft at the newest objects.
         PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls

@@ -23,9 +23,7 @@ class Architecture:
     post_norm: bool = False
 
 
-_LLAMA_LIKE = Architecture(
-    mlp=("post_attention_layernorm", "mlp"), attn=("input_layernorm", "self_attn"), causal=True
-)
+_LLAMA_LIKE = Architecture(mlp=("post_attention_layernorm", "mlp"), attn=("input_layernorm", "self_attn"), causal=True)
 _BERT_LIKE = Architecture(
     mlp=("intermediate", "output"), attn=("attention", "attention.output"), causal=False, post_norm=True
 )

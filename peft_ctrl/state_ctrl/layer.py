@@ -44,7 +44,9 @@ def attention_control(u: torch.Tensor, causal: bool, key_mask: torch.Tensor | No
     token) hides padding. Rows with nothing left to attend to (padding queries) keep their value finite.
     """
     if u.dim() != 3:
-        raise ValueError(f"The attention controller needs (batch, tokens, features) states, got shape {tuple(u.shape)}.")
+        raise ValueError(
+            f"The attention controller needs (batch, tokens, features) states, got shape {tuple(u.shape)}."
+        )
     n = u.shape[1]
     mask = None
     if key_mask is not None:

@@ -193,14 +193,19 @@ class StateCtrlModel(BaseTuner):
     def _unload_and_optionally_merge(self, merge: bool = True, **kwargs: Any) -> nn.Module:
         if merge:
             raise ValueError(MERGE_ERROR)
-        for module in self.model.modules():
-            if isinstance(module, StateCtrlLayer):
-                module.remove_hooks()
+        layers = [(name, m) for name, m in self.model.named_modules() if isinstance(m, StateCtrlLayer)]
+        for name, layer in layers:
+            layer.remove_hooks()
+            parent_name, _, child_name = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            setattr(parent, child_name, layer.get_base_layer())
         hook = self.__dict__.pop("_call_hook", None)
         if hook is not None:
             hook.remove()
             del self.__dict__["_context"]
-        return super()._unload_and_optionally_merge(merge=False, **kwargs)
+        if hasattr(self.model, "peft_config"):
+            del self.model.peft_config
+        return self.model
 
     @classmethod
     def _remap_adapter_state_dict_for_load(

@@ -1,0 +1,119 @@
+"""Tiny random-init models of every family in the architecture table (built from configs, no downloads)."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from torch import nn
+
+VOCAB = 64
+
+
+def _lm(config_cls, model_cls, **kw):
+    cfg = config_cls(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        **kw,
+    )
+    return model_cls(cfg)
+
+
+def build(family: str, seed: int = 0) -> nn.Module:
+    """A tiny model of ``family``; the same seed gives the same weights."""
+    torch.manual_seed(seed)
+    t = transformers
+    if family == "llama":
+        model = _lm(t.LlamaConfig, t.LlamaForCausalLM)
+    elif family == "mistral":
+        model = _lm(t.MistralConfig, t.MistralForCausalLM)
+    elif family == "qwen2":
+        model = _lm(t.Qwen2Config, t.Qwen2ForCausalLM)
+    elif family == "qwen3":
+        model = _lm(t.Qwen3Config, t.Qwen3ForCausalLM, head_dim=8)
+    elif family == "gpt2":
+        model = t.GPT2LMHeadModel(
+            t.GPT2Config(
+                vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+            )
+        )
+    elif family in ("bert", "roberta"):
+        cfg_cls, model_cls = (
+            (t.BertConfig, t.BertForSequenceClassification)
+            if family == "bert"
+            else (t.RobertaConfig, t.RobertaForSequenceClassification)
+        )
+        cfg = cfg_cls(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=80,
+            num_labels=3,
+            pad_token_id=1,
+        )
+        model = model_cls(cfg)
+    elif family == "vit":
+        cfg = t.ViTConfig(
+            image_size=16,
+            patch_size=8,
+            num_channels=3,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_labels=3,
+        )
+        model = t.ViTForImageClassification(cfg)
+    elif family == "custom":
+        model = ResidualMLP()
+    else:
+        raise KeyError(family)
+    return model.eval()
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt2", "bert", "roberta", "vit"]
+CAUSAL = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
+
+
+def inputs(family: str, batch: int = 2, seq: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    if family == "vit":
+        return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=g)}
+    if family == "custom":
+        return {"x": torch.randn(batch, seq, 16, generator=g)}
+    ids = torch.randint(2, VOCAB, (batch, seq), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def output(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = model(**batch)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+class Block(nn.Module):
+    """A pre-norm residual MLP block, not a transformers model: needs custom bridges."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.ff = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.ff(self.norm(x))
+
+
+class ResidualMLP(nn.Module):
+    def __init__(self, d: int = 16, n: int = 3) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(d) for _ in range(n))
+        self.head = nn.Linear(d, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)

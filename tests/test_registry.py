@@ -1,0 +1,62 @@
+"""The registration workaround in peft_ctrl/_registry.py, and the peft behaviour it relies on."""
+
+import importlib
+import json
+
+import pytest
+from peft import PeftConfig
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.utils import PeftType, register_peft_method
+
+import peft_ctrl
+from peft_ctrl import _registry
+from peft_ctrl.state_ctrl import StateCtrlConfig, StateCtrlModel
+
+
+def test_upstream_still_rejects_unknown_names():
+    # If this starts failing, peft accepts plugin names by itself and _registry.py can be simplified.
+    with pytest.raises(ValueError, match="Unknown PEFT type"):
+        register_peft_method(name="not_a_method_xyz", config_cls=StateCtrlConfig, model_cls=StateCtrlModel)
+
+
+def test_state_ctrl_is_a_real_enum_member():
+    member = PeftType.STATE_CTRL
+    assert member is PeftType("STATE_CTRL") is PeftType["STATE_CTRL"]
+    assert member == "STATE_CTRL" and isinstance(member, str)
+    assert member in list(PeftType)
+    assert PEFT_TYPE_TO_CONFIG_MAPPING[member] is StateCtrlConfig
+    assert PEFT_TYPE_TO_TUNER_MAPPING[member] is StateCtrlModel
+    assert PEFT_TYPE_TO_PREFIX_MAPPING[member] == "state_ctrl_"
+    # Built-in members are untouched.
+    assert PeftType("LORA") is PeftType.LORA
+
+
+def test_registration_is_idempotent():
+    before = list(PeftType)
+    importlib.reload(importlib.import_module("peft_ctrl.state_ctrl"))
+    importlib.reload(peft_ctrl)
+    assert list(PeftType) == before
+    assert _registry.add_peft_type("STATE_CTRL") is PeftType.STATE_CTRL
+
+
+def test_a_different_class_under_a_taken_name_is_refused():
+    class Other(PeftConfig):
+        pass
+
+    with pytest.raises(ValueError, match="already registered"):
+        _registry.register("state_ctrl", config_cls=Other, model_cls=StateCtrlModel, prefix="state_ctrl_")
+
+
+def test_bad_type_name():
+    with pytest.raises(ValueError, match="upper-case"):
+        _registry.add_peft_type("lower")
+
+
+def test_config_round_trips_through_json(tmp_path):
+    config = StateCtrlConfig(r=8, bridges=[("ln", "ff")], layers_to_transform=[0, 2])
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "STATE_CTRL" and "target_modules" not in saved
+    loaded = PeftConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, StateCtrlConfig)
+    assert loaded.bridges == [("ln", "ff")] and loaded.r == 8 and loaded.layers_to_transform == [0, 2]

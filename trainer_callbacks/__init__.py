@@ -1,0 +1,5 @@
+"""Trainer callbacks for peft-ctrl methods (importing this also registers the methods with peft)."""
+
+from .memory import MemoryReportCallback
+
+__all__ = ["MemoryReportCallback"]
