@@ -1,0 +1,392 @@
+"""Activation memory and step time of state-ctrl against PEFT LoRA / DoRA / full fine-tuning.
+
+Memory is the bytes saved for backward in one training step (peft_ctrl.metrics, DESIGN.md section 7),
+exact and device independent. Each method is also quoted against its *floor*: what the frozen model
+alone saves when gradients must flow back to the output of the method's first adapted block.
+Step time (forward + backward + AdamW step) is the median over rounds in which every method runs once
+in turn, so the ratios come from the same run under the same machine load.
+
+    python benchmarks/state_ctrl_memory.py                  # the benchmark model (hidden 512, 4 layers)
+    python benchmarks/state_ctrl_memory.py --validate-only  # check the projection formula on small shapes
+
+Writes docs/results/state_ctrl_memory.{md,json,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from peft_ctrl import StateCtrlConfig
+from peft_ctrl.metrics import saved_activation_bytes
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MiB = 2**20
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int = 512
+    intermediate: int = 1376
+    layers: int = 4
+    heads: int = 8
+    vocab: int = 1024
+    batch: int = 4
+    seq: int = 256
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    first_block: str  # "attn" or "mlp": where gradients must start flowing (defines the floor)
+    build: Callable[[nn.Module], nn.Module]
+
+
+def lora(targets: list[str], dora: bool = False) -> Callable[[nn.Module], nn.Module]:
+    config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=targets, use_dora=dora)
+    return lambda base: get_peft_model(base, config)
+
+
+def state_ctrl(r: int, blocks: str) -> Callable[[nn.Module], nn.Module]:
+    return lambda base: get_peft_model(base, StateCtrlConfig(r=r, blocks=blocks))
+
+
+def full(base: nn.Module) -> nn.Module:
+    return base.requires_grad_(True)
+
+
+METHODS = [
+    Method("full fine-tuning", "attn", full),
+    Method("PEFT LoRA all-linear r=16", "attn", lora(ALL_LINEAR)),
+    Method("PEFT LoRA q,v r=16", "attn", lora(["q_proj", "v_proj"])),
+    Method("PEFT DoRA all-linear r=16", "attn", lora(ALL_LINEAR, dora=True)),
+    Method("state-ctrl mlp r=64", "mlp", state_ctrl(64, "mlp")),
+    Method("state-ctrl both r=32", "attn", state_ctrl(32, "both")),
+]
+
+
+def build_base(shape: Shape, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.heads,
+        max_position_embeddings=max(shape.seq, 64),
+    )
+    model = LlamaForCausalLM(config).requires_grad_(False)
+    model.train()
+    return model
+
+
+def floor_model(shape: Shape, first_block: str) -> nn.Module:
+    """The frozen model with the residual stream leaving layer 0's ``first_block`` made to require grad."""
+    model = build_base(shape)
+    layer = model.model.layers[0]
+    module = layer.self_attn if first_block == "attn" else layer.mlp
+
+    def require_grad(mod, args, out):
+        if isinstance(out, tuple):
+            return (out[0].detach().requires_grad_(True), *out[1:])
+        return out.detach().requires_grad_(True)
+
+    module.register_forward_hook(require_grad)
+    return model
+
+
+def make_batch(shape: Shape) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=g)
+    return {"input_ids": ids, "labels": ids}
+
+
+def step_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+    def step() -> None:
+        model(**batch).loss.backward()
+
+    return step
+
+
+def measure_bytes(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
+    result = saved_activation_bytes(step_fn(model, batch), exclude=model)
+    model.zero_grad(set_to_none=True)
+    return result
+
+
+def run(shape: Shape, rounds: int, warmup: int) -> dict:
+    batch = make_batch(shape)
+    floors = {blk: measure_bytes(floor_model(shape, blk), batch) for blk in ("attn", "mlp")}
+    models, optimizers, rows = {}, {}, {}
+    for method in METHODS:
+        model = method.build(build_base(shape))
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        rows[method.name] = {
+            "saved_bytes": measure_bytes(model, batch),
+            "floor_bytes": floors[method.first_block],
+            "first_block": method.first_block,
+            "trainable_params": sum(p.numel() for p in params),
+        }
+        models[method.name] = model
+        optimizers[method.name] = torch.optim.AdamW(params, lr=1e-4)
+
+    for blk in ("attn", "mlp"):
+        models[f"floor {blk}"] = floor_model(shape, blk)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for i in range(warmup + rounds):
+        for name, model in models.items():
+            opt = optimizers.get(name)
+            start = time.perf_counter()
+            model(**batch).loss.backward()
+            if opt is not None:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            elapsed = time.perf_counter() - start
+            if i >= warmup:
+                times[name].append(elapsed)
+    for name in rows:
+        rows[name]["step_s"] = statistics.median(times[name])
+        rows[name]["step_s_all"] = times[name]
+    floor_times = {blk: statistics.median(times[f"floor {blk}"]) for blk in ("attn", "mlp")}
+    return {
+        "shape": shape.__dict__,
+        "floors": floors,
+        "floor_step_s": floor_times,
+        "rows": rows,
+        "rounds": rounds,
+        "warmup": warmup,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def projected_bytes(method: str, s: Shape, elem: int = 4, mask: int = 4) -> int:
+    """Bytes saved for backward predicted from the shapes alone (LLaMA decoder, fp32 by default).
+
+    Counts in elements per token (d = hidden, f = intermediate, H = heads, r = rank), from what each op keeps:
+      frozen decoder layer that gradients flow through:  LAYER = 6d + 3f + H + 2
+          (two RMSNorms keep h and 1/rms: 2(d + 1); attention keeps q, k, v, out and a log-sum-exp per head:
+           4d + H; the SwiGLU MLP keeps gate, silu(gate) and up: 3f; frozen linears keep no activation)
+      head: final norm d + 1, log-softmax output V, plus an int64 target and the rotary cos/sin (2 d/H) once
+      state-ctrl bridge: + r (A h); h is the tensor the norm already keeps, except in layer 0 (+ d once)
+      PEFT LoRA on a linear of input width w (dropout > 0): + w (dropped x) + r (A x) + the dropout mask,
+          w elements of `mask` bytes (4 on CPU, where dropout keeps a float mask; 1 on CUDA, a bool mask),
+          except where the linear's input needs no gradient (layer 0's q, k, v)
+      full fine-tuning adds the linears' inputs and norms' normalised states: + 5d + f per layer (+ 2d head,
+      + an int64 index for the embedding)
+    Layer 0 is partial: with LoRA its attention internals need gradients but its input norm does not
+    (5d + 3f + H + 1); a floor or bridge that starts at the MLP output saves nothing there.
+    """
+    d, f, H, L, V, T = s.hidden, s.intermediate, s.heads, s.layers, s.vocab, s.batch * s.seq
+    layer = 6 * d + 3 * f + H + 2
+    head = (d + 1 + V) * elem + 8
+    after_attn0 = d + 1 + 3 * f  # layer 0 from its attention output on
+    lora_layer0 = 5 * d + 3 * f + H + 1
+    rest = (L - 1) * layer
+    if method == "floor mlp":
+        per_token = rest * elem + head
+    elif method == "floor attn":
+        per_token = (rest + after_attn0) * elem + head
+    elif method.startswith("state-ctrl mlp"):
+        r = int(method.rsplit("r=", 1)[1])
+        per_token = (rest + L * r + d) * elem + head
+    elif method.startswith("state-ctrl both"):
+        r = int(method.rsplit("r=", 1)[1])
+        per_token = (rest + after_attn0 + 2 * L * r + d) * elem + head
+    elif method == "PEFT LoRA all-linear r=16":
+        adapters = (6 * d + f + 7 * 16) * elem + (6 * d + f) * mask
+        # layer 0's q, k, v inputs need no gradient, so their dropout masks are not kept
+        per_token = (rest + lora_layer0) * elem + L * adapters - 3 * d * mask + head
+    elif method == "PEFT LoRA q,v r=16":
+        adapters = 2 * (d + 16) * elem + 2 * d * mask
+        per_token = (rest + lora_layer0) * elem + L * adapters - 2 * d * mask + head
+    elif method == "full fine-tuning":
+        per_token = (L * (layer + 4 * d + f) + 2 * d) * elem + head + 8
+    else:
+        raise KeyError(f"no projection formula for {method!r}")
+    rotary = 2 * s.seq * (d // H) * elem  # cos and sin, computed once and shared by every layer
+    return T * per_token + rotary
+
+
+PROJECTED = [
+    "floor attn",
+    "floor mlp",
+    "full fine-tuning",
+    "PEFT LoRA all-linear r=16",
+    "PEFT LoRA q,v r=16",
+    "state-ctrl mlp r=64",
+    "state-ctrl both r=32",
+]
+VALIDATION_SHAPES = [
+    Shape(hidden=128, intermediate=352, layers=2, heads=4, vocab=512, batch=2, seq=64),
+    Shape(hidden=256, intermediate=688, layers=3, heads=4, vocab=256, batch=2, seq=128),
+    Shape(hidden=384, intermediate=1024, layers=2, heads=6, vocab=1000, batch=1, seq=96),
+]
+LLAMA2_7B = Shape(hidden=4096, intermediate=11008, layers=32, heads=32, vocab=32000, batch=1, seq=4096)
+
+
+def measured_bytes(method: str, shape: Shape) -> int:
+    batch = make_batch(shape)
+    if method.startswith("floor"):
+        return measure_bytes(floor_model(shape, method.split()[1]), batch)
+    build = next(m.build for m in METHODS if m.name == method)
+    model = build(build_base(shape))
+    model.train()
+    return measure_bytes(model, batch)
+
+
+def validate() -> list[dict]:
+    """Predicted against measured bytes on small shapes (including the benchmark shape's layout)."""
+    rows = []
+    for shape in VALIDATION_SHAPES:
+        for method in PROJECTED:
+            measured, predicted = measured_bytes(method, shape), projected_bytes(method, shape)
+            rows.append({"shape": shape.__dict__, "method": method, "measured": measured, "predicted": predicted})
+    return rows
+
+
+def write_outputs(result: dict, out_dir: Path) -> str:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = result["rows"]
+    ref_all = rows["PEFT LoRA all-linear r=16"]
+    ref_qv = rows["PEFT LoRA q,v r=16"]
+    lines = [
+        "| method | trainable params | saved MiB | x own floor | x LoRA all-linear | x LoRA q,v | step s | "
+        "time x LoRA all-linear |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in rows.items():
+        lines.append(
+            f"| {name} | {row['trainable_params']:,} | {row['saved_bytes'] / MiB:.1f} | "
+            f"{row['saved_bytes'] / row['floor_bytes']:.3f} ({row['first_block']}) | "
+            f"{row['saved_bytes'] / ref_all['saved_bytes']:.3f} | {row['saved_bytes'] / ref_qv['saved_bytes']:.3f} | "
+            f"{row['step_s']:.3f} | {row['step_s'] / ref_all['step_s']:.3f} |"
+        )
+    floors = result["floors"]
+    ft = result["floor_step_s"]
+    for blk in ("attn", "mlp"):
+        lines.append(
+            f"| floor: frozen model, grads from layer-0 {blk} output (fwd+bwd only) | 0 | {floors[blk] / MiB:.1f} | "
+            f"1 | {floors[blk] / ref_all['saved_bytes']:.3f} | {floors[blk] / ref_qv['saved_bytes']:.3f} | "
+            f"{ft[blk]:.3f} | {ft[blk] / ref_all['step_s']:.3f} |"
+        )
+    table = "\n".join(lines)
+    if "validation" in result:
+        table += "\n\n" + projection_tables(result)
+    (out_dir / "state_ctrl_memory.json").write_text(json.dumps(result, indent=2))
+    (out_dir / "state_ctrl_memory.md").write_text(table + "\n")
+    plot(result, out_dir / "state_ctrl_memory.png")
+    return table
+
+
+def projection_tables(result: dict) -> str:
+    lines = [
+        "Projection formula (`projected_bytes`) against measurement:",
+        "",
+        "| shape (d, f, L, H, V, b x s) | method | measured bytes | predicted bytes | predicted / measured |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for row in result["validation"]:
+        s = row["shape"]
+        label = (
+            f"{s['hidden']}, {s['intermediate']}, {s['layers']}, {s['heads']}, {s['vocab']}, {s['batch']}x{s['seq']}"
+        )
+        lines.append(
+            f"| {label} | {row['method']} | {row['measured']:,} | {row['predicted']:,} | "
+            f"{row['predicted'] / row['measured']:.6f} |"
+        )
+    titles = {
+        "benchmark_cuda_masks": "The benchmark shape as a CUDA run would measure it (dropout masks 1 byte instead of "
+        "the 4-byte float masks CPU dropout keeps):",
+        "llama2_7b": "Projected to LLaMA2-7B shapes (d 4096, f 11008, 32 layers, 32 heads, vocab 32000, 1 x 4096 "
+        "tokens, fp32 activations, 1-byte dropout masks as on CUDA):",
+    }
+    for key, title in titles.items():
+        lines += ["", title, "", "| method | MiB saved for backward | x own floor | x LoRA all-linear | x LoRA q,v |"]
+        lines.append("|---|---:|---:|---:|---:|")
+        proj = result[key]
+        for method, value in proj.items():
+            own = "floor mlp" if method.startswith("state-ctrl mlp") or method == "floor mlp" else "floor attn"
+            lines.append(
+                f"| {method} | {value / MiB:,.1f} | {value / proj[own]:.3f} | "
+                f"{value / proj['PEFT LoRA all-linear r=16']:.3f} | {value / proj['PEFT LoRA q,v r=16']:.3f} |"
+            )
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    names = list(rows)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    saved = [rows[n]["saved_bytes"] / MiB for n in names]
+    colors = ["tab:green" if n.startswith("state-ctrl") else "tab:gray" for n in names]
+    ax1.barh(names, saved, color=colors)
+    for blk, style in (("attn", "--"), ("mlp", ":")):
+        ax1.axvline(result["floors"][blk] / MiB, color="black", linestyle=style, label=f"floor ({blk})")
+    ax1.set_xlabel("bytes saved for backward per step (MiB)")
+    ax1.legend(loc="lower right")
+    ax1.invert_yaxis()
+    ax2.barh(names, [rows[n]["step_s"] for n in names], color=colors)
+    ax2.set_xlabel("median step time (s), same run")
+    ax2.invert_yaxis()
+    ax2.set_yticklabels([])
+    s = result["shape"]
+    fig.suptitle(
+        f"LLaMA-shaped model: hidden {s['hidden']}, intermediate {s['intermediate']}, {s['layers']} layers, "
+        f"batch {s['batch']} x {s['seq']} tokens, fp32"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds (median is reported)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("docs/results"))
+    parser.add_argument("--validate-only", action="store_true", help="only check the projection formula")
+    args = parser.parse_args()
+    if args.validate_only:
+        for row in validate():
+            print(row["method"], row["shape"], row["measured"], row["predicted"])
+        return
+    result = run(Shape(), args.rounds, args.warmup)
+    result["validation"] = validate() + [
+        {
+            "shape": Shape().__dict__,
+            "method": m,
+            "measured": _measured_from(result, m),
+            "predicted": projected_bytes(m, Shape()),
+        }
+        for m in PROJECTED
+    ]
+    result["benchmark_cuda_masks"] = {m: projected_bytes(m, Shape(), mask=1) for m in PROJECTED}
+    result["llama2_7b"] = {m: projected_bytes(m, LLAMA2_7B, mask=1) for m in PROJECTED}
+    print(write_outputs(result, args.out))
+
+
+def _measured_from(result: dict, method: str) -> int:
+    if method.startswith("floor"):
+        return result["floors"][method.split()[1]]
+    return result["rows"][method]["saved_bytes"]
+
+
+if __name__ == "__main__":
+    main()
