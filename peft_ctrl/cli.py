@@ -27,7 +27,8 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per seed and method")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64, help="tokens per sentence (padded/truncated)")
-    p.add_argument("--rank-state-ctrl", type=int, default=16)
+    p.add_argument("--rank-state-ctrl", type=int, default=8)
+    p.add_argument("--blocks", choices=["mlp", "attn", "both"], default="both", help="state-ctrl blocks to bridge")
     p.add_argument("--rank-lora", type=int, default=8)
     p.add_argument("--lr-state-ctrl", type=float, default=DEFAULT_LR["state-ctrl"])
     p.add_argument("--lr-lora", type=float, default=DEFAULT_LR["lora"])
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                 batch_size=args.batch_size,
                 max_length=args.max_length,
                 rank_state_ctrl=args.rank_state_ctrl,
+                blocks=args.blocks,
                 rank_lora=args.rank_lora,
                 lr={"state-ctrl": args.lr_state_ctrl, "lora": args.lr_lora},
                 output_dir=args.output_dir,
