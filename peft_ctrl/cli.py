@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from .finetune import DEFAULT_LR, METHODS, MODELS, FinetuneArgs, run_finetune, summary_table
 
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     _finetune_parser(sub)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # peft calls a transformers method that transformers 5 renamed; the warning is noise for users here.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     if args.command == "finetune":
         try:
             config = FinetuneArgs(
