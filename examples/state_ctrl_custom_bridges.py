@@ -45,9 +45,11 @@ def main() -> None:
         get_peft_model(Net(), StateCtrlConfig(r=8))
     except ValueError as err:
         print("without bridges:", str(err)[:120], "...")
-    model = get_peft_model(net, StateCtrlConfig(r=8, bridges=[("norm", "ff")], layers_to_transform=[1, 2, 3]))
+    model = get_peft_model(
+        net, StateCtrlConfig(r=8, bridges=[("norm", "ff")], layers_to_transform=[1, 2, 3], layers_pattern="blocks")
+    )
     model.print_trainable_parameters()
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     for step in range(301):
         loss = nn.functional.mse_loss(model(x), y)
         loss.backward()

@@ -4,6 +4,9 @@ method-specific behaviour (controllers, generation, dtypes, checkpointing) and b
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,6 +88,26 @@ def test_disable_enable_and_unload(family):
     assert n_bridges(base) == 0
     assert not any(m._forward_pre_hooks for m in base.modules()), "capture hooks must be removed on unload"
     torch.testing.assert_close(output(base, batch), ref, atol=0, rtol=0)
+
+
+def test_a_fresh_process_loads_the_adapter_with_only_import_peft_ctrl(tmp_path):
+    model = adapted("llama", init_weights=False)
+    model.save_pretrained(tmp_path)
+    torch.save(output(model, inputs("llama")), tmp_path / "expected.pt")
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import peft_ctrl
+from peft import PeftModel
+from models import build, inputs, output
+model = PeftModel.from_pretrained(build("llama"), {str(tmp_path)!r})
+assert type(model.peft_config["default"]).__name__ == "StateCtrlConfig"
+expected = torch.load({str(tmp_path / "expected.pt")!r})
+torch.testing.assert_close(output(model, inputs("llama")), expected, atol=0, rtol=0)
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 def test_merge_is_refused_with_an_explanation():
@@ -216,15 +239,17 @@ def test_half_precision_base_model_keeps_fp32_adapters():
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
 @pytest.mark.parametrize("family", ["llama", "bert"])
-def test_gradient_checkpointing_gives_the_same_gradients(family):
+def test_gradient_checkpointing_gives_the_same_gradients(family, reentrant):
     batch = inputs(family)
 
     def grads(checkpointing: bool):
         model = adapted(family, blocks="both", init_weights=False)
         model.train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.enable_input_require_grads()
         output(model, batch).pow(2).mean().backward()
         return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 

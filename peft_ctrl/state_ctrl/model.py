@@ -95,7 +95,12 @@ def resolve_bridges(model: nn.Module, config: StateCtrlConfig) -> tuple[dict[str
             plan[key] = head_key
     if not plan:
         sample = ", ".join(list(k for k in modules if k)[:12])
-        layers = f" with layers_to_transform={config.layers_to_transform!r}" if config.layers_to_transform else ""
+        layers = ""
+        if config.layers_to_transform is not None:
+            layers = (
+                f" with layers_to_transform={config.layers_to_transform!r} (if the layer list is a top-level "
+                "module, name it with layers_pattern, e.g. layers_pattern='blocks')"
+            )
         raise ValueError(
             f"No state-ctrl bridge matched {type(model).__name__}{layers}: looked for sibling modules named "
             f"P+head and P+tail for (head, tail) in {pairs}. Module names start with: {sample} ... Pass `bridges` "
