@@ -396,3 +396,35 @@ def test_corrupted_adapter_file_raises_and_keeps_the_base_weights(tmp_path):
         PeftModel.from_pretrained(base, tmp_path)
     # peft attaches the adapter before it reads the weights; the base weights themselves are untouched.
     assert all(torch.equal(p, c) for p, c in zip(params, copies, strict=True))
+
+
+# ---------------------------------------------------------------- fused low-rank op in the bridges
+
+
+def test_fused_and_unfused_bridges_agree():
+    batch = inputs("llama")
+    results = {}
+    for fused in (True, False):
+        model = adapted("llama", blocks="both", init_weights=False, fused=fused)
+        model.train()
+        out = output(model, batch)
+        out.pow(2).mean().backward()
+        results[fused] = (out, {n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    torch.testing.assert_close(results[True][0], results[False][0], atol=1e-6, rtol=1e-6)
+    for name, grad in results[True][1].items():
+        torch.testing.assert_close(grad, results[False][1][name], atol=1e-6, rtol=1e-5)
+
+
+def test_fused_bridge_with_dropout_keeps_no_mask_and_no_dropped_copy():
+    from peft_ctrl.metrics import saved_activation_bytes
+
+    batch = inputs("llama", batch=2, seq=16)
+    saved = {}
+    for fused in (True, False):
+        model = adapted("llama", blocks="mlp", dropout=0.1, fused=fused)
+        model.train()
+        saved[fused] = saved_activation_bytes(lambda m=model: output(m, batch).sum().backward(), exclude=model)
+    tokens, d, layers = 2 * 16, 32, 2
+    # Unfused dropout keeps a float mask (CPU) and the dropped copy of h in every bridged layer whose h needs a
+    # gradient (layers 1+). In layer 0 h needs none: unfused keeps only the dropped copy, fused keeps h itself.
+    assert saved[False] - saved[True] == (layers - 1) * 2 * tokens * d * 4

@@ -34,6 +34,8 @@ class StateCtrlConfig(PeftConfig):
         layers_to_transform (`int | list[int]`, *optional*): Only bridge blocks with these layer indices.
         layers_pattern (`str | list[str]`, *optional*): Name of the layer list (e.g. ``"layers"``, ``"h"``) used
             with ``layers_to_transform`` when the default index detection is ambiguous.
+        fused (`bool`): Use the fused low-rank op (default); ``False`` runs the plain module expression, which
+            keeps a dropped copy of h and the mask when ``dropout > 0``.
         init_weights (`bool`): ``True`` (default): A Kaiming-uniform, B = 0. ``False``: B random as well, so the
             adapter changes the output from the start (for tests).
         modules_to_save (`list[str]`, *optional*): Extra modules (e.g. a classifier head) trained and saved in full.
@@ -73,6 +75,13 @@ class StateCtrlConfig(PeftConfig):
     )
     layers_pattern: str | list[str] | None = field(
         default=None, metadata={"help": "Name of the layer list, used with layers_to_transform (e.g. 'layers')."}
+    )
+    fused: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute the control with peft_ctrl.ops.lowrank, which keeps h by reference, A h and a dropout "
+            "seed for the backward (no mask, no dropped copy). False: the plain nn.Linear expression."
+        },
     )
     init_weights: bool = field(
         default=True,

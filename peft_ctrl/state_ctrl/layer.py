@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from peft_ctrl.ops import lowrank
+
 MERGE_ERROR = (
     "A state-ctrl adapter cannot be merged into the base weights: the control edge bridges a whole residual "
     "sub-block (out = F(h) + alpha * B A h) and F contains a norm and a nonlinearity, so no change of F's weights "
@@ -70,7 +72,7 @@ class StateCtrlLayer(nn.Module, BaseTunerLayer):
     """
 
     adapter_layer_names = ("state_ctrl_A", "state_ctrl_B")
-    other_param_names = ("r", "alpha", "controller", "causal", "head_name", "state_ctrl_dropout")
+    other_param_names = ("r", "alpha", "controller", "causal", "head_name", "fused", "state_ctrl_dropout")
 
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int, context: ForwardContext) -> None:
         super().__init__()
@@ -85,6 +87,7 @@ class StateCtrlLayer(nn.Module, BaseTunerLayer):
         self.controller: dict[str, str] = {}
         self.causal: dict[str, bool] = {}
         self.head_name: dict[str, str] = {}
+        self.fused: dict[str, bool] = {}
         self._active_adapter: str | list[str] = []
         self.merged_adapters: list[str] = []
         self._disable_adapters = False
@@ -103,6 +106,7 @@ class StateCtrlLayer(nn.Module, BaseTunerLayer):
         controller: str,
         causal: bool,
         init_weights: bool,
+        fused: bool = True,
         inference_mode: bool = False,
     ) -> None:
         """Create (or re-create) one adapter's control edge, reading the input of ``head``."""
@@ -111,6 +115,7 @@ class StateCtrlLayer(nn.Module, BaseTunerLayer):
         self.controller[adapter_name] = controller
         self.causal[adapter_name] = causal
         self.head_name[adapter_name] = head_name
+        self.fused[adapter_name] = fused
         self.state_ctrl_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.state_ctrl_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
         self.state_ctrl_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
@@ -137,13 +142,26 @@ class StateCtrlLayer(nn.Module, BaseTunerLayer):
         self._captured[head_name] = first_tensor(args, kwargs)
 
     def control(self, adapter_name: str, h: torch.Tensor) -> torch.Tensor:
-        """``alpha * B (A dropout(h))``, or the attention controller applied to ``u = B A dropout(h)``."""
+        """``alpha * B (A dropout(h))``, or the attention controller applied to ``u = B A dropout(h)``.
+
+        The fused path (``peft_ctrl.ops.lowrank``) keeps h by reference, ``A h`` and a dropout seed for the
+        backward; the unfused path is the plain module expression (kept for comparison).
+        """
         A = self.state_ctrl_A[adapter_name]
         B = self.state_ctrl_B[adapter_name]
+        alpha = self.alpha[adapter_name]
+        linear = self.controller[adapter_name] == "linear"
         if not torch.is_autocast_enabled(h.device.type):
             h = h.to(A.weight.dtype)
-        u = B(A(self.state_ctrl_dropout[adapter_name](h)))
-        if self.controller[adapter_name] == "attention":
+        if self.fused[adapter_name]:
+            dropout = self.state_ctrl_dropout[adapter_name]
+            p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+            u = lowrank(h, A.weight, B.weight, scale=alpha if linear else 1.0, dropout=p, training=self.training)
+            if linear:
+                return u
+        else:
+            u = B(A(self.state_ctrl_dropout[adapter_name](h)))
+        if not linear:
             if self._context.has_past:
                 raise ValueError(
                     "The attention controller mixes all tokens of a sequence and cannot run incremental decoding with "
@@ -156,7 +174,6 @@ class StateCtrlLayer(nn.Module, BaseTunerLayer):
                     f"{u.shape[1]} tokens; it supports 2-D (batch, tokens) padding masks without a KV cache."
                 )
             u = attention_control(u, self.causal[adapter_name], mask)
-        alpha = self.alpha[adapter_name]
         return u if alpha == 1.0 else u * alpha
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

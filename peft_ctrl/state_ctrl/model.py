@@ -185,6 +185,7 @@ class StateCtrlModel(BaseTuner):
             controller=peft_config.controller,
             causal=self.__dict__["_causal"],
             init_weights=peft_config.init_weights,
+            fused=peft_config.fused,
             inference_mode=peft_config.inference_mode,
         )
         if layer is not target:

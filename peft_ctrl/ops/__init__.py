@@ -1,0 +1,6 @@
+"""Fused low-rank op shared by the methods (DESIGN.md section 8)."""
+
+from ._dispatch import force_triton, triton_available
+from .lowrank import keep_mask, lowrank
+
+__all__ = ["force_triton", "keep_mask", "lowrank", "triton_available"]

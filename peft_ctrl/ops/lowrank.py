@@ -1,0 +1,130 @@
+"""``y = base + scale * dropout(x) A^T B^T`` as one autograd Function that keeps only what it needs.
+
+The unfused expression keeps, for its backward, the dropped copy of x (for dA), the dropout mask and
+``z = dropout(x) A^T``. This Function keeps x *by reference* (the caller's tensor, usually already kept
+by a norm for its own backward), the r-wide z, and an integer seed; the backward regenerates the
+dropout mask from the seed. With dropout off it keeps x (by reference) and z, like the unfused code.
+
+RNG scheme (documented so that forward and backward agree and results are reproducible):
+    seed = one draw from torch's default generator (``torch.randint``), so ``torch.manual_seed`` fixes it;
+    torch path:  keep = bernoulli(1 - p) drawn by a fresh ``torch.Generator(x.device)`` seeded with ``seed``;
+    Triton path: keep = ``tl.rand(seed, i) >= p`` (Philox) for the flat index i of the element in x.
+Kept elements are scaled by 1 / (1 - p), like ``torch.nn.functional.dropout``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _dispatch
+
+MAX_RANK = 256  # the Triton kernels keep a whole rank-r row in one block
+
+
+def _check(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, base: torch.Tensor | None, dropout: float) -> None:
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}.")
+    if A.dim() != 2 or B.dim() != 2:
+        raise ValueError(
+            f"A and B must be matrices (r x d_in, d_out x r), got shapes {tuple(A.shape)}, {tuple(B.shape)}."
+        )
+    if x.shape[-1] != A.shape[1] or B.shape[1] != A.shape[0]:
+        raise ValueError(
+            f"Shapes do not chain: x (..., {x.shape[-1]}), A {tuple(A.shape)}, B {tuple(B.shape)}; "
+            "need x (..., d_in), A (r, d_in), B (d_out, r)."
+        )
+    if base is not None and base.shape != (*x.shape[:-1], B.shape[0]):
+        raise ValueError(f"base has shape {tuple(base.shape)}, expected {(*x.shape[:-1], B.shape[0])}.")
+    tensors = [t for t in (x, A, B, base) if t is not None]
+    if len({t.device for t in tensors}) > 1:
+        raise ValueError(f"x, A, B and base must be on one device, got {[str(t.device) for t in tensors]}.")
+    if not torch.is_autocast_enabled(x.device.type) and len({t.dtype for t in tensors}) > 1:
+        raise ValueError(
+            f"x, A, B and base must share a dtype outside autocast, got {[str(t.dtype) for t in tensors]}; "
+            "cast them or run under torch.autocast."
+        )
+
+
+def keep_mask(seed: int, shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """The torch-path dropout mask (bool, True = kept) for ``seed``; see the module docstring."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return torch.empty(shape, device=device).bernoulli_(1.0 - p, generator=g).bool()
+
+
+class _LowRank(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, A, B, base, scale, p, seed):  # noqa: D401 - autograd signature
+        x2 = x.reshape(-1, x.shape[-1])
+        # Decided once here: the backward must regenerate the mask with the scheme the forward used.
+        ctx.triton = p > 0.0 and A.shape[0] <= MAX_RANK and _dispatch.use_triton(x)
+        if p > 0.0:
+            if ctx.triton:
+                z = _dispatch.triton_ops().dropout_matmul(x2, A, seed, p)
+            else:
+                z = (x2 * keep_mask(seed, x2.shape, p, x.device) / (1.0 - p)) @ A.t().to(x2.dtype)
+        else:
+            z = x2 @ A.t().to(x2.dtype)
+        out = (z @ B.t().to(z.dtype)) * scale
+        out = out.reshape(*x.shape[:-1], B.shape[0])
+        if base is not None:
+            out = base + out.to(base.dtype)
+        ctx.save_for_backward(x, A, B, z)
+        ctx.scale, ctx.p, ctx.seed, ctx.has_base = scale, p, seed, base is not None
+        ctx.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, A, B, z = ctx.saved_tensors
+        scale, p, seed = ctx.scale, ctx.p, ctx.seed
+        enabled, dtype = ctx.autocast
+        with torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
+            # Same operation order as autograd on the unfused expression (bitwise equal without dropout).
+            g = grad_out.reshape(-1, grad_out.shape[-1]).to(z.dtype) * scale
+            grad_B = g.t() @ z if ctx.needs_input_grad[2] else None
+            gz = g @ B.to(z.dtype)
+            x2 = x.reshape(-1, x.shape[-1])
+            grad_A = grad_x = None
+            if ctx.triton:
+                ops = _dispatch.triton_ops()
+                if ctx.needs_input_grad[1]:
+                    grad_A = ops.dropout_grad_a(gz, x2, seed, p)
+                if ctx.needs_input_grad[0]:
+                    grad_x = ops.dropout_grad_x(gz, A.to(gz.dtype), seed, p)
+            else:
+                keep = keep_mask(seed, x2.shape, p, x.device) if p > 0.0 else None
+                if ctx.needs_input_grad[1]:
+                    xd = x2 * keep / (1.0 - p) if keep is not None else x2
+                    grad_A = gz.t() @ xd.to(gz.dtype)
+                if ctx.needs_input_grad[0]:
+                    grad_x = gz @ A.to(gz.dtype)
+                    if keep is not None:
+                        grad_x = grad_x * keep / (1.0 - p)
+        if grad_x is not None:
+            grad_x = grad_x.reshape(x.shape).to(x.dtype)
+        grad_base = grad_out if ctx.has_base and ctx.needs_input_grad[3] else None
+        grad_A = grad_A.to(A.dtype) if grad_A is not None else None
+        grad_B = grad_B.to(B.dtype) if grad_B is not None else None
+        return grad_x, grad_A, grad_B, grad_base, None, None, None
+
+
+def lowrank(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: float = 1.0,
+    dropout: float = 0.0,
+    base: torch.Tensor | None = None,
+    training: bool = True,
+) -> torch.Tensor:
+    """``base + scale * dropout(x) A^T B^T`` with x: (..., d_in), A: (r, d_in), B: (d_out, r).
+
+    Keeps x by reference, z = dropout(x) A^T and an RNG seed for the backward (no mask, no dropped copy).
+    Dropout applies only when ``training`` is True. Uses Triton kernels for CUDA tensors when Triton is
+    installed (falling back to the torch path with a one-time warning otherwise), the torch path elsewhere.
+    """
+    _check(x, A, B, base, dropout)
+    p = float(dropout) if training else 0.0
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if p > 0.0 else 0
+    return _LowRank.apply(x, A, B, base, float(scale), p, seed)

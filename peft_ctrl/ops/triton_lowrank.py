@@ -1,0 +1,267 @@
+"""Triton kernels for ``peft_ctrl.ops.lowrank``: the three products that touch dropout(x).
+
+The dropout mask is never stored: each kernel regenerates ``keep = tl.rand(seed, m * K + k) >= p`` for the
+elements it reads, where (m, k) indexes x flattened to (M, K). The other products (z B^T, g B, g^T z)
+do not involve the mask and use torch's matmul. Ranks up to ``MAX_RANK`` run here.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .lowrank import MAX_RANK
+
+
+@triton.jit
+def _dropout_matmul_kernel(
+    x_ptr,
+    a_ptr,
+    z_ptr,
+    M,
+    K,
+    R,
+    sxm,
+    sxk,
+    sar,
+    sak,
+    szm,
+    szr,
+    seed,
+    p,
+    inv,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """z[m, :] = sum_k dropout(x)[m, k] * A[:, k]"""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        in_x = (rm[:, None] < M) & (rk[None, :] < K)
+        x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :] * sxk, mask=in_x, other=0.0)
+        keep = tl.rand(seed, rm[:, None] * K + rk[None, :]) >= p
+        x = tl.where(keep & in_x, x * inv, 0.0)
+        a_t = tl.load(
+            a_ptr + rk[:, None] * sak + rr[None, :] * sar, mask=(rk[:, None] < K) & (rr[None, :] < R), other=0.0
+        )
+        if IEEE:
+            acc += tl.dot(x, a_t, input_precision="ieee")
+        else:
+            acc += tl.dot(x.to(a_t.dtype), a_t)
+    tl.store(
+        z_ptr + rm[:, None] * szm + rr[None, :] * szr,
+        acc.to(z_ptr.dtype.element_ty),
+        mask=(rm[:, None] < M) & (rr[None, :] < R),
+    )
+
+
+@triton.jit
+def _dropout_grad_x_kernel(
+    gz_ptr,
+    a_ptr,
+    gx_ptr,
+    M,
+    K,
+    R,
+    sgm,
+    sgr,
+    sar,
+    sak,
+    sxm,
+    sxk,
+    seed,
+    p,
+    inv,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """grad_x[m, k] = keep(m, k) * inv * sum_j gz[m, j] A[j, k]"""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rr = tl.arange(0, BLOCK_R)
+    gz = tl.load(gz_ptr + rm[:, None] * sgm + rr[None, :] * sgr, mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
+    a = tl.load(a_ptr + rr[:, None] * sar + rk[None, :] * sak, mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0)
+    if IEEE:
+        gx = tl.dot(gz, a, input_precision="ieee")
+    else:
+        gx = tl.dot(gz, a)
+    keep = tl.rand(seed, rm[:, None] * K + rk[None, :]) >= p
+    gx = tl.where(keep, gx * inv, 0.0)
+    tl.store(
+        gx_ptr + rm[:, None] * sxm + rk[None, :] * sxk,
+        gx.to(gx_ptr.dtype.element_ty),
+        mask=(rm[:, None] < M) & (rk[None, :] < K),
+    )
+
+
+@triton.jit
+def _dropout_grad_a_kernel(
+    gz_ptr,
+    x_ptr,
+    ga_ptr,
+    M,
+    K,
+    R,
+    sgm,
+    sgr,
+    sxm,
+    sxk,
+    sar,
+    sak,
+    seed,
+    p,
+    inv,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """grad_A[j, k] = sum_m gz[m, j] * dropout(x)[m, k]"""
+    rk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rr = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M)
+        gz_t = tl.load(
+            gz_ptr + rm[None, :] * sgm + rr[:, None] * sgr, mask=(rm[None, :] < M) & (rr[:, None] < R), other=0.0
+        )
+        in_x = (rm[:, None] < M) & (rk[None, :] < K)
+        x = tl.load(x_ptr + rm[:, None] * sxm + rk[None, :] * sxk, mask=in_x, other=0.0)
+        keep = tl.rand(seed, rm[:, None] * K + rk[None, :]) >= p
+        x = tl.where(keep & in_x, x * inv, 0.0)
+        if IEEE:
+            acc += tl.dot(gz_t, x, input_precision="ieee")
+        else:
+            acc += tl.dot(gz_t, x.to(gz_t.dtype))
+    tl.store(
+        ga_ptr + rr[:, None] * sar + rk[None, :] * sak,
+        acc.to(ga_ptr.dtype.element_ty),
+        mask=(rr[:, None] < R) & (rk[None, :] < K),
+    )
+
+
+@triton.jit
+def _keep_mask_kernel(out_ptr, M, K, seed, p, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    keep = tl.rand(seed, offs) >= p
+    tl.store(out_ptr + offs, keep.to(tl.int8), mask=offs < M * K)
+
+
+def _blocks(R: int) -> tuple[int, int, int]:
+    if R > MAX_RANK:
+        raise ValueError(f"The Triton low-rank kernels support ranks up to {MAX_RANK}, got {R}.")
+    return 32, 32, max(16, triton.next_power_of_2(R))
+
+
+def _check_size(M: int, K: int) -> None:
+    if M * K >= 2**31:
+        raise ValueError(f"x has {M * K} elements; the Triton dropout index is 32-bit (fewer than 2**31 needed).")
+
+
+def dropout_matmul(x: torch.Tensor, A: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """dropout(x) @ A^T for x: (M, K), A: (R, K)."""
+    M, K = x.shape
+    R = A.shape[0]
+    _check_size(M, K)
+    BM, BK, BR = _blocks(R)
+    A = A.to(x.dtype)
+    z = torch.empty(M, R, device=x.device, dtype=x.dtype)
+    _dropout_matmul_kernel[(triton.cdiv(M, BM),)](
+        x,
+        A,
+        z,
+        M,
+        K,
+        R,
+        x.stride(0),
+        x.stride(1),
+        A.stride(0),
+        A.stride(1),
+        z.stride(0),
+        z.stride(1),
+        seed,
+        p,
+        1.0 / (1.0 - p),
+        IEEE=x.dtype == torch.float32,
+        BLOCK_M=BM,
+        BLOCK_K=BK,
+        BLOCK_R=BR,
+    )
+    return z
+
+
+def dropout_grad_x(gz: torch.Tensor, A: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """keep * (gz @ A) / (1 - p) for gz: (M, R), A: (R, K)."""
+    M, R = gz.shape
+    K = A.shape[1]
+    _check_size(M, K)
+    BM, BK, BR = _blocks(R)
+    gx = torch.empty(M, K, device=gz.device, dtype=gz.dtype)
+    _dropout_grad_x_kernel[(triton.cdiv(M, BM), triton.cdiv(K, BK))](
+        gz,
+        A,
+        gx,
+        M,
+        K,
+        R,
+        gz.stride(0),
+        gz.stride(1),
+        A.stride(0),
+        A.stride(1),
+        gx.stride(0),
+        gx.stride(1),
+        seed,
+        p,
+        1.0 / (1.0 - p),
+        IEEE=gz.dtype == torch.float32,
+        BLOCK_M=BM,
+        BLOCK_K=BK,
+        BLOCK_R=BR,
+    )
+    return gx
+
+
+def dropout_grad_a(gz: torch.Tensor, x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """gz^T @ dropout(x) for gz: (M, R), x: (M, K); the result is float32 (R, K)."""
+    M, R = gz.shape
+    K = x.shape[1]
+    _check_size(M, K)
+    BM, BK, BR = _blocks(R)
+    ga = torch.empty(R, K, device=gz.device, dtype=torch.float32)
+    _dropout_grad_a_kernel[(triton.cdiv(K, BK),)](
+        gz,
+        x,
+        ga,
+        M,
+        K,
+        R,
+        gz.stride(0),
+        gz.stride(1),
+        x.stride(0),
+        x.stride(1),
+        ga.stride(0),
+        ga.stride(1),
+        seed,
+        p,
+        1.0 / (1.0 - p),
+        IEEE=gz.dtype == torch.float32,
+        BLOCK_M=BM,
+        BLOCK_K=BK,
+        BLOCK_R=BR,
+    )
+    return ga
+
+
+def keep_mask(seed: int, M: int, K: int, p: float, device: torch.device) -> torch.Tensor:
+    """The Triton-path dropout mask (bool, True = kept) for x of shape (M, K)."""
+    _check_size(M, K)
+    out = torch.empty(M * K, dtype=torch.int8, device=device)
+    _keep_mask_kernel[(triton.cdiv(M * K, 1024),)](out, M, K, seed, p, BLOCK=1024)
+    return out.view(M, K).bool()
