@@ -57,8 +57,9 @@ def lora(targets: list[str], dora: bool = False) -> Callable[[nn.Module], nn.Mod
     return lambda base: get_peft_model(base, config)
 
 
-def state_ctrl(r: int, blocks: str) -> Callable[[nn.Module], nn.Module]:
-    return lambda base: get_peft_model(base, StateCtrlConfig(r=r, blocks=blocks))
+def state_ctrl(r: int, blocks: str, dropout: float = 0.0, fused: bool = True) -> Callable[[nn.Module], nn.Module]:
+    config = StateCtrlConfig(r=r, blocks=blocks, dropout=dropout, fused=fused)
+    return lambda base: get_peft_model(base, config)
 
 
 def full(base: nn.Module) -> nn.Module:
@@ -72,6 +73,10 @@ METHODS = [
     Method("PEFT DoRA all-linear r=16", "attn", lora(ALL_LINEAR, dora=True)),
     Method("state-ctrl mlp r=64", "mlp", state_ctrl(64, "mlp")),
     Method("state-ctrl both r=32", "attn", state_ctrl(32, "both")),
+    # The fused low-rank op (peft_ctrl.ops) against the plain module expression, without and with dropout.
+    Method("state-ctrl mlp r=64 unfused", "mlp", state_ctrl(64, "mlp", fused=False)),
+    Method("state-ctrl mlp r=64 dropout 0.1", "mlp", state_ctrl(64, "mlp", dropout=0.1)),
+    Method("state-ctrl mlp r=64 dropout 0.1 unfused", "mlp", state_ctrl(64, "mlp", dropout=0.1, fused=False)),
 ]
 
 
@@ -275,12 +280,37 @@ def write_outputs(result: dict, out_dir: Path) -> str:
         )
     floors = result["floors"]
     ft = result["floor_step_s"]
+    fused_rows = [
+        ("dropout 0", "state-ctrl mlp r=64", "state-ctrl mlp r=64 unfused"),
+        ("dropout 0.1", "state-ctrl mlp r=64 dropout 0.1", "state-ctrl mlp r=64 dropout 0.1 unfused"),
+    ]
     for blk in ("attn", "mlp"):
         lines.append(
             f"| floor: frozen model, grads from layer-0 {blk} output (fwd+bwd only) | 0 | {floors[blk] / MiB:.1f} | "
             f"1 | {floors[blk] / ref_all['saved_bytes']:.3f} | {floors[blk] / ref_qv['saved_bytes']:.3f} | "
             f"{ft[blk]:.3f} | {ft[blk] / ref_all['step_s']:.3f} |"
         )
+    lines += [
+        "",
+        "Fused low-rank op (`peft_ctrl.ops.lowrank`, the default) against the plain module expression, state-ctrl "
+        "mlp r=64:",
+        "",
+        "| dropout | fused MiB | unfused MiB | fused bytes over floor per bridge | fused / unfused step time |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    s = result["shape"]
+    for label, fused, plain in fused_rows:
+        per_bridge = (rows[fused]["saved_bytes"] - floors["mlp"]) / s["layers"]
+        lines.append(
+            f"| {label} | {rows[fused]['saved_bytes'] / MiB:.1f} | {rows[plain]['saved_bytes'] / MiB:.1f} | "
+            f"{per_bridge / MiB:.2f} MiB | {rows[fused]['step_s'] / rows[plain]['step_s']:.3f} |"
+        )
+    z_bytes = s["batch"] * s["seq"] * 64 * 4
+    h0_bytes = s["batch"] * s["seq"] * s["hidden"] * 4
+    lines.append(
+        f"\n(z = A h is {z_bytes / MiB:.2f} MiB per bridge; layer 0's h, which the frozen model does not keep, adds "
+        f"{h0_bytes / MiB:.2f} MiB once, i.e. {h0_bytes / s['layers'] / MiB:.2f} MiB per bridge on average.)"
+    )
     table = "\n".join(lines)
     if "validation" in result:
         table += "\n\n" + projection_tables(result)

@@ -7,7 +7,9 @@ dropout mask from the seed. With dropout off it keeps x (by reference) and z, li
 
 RNG scheme (documented so that forward and backward agree and results are reproducible):
     seed = one draw from torch's default generator (``torch.randint``), so ``torch.manual_seed`` fixes it;
-    torch path:  keep = bernoulli(1 - p) drawn by a fresh ``torch.Generator(x.device)`` seeded with ``seed``;
+    torch path:  the mask ``torch.native_dropout`` (what ``F.dropout`` uses) draws from the device's default
+                 generator right after it is seeded with ``seed`` (its state is restored afterwards), so the
+                 result equals ``F.dropout`` run after ``torch.manual_seed(seed)``;
     Triton path: keep = ``tl.rand(seed, i) >= p`` (Philox) for the flat index i of the element in x.
 Kept elements are scaled by 1 / (1 - p), like ``torch.nn.functional.dropout``.
 """
@@ -45,11 +47,30 @@ def _check(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, base: torch.Tensor
         )
 
 
-def keep_mask(seed: int, shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """The torch-path dropout mask (bool, True = kept) for ``seed``; see the module docstring."""
-    g = torch.Generator(device=device)
-    g.manual_seed(seed)
-    return torch.empty(shape, device=device).bernoulli_(1.0 - p, generator=g).bool()
+def _default_generator(device: torch.device) -> torch.Generator:
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.random.default_generator
+
+
+def seeded_dropout(x: torch.Tensor, seed: int, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.native_dropout(x, p)`` drawn right after seeding the device's default generator with ``seed``.
+
+    Returns (dropped x, keep mask). The generator's state is restored afterwards, so the caller's random
+    stream is untouched and calling this twice gives the same mask.
+    """
+    gen = _default_generator(x.device)
+    state = gen.get_state()
+    try:
+        gen.manual_seed(seed)
+        return torch.native_dropout(x, p, True)
+    finally:
+        gen.set_state(state)
+
+
+def keep_mask(seed: int, shape: torch.Size, p: float, device: torch.device, dtype=torch.float32) -> torch.Tensor:
+    """The torch-path dropout mask (bool, True = kept) for an x of this shape and dtype; see the module docstring."""
+    return seeded_dropout(torch.zeros(shape, device=device, dtype=dtype), seed, p)[1]
 
 
 class _LowRank(torch.autograd.Function):
@@ -62,10 +83,12 @@ class _LowRank(torch.autograd.Function):
             if ctx.triton:
                 z = _dispatch.triton_ops().dropout_matmul(x2, A, seed, p)
             else:
-                z = (x2 * keep_mask(seed, x2.shape, p, x.device) / (1.0 - p)) @ A.t().to(x2.dtype)
+                z = seeded_dropout(x2, seed, p)[0] @ A.t().to(x2.dtype)
         else:
             z = x2 @ A.t().to(x2.dtype)
-        out = (z @ B.t().to(z.dtype)) * scale
+        out = z @ B.t().to(z.dtype)
+        if scale != 1.0:
+            out = out * scale
         out = out.reshape(*x.shape[:-1], B.shape[0])
         if base is not None:
             out = base + out.to(base.dtype)
@@ -81,7 +104,9 @@ class _LowRank(torch.autograd.Function):
         enabled, dtype = ctx.autocast
         with torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
             # Same operation order as autograd on the unfused expression (bitwise equal without dropout).
-            g = grad_out.reshape(-1, grad_out.shape[-1]).to(z.dtype) * scale
+            g = grad_out.reshape(-1, grad_out.shape[-1]).to(z.dtype)
+            if scale != 1.0:
+                g = g * scale
             grad_B = g.t() @ z if ctx.needs_input_grad[2] else None
             gz = g @ B.to(z.dtype)
             x2 = x.reshape(-1, x.shape[-1])
@@ -93,14 +118,13 @@ class _LowRank(torch.autograd.Function):
                 if ctx.needs_input_grad[0]:
                     grad_x = ops.dropout_grad_x(gz, A.to(gz.dtype), seed, p)
             else:
-                keep = keep_mask(seed, x2.shape, p, x.device) if p > 0.0 else None
+                xd, keep = seeded_dropout(x2, seed, p) if p > 0.0 else (x2, None)
                 if ctx.needs_input_grad[1]:
-                    xd = x2 * keep / (1.0 - p) if keep is not None else x2
                     grad_A = gz.t() @ xd.to(gz.dtype)
                 if ctx.needs_input_grad[0]:
                     grad_x = gz @ A.to(gz.dtype)
                     if keep is not None:
-                        grad_x = grad_x * keep / (1.0 - p)
+                        grad_x = torch.ops.aten.native_dropout_backward(grad_x, keep, 1.0 / (1.0 - p))
         if grad_x is not None:
             grad_x = grad_x.reshape(x.shape).to(x.dtype)
         grad_base = grad_out if ctx.has_base and ctx.needs_input_grad[3] else None
