@@ -1,0 +1,48 @@
+"""Copy the committed benchmark tables from docs/results/ into the docs that quote them.
+
+A doc quotes a table between ``<!-- table:NAME -->`` and ``<!-- /table -->`` lines, where NAME is a key
+of ``SOURCES``. Run after a benchmark so the docs never hold numbers that the results files do not.
+
+    python benchmarks/update_docs.py
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+RESULTS = Path("docs/results")
+
+
+def _blocks(path: Path) -> list[str]:
+    return [b.strip() for b in path.read_text().split("\n\n") if b.strip()]
+
+
+def _block_after(path: Path, heading: str) -> str:
+    blocks = _blocks(path)
+    index = next(i for i, b in enumerate(blocks) if b.startswith(heading))
+    return blocks[index + 1]
+
+
+SOURCES = {
+    "state_ctrl_memory": lambda: _blocks(RESULTS / "state_ctrl_memory.md")[0],
+    "fused": lambda: _block_after(RESULTS / "state_ctrl_memory.md", "Fused low-rank op"),
+    "cuda_masks": lambda: _block_after(RESULTS / "state_ctrl_memory.md", "The benchmark shape as a CUDA run"),
+    "llama2_7b": lambda: _block_after(RESULTS / "state_ctrl_memory.md", "Projected to LLaMA2-7B"),
+    "finetune_minilm": lambda: _blocks(RESULTS / "finetune_minilm.md")[1],
+    "lowrank_kernels_cpu": lambda: "\n\n".join(_blocks(RESULTS / "lowrank_kernels_cpu.md")),
+}
+PATTERN = re.compile(r"(<!-- table:(\w+) -->\n).*?(\n<!-- /table -->)", re.S)
+
+
+def main() -> None:
+    for doc in [Path("README.md"), *Path("docs").glob("*.md")]:
+        text = doc.read_text()
+        new = PATTERN.sub(lambda m: m.group(1) + SOURCES[m.group(2)]() + m.group(3), text)
+        if new != text:
+            doc.write_text(new)
+            print(f"updated {doc}")
+
+
+if __name__ == "__main__":
+    main()
