@@ -29,6 +29,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from peft_ctrl import StateCtrlConfig
 from peft_ctrl.metrics import saved_activation_bytes
+from peft_ctrl.ops import lean_lora
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MiB = 2**20
@@ -52,9 +53,16 @@ class Method:
     build: Callable[[nn.Module], nn.Module]
 
 
-def lora(targets: list[str], dora: bool = False) -> Callable[[nn.Module], nn.Module]:
+def lora(targets: list[str], dora: bool = False, lean: bool = False) -> Callable[[nn.Module], nn.Module]:
     config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=targets, use_dora=dora)
-    return lambda base: get_peft_model(base, config)
+
+    def build(base: nn.Module) -> nn.Module:
+        model = get_peft_model(base, config)
+        if lean:
+            lean_lora(model)
+        return model
+
+    return build
 
 
 def state_ctrl(r: int, blocks: str, dropout: float = 0.0, fused: bool = True) -> Callable[[nn.Module], nn.Module]:
@@ -77,6 +85,8 @@ METHODS = [
     Method("state-ctrl mlp r=64 unfused", "mlp", state_ctrl(64, "mlp", fused=False)),
     Method("state-ctrl mlp r=64 dropout 0.1", "mlp", state_ctrl(64, "mlp", dropout=0.1)),
     Method("state-ctrl mlp r=64 dropout 0.1 unfused", "mlp", state_ctrl(64, "mlp", dropout=0.1, fused=False)),
+    # The same op applied to ordinary PEFT LoRA layers (peft_ctrl.ops.lean_lora).
+    Method("PEFT LoRA all-linear r=16 + lean_lora", "attn", lora(ALL_LINEAR, lean=True)),
 ]
 
 

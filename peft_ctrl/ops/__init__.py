@@ -1,6 +1,7 @@
 """Fused low-rank op shared by the methods (DESIGN.md section 8)."""
 
 from ._dispatch import force_triton, triton_available
+from .lean_lora import lean_lora
 from .lowrank import keep_mask, lowrank
 
-__all__ = ["force_triton", "keep_mask", "lowrank", "triton_available"]
+__all__ = ["force_triton", "keep_mask", "lean_lora", "lowrank", "triton_available"]

@@ -1,0 +1,52 @@
+"""Memory-lean PEFT LoRA: route the low-rank path of ordinary peft LoRA layers through ``lowrank``.
+
+``lean_lora(model)`` changes nothing in the adapter (weights, config, saving, merging stay peft's); it
+only replaces, per layer instance, how ``lora_B(lora_A(dropout(x))) * scaling`` is computed, so the
+backward keeps x by reference and regenerates the dropout mask instead of keeping the mask and a
+dropped copy of x per adapted layer. Anything the lean path does not cover (DoRA and other LoRA
+variants, mixed-adapter batches, merged or disabled adapters, extra forward arguments) runs peft's own
+forward unchanged.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+from peft.tuners.lora import Linear as LoraLinear
+from torch import nn
+
+from .lowrank import lowrank
+
+
+def _lean_forward(self: LoraLinear, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    active = [name for name in self.active_adapters if name in self.lora_A]
+    if args or kwargs or self.disable_adapters or self.merged or any(n in self.lora_variant for n in active):
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x)
+    result_dtype = result.dtype
+    for name in active:
+        A = self.lora_A[name].weight
+        dropout = self.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        x = self._cast_input_dtype(x, A.dtype)
+        delta = lowrank(x, A, self.lora_B[name].weight, scale=self.scaling[name], dropout=p, training=self.training)
+        result = result + delta
+    return result.to(result_dtype)
+
+
+def lean_lora(model: nn.Module) -> int:
+    """Make every plain peft LoRA ``Linear`` layer of ``model`` use the fused low-rank op; returns how many.
+
+    Raises ``ValueError`` when the model has no such layer (for example before ``get_peft_model``).
+    """
+    layers = [m for m in model.modules() if type(m) is LoraLinear]
+    if not layers:
+        raise ValueError(
+            "lean_lora found no peft LoRA Linear layer; call it on the model returned by get_peft_model(model, "
+            "LoraConfig(...)). Quantized and non-Linear LoRA layers are left to peft."
+        )
+    for layer in layers:
+        layer.forward = types.MethodType(_lean_forward, layer)
+    return len(layers)
