@@ -17,6 +17,7 @@ Kept elements are scaled by 1 / (1 - p), like ``torch.nn.functional.dropout``.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import _dispatch
 
@@ -74,18 +75,17 @@ def keep_mask(seed: int, shape: torch.Size, p: float, device: torch.device, dtyp
 
 
 class _LowRank(torch.autograd.Function):
+    """The dropout case (p > 0) of ``lowrank``: keeps x, A, B, z and the seed; regenerates the mask."""
+
     @staticmethod
     def forward(ctx, x, A, B, base, scale, p, seed):  # noqa: D401 - autograd signature
         x2 = x.reshape(-1, x.shape[-1])
         # Decided once here: the backward must regenerate the mask with the scheme the forward used.
-        ctx.triton = p > 0.0 and A.shape[0] <= MAX_RANK and _dispatch.use_triton(x)
-        if p > 0.0:
-            if ctx.triton:
-                z = _dispatch.triton_ops().dropout_matmul(x2, A, seed, p)
-            else:
-                z = seeded_dropout(x2, seed, p)[0] @ A.t().to(x2.dtype)
+        ctx.triton = A.shape[0] <= MAX_RANK and _dispatch.use_triton(x)
+        if ctx.triton:
+            z = _dispatch.triton_ops().dropout_matmul(x2, A, seed, p)
         else:
-            z = x2 @ A.t().to(x2.dtype)
+            z = seeded_dropout(x2, seed, p)[0] @ A.t().to(x2.dtype)
         out = z @ B.t().to(z.dtype)
         if scale != 1.0:
             out = out * scale
@@ -103,7 +103,7 @@ class _LowRank(torch.autograd.Function):
         scale, p, seed = ctx.scale, ctx.p, ctx.seed
         enabled, dtype = ctx.autocast
         with torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
-            # Same operation order as autograd on the unfused expression (bitwise equal without dropout).
+            # Same operation order as autograd on the unfused expression (bitwise equal with the same mask).
             g = grad_out.reshape(-1, grad_out.shape[-1]).to(z.dtype)
             if scale != 1.0:
                 g = g * scale
@@ -118,13 +118,11 @@ class _LowRank(torch.autograd.Function):
                 if ctx.needs_input_grad[0]:
                     grad_x = ops.dropout_grad_x(gz, A.to(gz.dtype), seed, p)
             else:
-                xd, keep = seeded_dropout(x2, seed, p) if p > 0.0 else (x2, None)
+                xd, keep = seeded_dropout(x2, seed, p)
                 if ctx.needs_input_grad[1]:
                     grad_A = gz.t() @ xd.to(gz.dtype)
                 if ctx.needs_input_grad[0]:
-                    grad_x = gz @ A.to(gz.dtype)
-                    if keep is not None:
-                        grad_x = torch.ops.aten.native_dropout_backward(grad_x, keep, 1.0 / (1.0 - p))
+                    grad_x = torch.ops.aten.native_dropout_backward(gz @ A.to(gz.dtype), keep, 1.0 / (1.0 - p))
         if grad_x is not None:
             grad_x = grad_x.reshape(x.shape).to(x.dtype)
         grad_base = grad_out if ctx.has_base and ctx.needs_input_grad[3] else None
@@ -150,5 +148,12 @@ def lowrank(
     """
     _check(x, A, B, base, dropout)
     p = float(dropout) if training else 0.0
-    seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if p > 0.0 else 0
+    if p == 0.0:
+        # Without dropout the plain expression already keeps only x (by reference) and z, with no Python
+        # autograd overhead; the Function below would compute exactly the same.
+        out = F.linear(F.linear(x, A), B)
+        if scale != 1.0:
+            out = out * scale
+        return out if base is None else base + out.to(base.dtype)
+    seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
     return _LowRank.apply(x, A, B, base, float(scale), p, seed)
