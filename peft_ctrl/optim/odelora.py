@@ -1,0 +1,255 @@
+"""ODELoRA: integrate the projected full-fine-tuning gradient flow on LoRA factors (Gao & Tan, arXiv 2602.07479).
+
+For a LoRA pair (B: m x r, A: r x n) with W = W0 + s B A and G = dL/dW (never formed: LoRA backprop gives
+g_B = s G A^T and g_A = s B^T G), the direction
+
+    dB/dt = -(1/s) [(I - 1/2 P_B) G A^T (A A^T)^-1 - B K]
+    dA/dt = -(1/s) [(B^T B)^-1 B^T G (I - 1/2 P_A) + K A]
+
+makes dW/dt = -P_T(G) = -(P_B G + G P_A - P_B G P_A), the gradient flow projected onto rank-r matrices,
+for any r x r gauge K. With K = S / 2, where S solves the Lyapunov equation M S + S M = 1/2 (D M^-1 - M^-1 D)
+(M = B^T B, N = B^T G A^T, D = N - N^T), the flow also keeps B^T B - A A^T constant at a balanced point.
+Discrete steps lose the balance, so the factors are re-balanced exactly after every step (B A unchanged).
+Euler, Heun (RK2) and classic RK4 integrate it with 1, 2 and 4 gradient evaluations per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+SCHEMES = {"euler": 1, "heun": 2, "rk4": 4}
+
+
+@dataclass
+class LoraPair:
+    """One adapter's factors in one peft LoRA layer: ``W = W0 + scaling * B @ A``."""
+
+    name: str
+    A: nn.Parameter
+    B: nn.Parameter
+    scaling: float
+
+
+def find_lora_pairs(model: nn.Module) -> list[LoraPair]:
+    """Every trainable (A, B) pair of the peft LoRA layers in ``model``, per adapter."""
+    from peft.tuners.lora import LoraLayer
+
+    pairs = []
+    for module_name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for adapter, lora_A in module.lora_A.items():
+            A, B = lora_A.weight, module.lora_B[adapter].weight
+            if A.requires_grad and B.requires_grad:
+                pairs.append(LoraPair(f"{module_name}.{adapter}", A, B, float(module.scaling[adapter])))
+    return pairs
+
+
+def _damped_inverse(M: torch.Tensor, eps: float) -> torch.Tensor:
+    eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+    return torch.linalg.inv(M + eps * eye)
+
+
+def gauge(M: torch.Tensor, N: torch.Tensor, eps: float) -> torch.Tensor:
+    """K = S / 2 with M S + S M = 1/2 (D M^-1 - M^-1 D), D = N - N^T, solved in M's eigenbasis."""
+    sigma, U = torch.linalg.eigh(M)
+    sigma = sigma.clamp_min(0.0) + eps
+    D = N - N.T
+    M_inv = (U / sigma) @ U.T
+    C = 0.5 * (D @ M_inv - M_inv @ D)
+    S = U @ ((U.T @ C @ U) / (sigma[:, None] + sigma[None, :])) @ U.T
+    return 0.5 * S
+
+
+def ode_direction(
+    B: torch.Tensor, A: torch.Tensor, grad_B: torch.Tensor, grad_A: torch.Tensor, scaling: float, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dB/dt, dA/dt) from the LoRA gradients (module docstring), in fp32 with ``eps`` damping on r x r inverses."""
+    dtype = torch.promote_types(B.dtype, torch.float32)  # fp32 at least, fp64 stays fp64
+    B, A, grad_B, grad_A = (t.to(dtype) for t in (B, A, grad_B, grad_A))
+    MB, MA = B.T @ B, A @ A.T
+    MB_inv, MA_inv = _damped_inverse(MB, eps), _damped_inverse(MA, eps)
+    N = B.T @ grad_B  # = s B^T G A^T = grad_A A^T
+    K = gauge(0.5 * (MB + MA), N, eps)
+    half = 0.5 * (MB_inv @ N @ MA_inv)
+    dB = -(grad_B @ MA_inv - B @ half) + B @ K
+    dA = -(MB_inv @ grad_A - half @ A) - K @ A
+    inv_s2 = 1.0 / (scaling * scaling)
+    return dB * inv_s2, dA * inv_s2
+
+
+@torch.no_grad()
+def rebalance(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Balanced factors of the same product: B' = U S^1/2, A' = S^1/2 V^T from the SVD of B A, computed through
+    QR of the thin factors and an r x r SVD (O((m + n) r^2 + r^3)); B' A' = B A and B'^T B' = A' A'^T."""
+    dtype, work = B.dtype, torch.promote_types(B.dtype, torch.float32)
+    QB, RB = torch.linalg.qr(B.to(work))
+    QA, RA = torch.linalg.qr(A.to(work).T)
+    U, S, Vh = torch.linalg.svd(RB @ RA.T)
+    root = S.sqrt()
+    return (QB @ (U * root)).to(dtype), ((root[:, None] * Vh) @ QA.T).to(dtype)
+
+
+def imbalance(B: torch.Tensor, A: torch.Tensor) -> float:
+    """||B^T B - A A^T|| / ||B^T B|| (0 for a balanced pair)."""
+    work = torch.promote_types(B.dtype, torch.float32)
+    B, A = B.to(work), A.to(work)
+    MB = B.T @ B
+    norm = torch.linalg.matrix_norm(MB)
+    if norm == 0:
+        return 0.0
+    return float(torch.linalg.matrix_norm(MB - A @ A.T) / norm)
+
+
+class ODELoRA(torch.optim.Optimizer):
+    """Integrates the ODELoRA flow on every LoRA pair; other trainable parameters follow plain gradient flow.
+
+    Build it with ``create_odelora_optimizer``. ``step()`` uses the gradients already in ``.grad`` as the
+    first evaluation; Heun and RK4 need ``step(closure)`` where ``closure()`` re-evaluates the loss and its
+    gradients on the same batch at the current parameters (it need not zero the gradients).
+    """
+
+    def __init__(
+        self,
+        pairs: list[LoraPair],
+        other_params: list[nn.Parameter],
+        lr: float,
+        scheme: str = "euler",
+        eps: float = 1e-8,
+        warmup_steps: int = 5,
+        other_lr: float | None = None,
+    ) -> None:
+        if scheme not in SCHEMES:
+            raise ValueError(f"Unknown scheme {scheme!r}; choose one of {sorted(SCHEMES)}.")
+        if not lr > 0:
+            raise ValueError(f"lr must be positive, got {lr!r}.")
+        if eps <= 0 or warmup_steps < 0:
+            raise ValueError("eps must be positive and warmup_steps non-negative.")
+        self.pairs = pairs
+        groups = [{"params": [p for pair in pairs for p in (pair.A, pair.B)], "lr": lr, "kind": "lora"}]
+        if other_params:
+            groups.append(
+                {"params": list(other_params), "lr": other_lr if other_lr is not None else lr, "kind": "other"}
+            )
+        super().__init__(groups, {"lr": lr, "scheme": scheme, "eps": eps, "warmup_steps": warmup_steps})
+        self.scheme, self.eps, self.warmup_steps = scheme, eps, warmup_steps
+        self._balanced_at_start = False
+
+    @property
+    def evaluations_per_step(self) -> int:
+        return SCHEMES[self.scheme]
+
+    def _step_count(self) -> int:
+        first = self.pairs[0].A if self.pairs else self.param_groups[0]["params"][0]
+        return self.state[first].get("step", 0)
+
+    def _params(self) -> list[nn.Parameter]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _directions(self) -> dict[nn.Parameter, torch.Tensor]:
+        """d/dt of every parameter at the current point, from the gradients in ``.grad``."""
+        out: dict[nn.Parameter, torch.Tensor] = {}
+        for pair in self.pairs:
+            gA = pair.A.grad if pair.A.grad is not None else torch.zeros_like(pair.A)
+            gB = pair.B.grad if pair.B.grad is not None else torch.zeros_like(pair.B)
+            dB, dA = ode_direction(pair.B, pair.A, gB, gA, pair.scaling, self.eps)
+            out[pair.A], out[pair.B] = dA, dB
+        for group in self.param_groups[1:]:
+            for p in group["params"]:
+                out[p] = -(p.grad.float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32))
+        return out
+
+    def _evaluate(self, closure: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, dict[nn.Parameter, torch.Tensor]]:
+        self.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            loss = closure()
+        return loss, self._directions()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        if self.scheme != "euler" and closure is None:
+            raise ValueError(
+                f"scheme={self.scheme!r} evaluates gradients at intermediate points and needs step(closure); "
+                "with transformers.Trainer use trainer_callbacks.ODELoRATrainer, which passes one."
+            )
+        if not self._balanced_at_start:
+            self._rebalance_all()
+            self._balanced_at_start = True
+        t = self._step_count()
+        ramp = min(1.0, (t + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        h = {p: group["lr"] * ramp for group in self.param_groups for p in group["params"]}
+        y0 = {p: p.detach().to(torch.promote_types(p.dtype, torch.float32)).clone() for p in self._params()}
+        k1 = self._directions()
+        loss = None
+        try:
+            if self.scheme == "euler":
+                total = k1
+            else:
+                stages = [k1]
+                # Butcher tableaux: Heun c = (1,), b = (1/2, 1/2); RK4 c = (1/2, 1/2, 1), b = (1/6, 1/3, 1/3, 1/6).
+                if self.scheme == "heun":
+                    offsets, weights = (1.0,), (0.5, 0.5)
+                else:
+                    offsets, weights = (0.5, 0.5, 1.0), (1 / 6, 1 / 3, 1 / 3, 1 / 6)
+                for c in offsets:
+                    self._assign({p: y0[p] + c * h[p] * stages[-1][p] for p in y0})
+                    loss, k = self._evaluate(closure)
+                    stages.append(k)
+                total = {p: sum(w * k[p] for w, k in zip(weights, stages, strict=True)) for p in y0}
+            self._assign({p: y0[p] + h[p] * total[p] for p in y0})
+        except FloatingPointError:
+            self._assign(y0)
+            raise
+        self._rebalance_all()
+        for p in self._params():
+            self.state[p]["step"] = t + 1
+        return loss
+
+    def _assign(self, values: dict[nn.Parameter, torch.Tensor]) -> None:
+        for v in values.values():
+            if not torch.isfinite(v).all():
+                raise FloatingPointError(
+                    "ODELoRA produced non-finite factors (the step size is too large for this problem, or a factor "
+                    "collapsed); lower lr, lengthen warmup_steps or raise eps. The parameters were left unchanged."
+                )
+        for p, v in values.items():
+            p.copy_(v.to(p.dtype))
+
+    def _rebalance_all(self) -> None:
+        for pair in self.pairs:
+            if torch.count_nonzero(pair.B) == 0 or torch.count_nonzero(pair.A) == 0:
+                continue  # B A = 0 (peft's init): nothing to balance yet
+            B, A = rebalance(pair.B, pair.A)
+            pair.B.copy_(B)
+            pair.A.copy_(A)
+
+
+def create_odelora_optimizer(
+    model: nn.Module,
+    *,
+    lr: float,
+    scheme: str = "euler",
+    eps: float = 1e-8,
+    warmup_steps: int = 5,
+    other_lr: float | None = None,
+) -> ODELoRA:
+    """An ``ODELoRA`` optimizer over every trainable LoRA pair of a peft model.
+
+    ``lr`` is the step of the W flow (dW/dt = -P_T(G)), independent of peft's scaling s. Trainable
+    parameters that are not LoRA factors (heads, ``modules_to_save``) take plain gradient steps with
+    ``other_lr`` (default ``lr``), integrated by the same scheme. The first ``warmup_steps`` steps ramp
+    the step size linearly from lr / warmup_steps.
+    """
+    pairs = find_lora_pairs(model)
+    if not pairs:
+        raise ValueError(
+            "create_odelora_optimizer found no trainable LoRA layer; pass a model from get_peft_model(model, "
+            "LoraConfig(...)) with its LoRA adapter active."
+        )
+    lora_ids = {id(p) for pair in pairs for p in (pair.A, pair.B)}
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in lora_ids]
+    return ODELoRA(pairs, others, lr=lr, scheme=scheme, eps=eps, warmup_steps=warmup_steps, other_lr=other_lr)
