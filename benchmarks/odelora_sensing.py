@@ -87,7 +87,10 @@ def run(problem: SensingProblem, method: str, lr: float, reg: float = 1e-2, r: i
         opt.zero_grad()
         closure()
         try:
-            opt.step(closure)
+            if isinstance(opt, ODELoRA):
+                opt.step(closure)
+            else:
+                opt.step()
         except FloatingPointError:
             errors.append(math.inf)
             break

@@ -94,6 +94,7 @@ def rebalance(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return (QB @ (U * root)).to(dtype), ((root[:, None] * Vh) @ QA.T).to(dtype)
 
 
+@torch.no_grad()
 def imbalance(B: torch.Tensor, A: torch.Tensor) -> float:
     """||B^T B - A A^T|| / ||B^T B|| (0 for a balanced pair)."""
     work = torch.promote_types(B.dtype, torch.float32)
@@ -137,7 +138,11 @@ class ODELoRA(torch.optim.Optimizer):
             )
         super().__init__(groups, {"lr": lr, "scheme": scheme, "eps": eps, "warmup_steps": warmup_steps})
         self.scheme, self.eps, self.warmup_steps = scheme, eps, warmup_steps
-        self._balanced_at_start = False
+        self._pending_closure: Callable[[], torch.Tensor] | None = None
+
+    def set_closure(self, closure: Callable[[], torch.Tensor]) -> None:
+        """Closure for the next ``step()`` called without one (how Trainer glue hands over the batch)."""
+        self._pending_closure = closure
 
     @property
     def evaluations_per_step(self) -> int:
@@ -171,15 +176,16 @@ class ODELoRA(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        if closure is None:
+            closure, self._pending_closure = self._pending_closure, None
         if self.scheme != "euler" and closure is None:
             raise ValueError(
                 f"scheme={self.scheme!r} evaluates gradients at intermediate points and needs step(closure); "
                 "with transformers.Trainer use trainer_callbacks.ODELoRATrainer, which passes one."
             )
-        if not self._balanced_at_start:
-            self._rebalance_all()
-            self._balanced_at_start = True
         t = self._step_count()
+        if t == 0:
+            self._rebalance_all(carry_gradients=True)
         ramp = min(1.0, (t + 1) / self.warmup_steps) if self.warmup_steps else 1.0
         h = {p: group["lr"] * ramp for group in self.param_groups for p in group["params"]}
         y0 = {p: p.detach().to(torch.promote_types(p.dtype, torch.float32)).clone() for p in self._params()}
@@ -201,10 +207,10 @@ class ODELoRA(torch.optim.Optimizer):
                     stages.append(k)
                 total = {p: sum(w * k[p] for w, k in zip(weights, stages, strict=True)) for p in y0}
             self._assign({p: y0[p] + h[p] * total[p] for p in y0})
+            self._rebalance_all()
         except FloatingPointError:
             self._assign(y0)
             raise
-        self._rebalance_all()
         for p in self._params():
             self.state[p]["step"] = t + 1
         return loss
@@ -219,11 +225,25 @@ class ODELoRA(torch.optim.Optimizer):
         for p, v in values.items():
             p.copy_(v.to(p.dtype))
 
-    def _rebalance_all(self) -> None:
+    def _rebalance_all(self, carry_gradients: bool = False) -> None:
+        """Re-balance every pair. With ``carry_gradients`` (the first step, whose gradients were computed at
+        the old factors) the gradients are mapped to the new ones: with A' = T A and B' = B T^-1 (same W),
+        g_B' = g_B T^T and g_A' = T^-T g_A."""
         for pair in self.pairs:
             if torch.count_nonzero(pair.B) == 0 or torch.count_nonzero(pair.A) == 0:
                 continue  # B A = 0 (peft's init): nothing to balance yet
             B, A = rebalance(pair.B, pair.A)
+            if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
+                raise FloatingPointError(
+                    f"ODELoRA could not re-balance {pair.name}: its factors overflow (the step size is too large; "
+                    "lower lr or lengthen warmup_steps). The parameters were left unchanged."
+                )
+            if carry_gradients and pair.A.grad is not None and pair.B.grad is not None:
+                work = torch.promote_types(A.dtype, torch.float32)
+                A_old = pair.A.to(work)
+                T = A.to(work) @ A_old.T @ torch.linalg.inv(A_old @ A_old.T)
+                pair.B.grad.copy_((pair.B.grad.to(work) @ T.T).to(pair.B.grad.dtype))
+                pair.A.grad.copy_(torch.linalg.solve(T.T, pair.A.grad.to(work)).to(pair.A.grad.dtype))
             pair.B.copy_(B)
             pair.A.copy_(A)
 
