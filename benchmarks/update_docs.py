@@ -31,6 +31,9 @@ SOURCES = {
     "llama2_7b": lambda: _block_after(RESULTS / "state_ctrl_memory.md", "Projected to LLaMA2-7B"),
     "finetune_minilm": lambda: _blocks(RESULTS / "finetune_minilm.md")[1],
     "lowrank_kernels_cpu": lambda: "\n\n".join(_blocks(RESULTS / "lowrank_kernels_cpu.md")),
+    "odelora_sensing": lambda: (RESULTS / "odelora_sensing.md").read_text().strip(),
+    "odelora_pinn": lambda: (RESULTS / "odelora_pinn.md").read_text().strip(),
+    "odelora_overhead": lambda: (RESULTS / "odelora_overhead.md").read_text().strip(),
 }
 PATTERN = re.compile(r"(<!-- table:(\w+) -->\n).*?(\n<!-- /table -->)", re.S)
 
