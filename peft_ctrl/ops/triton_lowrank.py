@@ -165,98 +165,40 @@ def _check_size(M: int, K: int) -> None:
         raise ValueError(f"x has {M * K} elements; the Triton dropout index is 32-bit (fewer than 2**31 needed).")
 
 
-def dropout_matmul(x: torch.Tensor, A: torch.Tensor, seed: int, p: float) -> torch.Tensor:
-    """dropout(x) @ A^T for x: (M, K), A: (R, K)."""
-    M, K = x.shape
-    R = A.shape[0]
+def _launch(
+    kernel, grid, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, M: int, K: int, R: int, seed: int, p: float
+) -> torch.Tensor:
+    """Run one of the three kernels above: they all take (a, b, out, M, K, R, the strides of a, b and out, seed,
+    p, 1 / (1 - p)) and the same block sizes; ``grid(BLOCK_M, BLOCK_K)`` gives the launch grid."""
     _check_size(M, K)
     BM, BK, BR = _blocks(R)
-    A = A.to(x.dtype)
+    kernel[grid(BM, BK)](
+        a, b, out, M, K, R, *a.stride(), *b.stride(), *out.stride(), seed, p, 1.0 / (1.0 - p),
+        IEEE=a.dtype == torch.float32, BLOCK_M=BM, BLOCK_K=BK, BLOCK_R=BR,
+    )  # fmt: skip
+    return out
+
+
+def dropout_matmul(x: torch.Tensor, A: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """dropout(x) @ A^T for x: (M, K), A: (R, K)."""
+    (M, K), R = x.shape, A.shape[0]
     z = torch.empty(M, R, device=x.device, dtype=x.dtype)
-    _dropout_matmul_kernel[(triton.cdiv(M, BM),)](
-        x,
-        A,
-        z,
-        M,
-        K,
-        R,
-        x.stride(0),
-        x.stride(1),
-        A.stride(0),
-        A.stride(1),
-        z.stride(0),
-        z.stride(1),
-        seed,
-        p,
-        1.0 / (1.0 - p),
-        IEEE=x.dtype == torch.float32,
-        BLOCK_M=BM,
-        BLOCK_K=BK,
-        BLOCK_R=BR,
-    )
-    return z
+    return _launch(_dropout_matmul_kernel, lambda bm, bk: (triton.cdiv(M, bm),), x, A.to(x.dtype), z, M, K, R, seed, p)
 
 
 def dropout_grad_x(gz: torch.Tensor, A: torch.Tensor, seed: int, p: float) -> torch.Tensor:
     """keep * (gz @ A) / (1 - p) for gz: (M, R), A: (R, K)."""
-    M, R = gz.shape
-    K = A.shape[1]
-    _check_size(M, K)
-    BM, BK, BR = _blocks(R)
+    (M, R), K = gz.shape, A.shape[1]
     gx = torch.empty(M, K, device=gz.device, dtype=gz.dtype)
-    _dropout_grad_x_kernel[(triton.cdiv(M, BM), triton.cdiv(K, BK))](
-        gz,
-        A,
-        gx,
-        M,
-        K,
-        R,
-        gz.stride(0),
-        gz.stride(1),
-        A.stride(0),
-        A.stride(1),
-        gx.stride(0),
-        gx.stride(1),
-        seed,
-        p,
-        1.0 / (1.0 - p),
-        IEEE=gz.dtype == torch.float32,
-        BLOCK_M=BM,
-        BLOCK_K=BK,
-        BLOCK_R=BR,
-    )
-    return gx
+    grid = lambda bm, bk: (triton.cdiv(M, bm), triton.cdiv(K, bk))  # noqa: E731
+    return _launch(_dropout_grad_x_kernel, grid, gz, A, gx, M, K, R, seed, p)
 
 
 def dropout_grad_a(gz: torch.Tensor, x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
     """gz^T @ dropout(x) for gz: (M, R), x: (M, K); the result is float32 (R, K)."""
-    M, R = gz.shape
-    K = x.shape[1]
-    _check_size(M, K)
-    BM, BK, BR = _blocks(R)
+    (M, R), K = gz.shape, x.shape[1]
     ga = torch.empty(R, K, device=gz.device, dtype=torch.float32)
-    _dropout_grad_a_kernel[(triton.cdiv(K, BK),)](
-        gz,
-        x,
-        ga,
-        M,
-        K,
-        R,
-        gz.stride(0),
-        gz.stride(1),
-        x.stride(0),
-        x.stride(1),
-        ga.stride(0),
-        ga.stride(1),
-        seed,
-        p,
-        1.0 / (1.0 - p),
-        IEEE=gz.dtype == torch.float32,
-        BLOCK_M=BM,
-        BLOCK_K=BK,
-        BLOCK_R=BR,
-    )
-    return ga
+    return _launch(_dropout_grad_a_kernel, lambda bm, bk: (triton.cdiv(K, bk),), gz, x, ga, M, K, R, seed, p)
 
 
 def keep_mask(seed: int, M: int, K: int, p: float, device: torch.device) -> torch.Tensor:
