@@ -24,7 +24,7 @@ import torch
 from peft.optimizers import create_loraplus_optimizer, create_riemannian_optimizer
 
 from peft_ctrl.optim import ODELoRA, create_odelora_optimizer, find_lora_pairs, imbalance
-from peft_ctrl.optim.odelora import _damped_inverse
+from peft_ctrl.optim.odelora import damped_inverse
 from peft_ctrl.optim.sensing import SensingProblem
 
 TARGET = 1e-6
@@ -45,7 +45,7 @@ class ProjectedGradient(torch.optim.Optimizer):
         lr = self.param_groups[0]["lr"]
         for pair in self.pairs:
             A, B, s = pair.A, pair.B, pair.scaling
-            MA_inv, MB_inv = _damped_inverse(A @ A.T, self.eps), _damped_inverse(B.T @ B, self.eps)
+            MA_inv, MB_inv = damped_inverse(A @ A.T, self.eps), damped_inverse(B.T @ B, self.eps)
             gB, gA = B.grad, A.grad
             N = B.T @ gB
             dB = -(gB @ MA_inv - B @ MB_inv @ N @ MA_inv) / s**2

@@ -49,7 +49,13 @@ def find_lora_pairs(model: nn.Module) -> list[LoraPair]:
     return pairs
 
 
-def _damped_inverse(M: torch.Tensor, eps: float) -> torch.Tensor:
+def _work(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the dtype the r x r algebra runs in: fp32 at least (bf16/fp16 are upcast, fp64 stays fp64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def damped_inverse(M: torch.Tensor, eps: float) -> torch.Tensor:
+    """(M + eps I)^-1."""
     eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
     return torch.linalg.inv(M + eps * eye)
 
@@ -69,10 +75,9 @@ def ode_direction(
     B: torch.Tensor, A: torch.Tensor, grad_B: torch.Tensor, grad_A: torch.Tensor, scaling: float, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dB/dt, dA/dt) from the LoRA gradients (module docstring), in fp32 with ``eps`` damping on r x r inverses."""
-    dtype = torch.promote_types(B.dtype, torch.float32)  # fp32 at least, fp64 stays fp64
-    B, A, grad_B, grad_A = (t.to(dtype) for t in (B, A, grad_B, grad_A))
+    B, A, grad_B, grad_A = (_work(t) for t in (B, A, grad_B, grad_A))
     MB, MA = B.T @ B, A @ A.T
-    MB_inv, MA_inv = _damped_inverse(MB, eps), _damped_inverse(MA, eps)
+    MB_inv, MA_inv = damped_inverse(MB, eps), damped_inverse(MA, eps)
     N = B.T @ grad_B  # = s B^T G A^T = grad_A A^T
     K = gauge(0.5 * (MB + MA), N, eps)
     half = 0.5 * (MB_inv @ N @ MA_inv)
@@ -86,9 +91,9 @@ def ode_direction(
 def rebalance(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Balanced factors of the same product: B' = U S^1/2, A' = S^1/2 V^T from the SVD of B A, computed through
     QR of the thin factors and an r x r SVD (O((m + n) r^2 + r^3)); B' A' = B A and B'^T B' = A' A'^T."""
-    dtype, work = B.dtype, torch.promote_types(B.dtype, torch.float32)
-    QB, RB = torch.linalg.qr(B.to(work))
-    QA, RA = torch.linalg.qr(A.to(work).T)
+    dtype = B.dtype
+    QB, RB = torch.linalg.qr(_work(B))
+    QA, RA = torch.linalg.qr(_work(A).T)
     U, S, Vh = torch.linalg.svd(RB @ RA.T)
     root = S.sqrt()
     return (QB @ (U * root)).to(dtype), ((root[:, None] * Vh) @ QA.T).to(dtype)
@@ -97,8 +102,7 @@ def rebalance(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 @torch.no_grad()
 def imbalance(B: torch.Tensor, A: torch.Tensor) -> float:
     """||B^T B - A A^T|| / ||B^T B|| (0 for a balanced pair)."""
-    work = torch.promote_types(B.dtype, torch.float32)
-    B, A = B.to(work), A.to(work)
+    B, A = _work(B), _work(A)
     MB = B.T @ B
     norm = torch.linalg.matrix_norm(MB)
     if norm == 0:
@@ -165,7 +169,7 @@ class ODELoRA(torch.optim.Optimizer):
             out[pair.A], out[pair.B] = dA, dB
         for group in self.param_groups[1:]:
             for p in group["params"]:
-                out[p] = -(p.grad.float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32))
+                out[p] = -_work(p.grad if p.grad is not None else torch.zeros_like(p))
         return out
 
     def _evaluate(self, closure: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, dict[nn.Parameter, torch.Tensor]]:
@@ -188,7 +192,7 @@ class ODELoRA(torch.optim.Optimizer):
             self._rebalance_all(carry_gradients=True)
         ramp = min(1.0, (t + 1) / self.warmup_steps) if self.warmup_steps else 1.0
         h = {p: group["lr"] * ramp for group in self.param_groups for p in group["params"]}
-        y0 = {p: p.detach().to(torch.promote_types(p.dtype, torch.float32)).clone() for p in self._params()}
+        y0 = {p: _work(p.detach()).clone() for p in self._params()}
         k1 = self._directions()
         loss = None
         try:
@@ -239,11 +243,10 @@ class ODELoRA(torch.optim.Optimizer):
                     "lower lr or lengthen warmup_steps). The parameters were left unchanged."
                 )
             if carry_gradients and pair.A.grad is not None and pair.B.grad is not None:
-                work = torch.promote_types(A.dtype, torch.float32)
-                A_old = pair.A.to(work)
-                T = A.to(work) @ A_old.T @ torch.linalg.inv(A_old @ A_old.T)
-                pair.B.grad.copy_((pair.B.grad.to(work) @ T.T).to(pair.B.grad.dtype))
-                pair.A.grad.copy_(torch.linalg.solve(T.T, pair.A.grad.to(work)).to(pair.A.grad.dtype))
+                A_old = _work(pair.A)
+                T = _work(A) @ A_old.T @ torch.linalg.inv(A_old @ A_old.T)
+                pair.B.grad.copy_(_work(pair.B.grad) @ T.T)
+                pair.A.grad.copy_(torch.linalg.solve(T.T, _work(pair.A.grad)))
             pair.B.copy_(B)
             pair.A.copy_(A)
 
