@@ -17,7 +17,7 @@ import torch
 from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
-from .lowrank import lowrank
+from .lowrank import dropout_probability, lowrank
 
 
 def _lean_forward(self: LoraLinear, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -28,8 +28,7 @@ def _lean_forward(self: LoraLinear, x: torch.Tensor, *args: Any, **kwargs: Any) 
     result_dtype = result.dtype
     for name in active:
         A = self.lora_A[name].weight
-        dropout = self.lora_dropout[name]
-        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        p = dropout_probability(self.lora_dropout[name])
         x = self._cast_input_dtype(x, A.dtype)
         delta = lowrank(x, A, self.lora_B[name].weight, scale=self.scaling[name], dropout=p, training=self.training)
         result = result + delta

@@ -48,6 +48,11 @@ def _check(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, base: torch.Tensor
         )
 
 
+def dropout_probability(module: torch.nn.Module) -> float:
+    """The p of a dropout module as adapters hold it (``nn.Dropout``, or ``nn.Identity`` for none)."""
+    return module.p if isinstance(module, torch.nn.Dropout) else 0.0
+
+
 def _default_generator(device: torch.device) -> torch.Generator:
     if device.type == "cuda":
         return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]

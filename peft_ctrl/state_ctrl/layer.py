@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from peft_ctrl.ops import lowrank
+from peft_ctrl.ops import dropout_probability, lowrank
 
 MERGE_ERROR = (
     "A state-ctrl adapter cannot be merged into the base weights: the control edge bridges a whole residual "
@@ -154,8 +154,7 @@ class StateCtrlLayer(nn.Module, BaseTunerLayer):
         if not torch.is_autocast_enabled(h.device.type):
             h = h.to(A.weight.dtype)
         if self.fused[adapter_name]:
-            dropout = self.state_ctrl_dropout[adapter_name]
-            p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+            p = dropout_probability(self.state_ctrl_dropout[adapter_name])
             u = lowrank(h, A.weight, B.weight, scale=alpha if linear else 1.0, dropout=p, training=self.training)
             if linear:
                 return u
