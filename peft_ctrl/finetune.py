@@ -8,6 +8,7 @@ in the same order for a given seed.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -113,11 +114,15 @@ def peft_config(method: str, args: FinetuneArgs):
     )
 
 
-def encode(data: TextDataset, max_length: int) -> dict[str, torch.Tensor]:
+@functools.cache
+def _tokenizer():
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path())
-    enc = tokenizer(data.texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    return AutoTokenizer.from_pretrained(tokenizer_path())
+
+
+def encode(data: TextDataset, max_length: int) -> dict[str, torch.Tensor]:
+    enc = _tokenizer()(data.texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
     return {
         "input_ids": enc["input_ids"],
         "attention_mask": enc["attention_mask"],
