@@ -32,16 +32,17 @@ SOURCES = {
     "finetune_minilm": lambda: _blocks(RESULTS / "finetune_minilm.md")[1],
     "lowrank_kernels_cpu": lambda: "\n\n".join(_blocks(RESULTS / "lowrank_kernels_cpu.md")),
     "odelora_sensing": lambda: (RESULTS / "odelora_sensing.md").read_text().strip(),
+    "odelora_sensing_bounds": lambda: (RESULTS / "odelora_sensing_bounds.md").read_text().strip(),
     "odelora_pinn": lambda: (RESULTS / "odelora_pinn.md").read_text().strip(),
     "odelora_overhead": lambda: (RESULTS / "odelora_overhead.md").read_text().strip(),
 }
-PATTERN = re.compile(r"(<!-- table:(\w+) -->\n).*?(\n<!-- /table -->)", re.S)
+PATTERN = re.compile(r"(<!-- table:(\w+) -->\n).*?\n?(^<!-- /table -->)", re.S | re.M)
 
 
 def main() -> None:
     for doc in [Path("README.md"), *Path("docs").glob("*.md")]:
         text = doc.read_text()
-        new = PATTERN.sub(lambda m: m.group(1) + SOURCES[m.group(2)]() + m.group(3), text)
+        new = PATTERN.sub(lambda m: m.group(1) + SOURCES[m.group(2)]() + "\n" + m.group(3), text)
         if new != text:
             doc.write_text(new)
             print(f"updated {doc}")
