@@ -184,3 +184,21 @@ def test_a_blow_up_raises_and_leaves_the_parameters_unchanged():
             assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
             return
     pytest.fail("a step of 1e30 should not stay finite")
+
+
+def test_partitioned_or_wrapped_factors_are_refused():
+    model = get_peft_model(build("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
+    factor = next(p for n, p in model.named_parameters() if "lora_A" in n)
+    factor.ds_id = 0  # how DeepSpeed ZeRO-3 marks a partitioned parameter
+    with pytest.raises(ValueError, match="ZeRO stage 3.*Supported setups"):
+        create_odelora_optimizer(model, lr=0.1)
+    del factor.ds_id
+
+    opt = create_odelora_optimizer(model, lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in opt.param_groups[0]["params"]])
+    opt.param_groups[0]["params"] = [flat]  # what ZeRO-1/2 does to a client optimizer
+    output(model, inputs("llama")).sum().backward()
+    with pytest.raises(RuntimeError, match="replaced.*Supported setups"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))

@@ -7,6 +7,7 @@ from torch import nn
 from transformers import Trainer
 
 from peft_ctrl.optim import ODELoRA, create_odelora_optimizer
+from peft_ctrl.optim.odelora import SUPPORTED_SETUPS
 
 
 class ODELoRATrainer(Trainer):
@@ -25,6 +26,11 @@ class ODELoRATrainer(Trainer):
     def __init__(self, *args: Any, scheme: str = "euler", eps: float = 1e-8, warmup_steps: int = 5, **kwargs: Any):
         self.odelora_options = {"scheme": scheme, "eps": eps, "warmup_steps": warmup_steps}
         super().__init__(*args, **kwargs)
+        if self.is_deepspeed_enabled:
+            raise ValueError(
+                "ODELoRATrainer does not run under DeepSpeed: ZeRO partitions the LoRA factors or the optimizer "
+                f"state that ODELoRA's r x r algebra needs whole. {SUPPORTED_SETUPS}"
+            )
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:

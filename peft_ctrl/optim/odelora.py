@@ -110,6 +110,12 @@ def imbalance(B: torch.Tensor, A: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(MB - A @ A.T) / norm)
 
 
+SUPPORTED_SETUPS = (
+    "Supported setups: a single process, or data parallel with full parameters on every rank (torchrun or "
+    "accelerate launch without DeepSpeed); fp16/bf16 through autocast (Trainer's fp16=True / bf16=True)."
+)
+
+
 class ODELoRA(torch.optim.Optimizer):
     """Integrates the ODELoRA flow on every LoRA pair; other trainable parameters follow plain gradient flow.
 
@@ -134,6 +140,11 @@ class ODELoRA(torch.optim.Optimizer):
             raise ValueError(f"lr must be positive, got {lr!r}.")
         if eps <= 0 or warmup_steps < 0:
             raise ValueError("eps must be positive and warmup_steps non-negative.")
+        if any(hasattr(p, "ds_id") for pair in pairs for p in (pair.A, pair.B)):
+            raise ValueError(
+                "ODELoRA needs every LoRA factor whole on each process, and DeepSpeed ZeRO stage 3 partitions "
+                f"them. {SUPPORTED_SETUPS}"
+            )
         self.pairs = pairs
         groups = [{"params": [p for pair in pairs for p in (pair.A, pair.B)], "lr": lr, "kind": "lora"}]
         if other_params:
@@ -143,6 +154,17 @@ class ODELoRA(torch.optim.Optimizer):
         super().__init__(groups, {"lr": lr, "scheme": scheme, "eps": eps, "warmup_steps": warmup_steps})
         self.scheme, self.eps, self.warmup_steps = scheme, eps, warmup_steps
         self._pending_closure: Callable[[], torch.Tensor] | None = None
+
+    def _check_not_repartitioned(self) -> None:
+        """A wrapper that swaps our parameters for flat partitions (DeepSpeed ZeRO-1/2, fp16/bf16 optimizer
+        wrappers) would make the steps below move the wrong tensors; refuse instead."""
+        expected = [p for pair in self.pairs for p in (pair.A, pair.B)]
+        stepped = self.param_groups[0]["params"]
+        if len(stepped) != len(expected) or any(a is not b for a, b in zip(stepped, expected, strict=False)):
+            raise RuntimeError(
+                "ODELoRA's parameter groups were replaced (DeepSpeed's ZeRO or mixed-precision optimizer wraps "
+                f"flatten and partition them), so it cannot see the LoRA factors it integrates. {SUPPORTED_SETUPS}"
+            )
 
     def set_closure(self, closure: Callable[[], torch.Tensor]) -> None:
         """Closure for the next ``step()`` called without one (how Trainer glue hands over the batch)."""
@@ -187,6 +209,7 @@ class ODELoRA(torch.optim.Optimizer):
                 f"scheme={self.scheme!r} evaluates gradients at intermediate points and needs step(closure); "
                 "with transformers.Trainer use trainer_callbacks.ODELoRATrainer, which passes one."
             )
+        self._check_not_repartitioned()
         t = self._step_count()
         if t == 0:
             self._rebalance_all(carry_gradients=True)
