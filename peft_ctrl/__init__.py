@@ -5,8 +5,16 @@ Importing this package registers every method with ``peft`` (idempotent), so ``g
 """
 
 from .metrics import SavedTensorMeter, saved_activation_bytes
+from .seal import SealConfig, SealModel
 from .state_ctrl import StateCtrlConfig, StateCtrlModel
 
 __version__ = "0.1.0"
 
-__all__ = ["SavedTensorMeter", "StateCtrlConfig", "StateCtrlModel", "saved_activation_bytes"]
+__all__ = [
+    "SavedTensorMeter",
+    "SealConfig",
+    "SealModel",
+    "StateCtrlConfig",
+    "StateCtrlModel",
+    "saved_activation_bytes",
+]

@@ -8,6 +8,7 @@ import sys
 import warnings
 
 from .finetune import DEFAULT_LR, METHODS, MODELS, FinetuneArgs, run_finetune, summary_table
+from .seal import cli as seal_cli
 
 
 def _finetune_parser(sub: argparse._SubParsersAction) -> None:
@@ -41,10 +42,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="peft-ctrl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _finetune_parser(sub)
+    seal_cli.add_parser(sub)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # peft calls a transformers method that transformers 5 renamed; the warning is noise for users here.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    if args.command == "seal":
+        try:
+            return seal_cli.run(args)
+        except (ValueError, FileNotFoundError, FileExistsError) as err:
+            print(f"peft-ctrl seal {args.seal_command}: error: {err}", file=sys.stderr)
+            return 2
     if args.command == "finetune":
         try:
             config = FinetuneArgs(

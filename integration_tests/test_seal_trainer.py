@@ -1,0 +1,85 @@
+"""SEAL under transformers.Trainer, then release and verification: no written file holds the key or a passport."""
+
+import os
+
+import torch
+from models import build
+from peft import get_peft_model
+from torch.utils.data import Dataset
+from transformers import Trainer, TrainingArguments
+
+from peft_ctrl import SealConfig
+from peft_ctrl.cli import main as cli
+from peft_ctrl.seal.keys import KEY_ENV, passport
+from peft_ctrl.seal.verify import Suspect, verify_owner
+
+KEY = "trainer-owner-key-0123456789abcdef"
+
+
+class Pattern(Dataset):
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i):
+        ids = (torch.arange(12) * 3 + i % 4) % 60 + 2
+        return {"input_ids": ids, "labels": ids}
+
+
+def secrets_of(modules: list[str], r: int) -> dict[str, bytes]:
+    """Byte patterns that must never be written: the key (raw and hex) and every passport as stored tensors."""
+    found = {"key": KEY.encode(), "key hex": KEY.encode().hex().encode()}
+    for module in modules:
+        C = passport(KEY.encode(), module, r)
+        found[f"passport {module} fp64"] = C.numpy().tobytes()
+        found[f"passport {module} fp32"] = C.float().numpy().tobytes()
+        found[f"passport {module} first row fp32"] = C[0].float().numpy().tobytes()
+    return found
+
+
+def leaks(root, patterns: dict[str, bytes]) -> list[str]:
+    found = []
+    for d, _, files in os.walk(root):
+        for f in files:
+            data = open(os.path.join(d, f), "rb").read()
+            found += [f"{name} in {f}" for name, pattern in patterns.items() if pattern in data]
+    return found
+
+
+def test_trainer_release_verify_write_no_secret(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(KEY_ENV, KEY)
+    model = get_peft_model(build("llama"), SealConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    modules = [n.removeprefix("base_model.model.") for n, m in model.named_modules() if hasattr(m, "seal_passport")]
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "train"),
+        max_steps=12,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        save_steps=6,
+        logging_steps=1,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=Pattern())
+    losses = [log["loss"] for log in (trainer.train() and trainer.state.log_history) if "loss" in log]
+    assert losses[-1] < losses[0]
+    model.save_pretrained(tmp_path / "adapter")
+    proof = tmp_path / "private" / "proof.safetensors"
+    assert cli(["seal", "release", str(tmp_path / "adapter"), str(tmp_path / "release"), "--proof", str(proof)]) == 0
+    assert cli(["seal", "verify", str(tmp_path / "release"), "--proof", str(proof)]) == 0
+    assert verify_owner(Suspect.from_adapter(tmp_path / "release"), proof).verified
+    log = capsys.readouterr()
+
+    patterns = secrets_of(modules, 4)
+    assert sum(len(files) for _, _, files in os.walk(tmp_path)) > 10
+    assert leaks(tmp_path, patterns) == []
+    for name in ("key", "key hex"):
+        assert patterns[name].decode() not in log.out + log.err
+
+    # The scan itself finds a passport saved the way torch saves tensors.
+    control = tmp_path.parent / f"{tmp_path.name}-control"
+    control.mkdir()
+    torch.save({"c": passport(KEY.encode(), modules[0], 4).float()}, control / "leak.pt")
+    assert leaks(control, patterns) == [
+        f"passport {modules[0]} fp32 in leak.pt",
+        f"passport {modules[0]} first row fp32 in leak.pt",
+    ]

@@ -1,0 +1,130 @@
+"""What an adversary can do to a released adapter, as functions (and ``peft-ctrl seal attack``).
+
+Each weight-space attack takes and returns a ``LoraFactors`` (the released adapter as data) and never
+changes its input. ``merge`` returns the merged weights; ``forge_proof`` builds the proof a forger would
+present for a key of their own; ``continued_finetune`` trains a loaded LoRA model further on other data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .io import LoraFactors, Proof
+from .keys import commitment, new_salt, passport, resolve_key
+
+WEIGHT_ATTACKS = ("prune", "noise", "obfuscate", "permute", "refactorize")
+
+
+def _map(adapter: LoraFactors, fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]):
+    factors = {m: tuple(t.to(B.dtype) for t in fn(B.double(), A.double())) for m, (B, A) in adapter.factors.items()}
+    return LoraFactors(factors, adapter.scaling, dict(adapter.config), dict(adapter.extra))
+
+
+def prune(adapter: LoraFactors, fraction: float) -> LoraFactors:
+    """Magnitude pruning: zero the ``fraction`` smallest-magnitude entries of every factor."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"The pruning fraction must be in [0, 1), got {fraction}.")
+
+    def cut(t: torch.Tensor) -> torch.Tensor:
+        k = int(fraction * t.numel())
+        if k == 0:
+            return t
+        threshold = t.abs().flatten().kthvalue(k).values
+        return torch.where(t.abs() > threshold, t, torch.zeros_like(t))
+
+    return _map(adapter, lambda B, A: (cut(B), cut(A)))
+
+
+def noise(adapter: LoraFactors, relative_std: float, seed: int = 0) -> LoraFactors:
+    """Gaussian noise with standard deviation ``relative_std`` times each factor's RMS entry."""
+    if relative_std < 0:
+        raise ValueError(f"relative_std must be non-negative, got {relative_std}.")
+    g = torch.Generator().manual_seed(seed)
+
+    def add(t: torch.Tensor) -> torch.Tensor:
+        rms = t.pow(2).mean().sqrt()
+        return t + relative_std * rms * torch.randn(t.shape, generator=g, dtype=t.dtype)
+
+    return _map(adapter, lambda B, A: (add(B), add(A)))
+
+
+def obfuscate(adapter: LoraFactors, seed: int = 0) -> LoraFactors:
+    """B' M, M^-1 A' with a random well-conditioned invertible M (the product is unchanged)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def mix(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r = A.shape[0]
+        M = torch.eye(r, dtype=B.dtype) + torch.randn(r, r, generator=g, dtype=B.dtype) / (2 * r**0.5)
+        return B @ M, torch.linalg.solve(M, A)
+
+    return _map(adapter, mix)
+
+
+def permute(adapter: LoraFactors, seed: int = 0) -> LoraFactors:
+    """Permute the rank components (columns of B', rows of A')."""
+    g = torch.Generator().manual_seed(seed)
+
+    def shuffle(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        order = torch.randperm(A.shape[0], generator=g)
+        return B[:, order], A[order]
+
+    return _map(adapter, shuffle)
+
+
+def refactorize(adapter: LoraFactors) -> LoraFactors:
+    """Balanced re-factorisation through the SVD of B'A': U S^1/2, S^1/2 V^T (the product is unchanged)."""
+
+    def svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r = A.shape[0]
+        U, S, Vh = torch.linalg.svd(B @ A, full_matrices=False)
+        root = S[:r].sqrt()
+        return U[:, :r] * root, root[:, None] * Vh[:r]
+
+    return _map(adapter, svd)
+
+
+def merge(adapter: LoraFactors, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The merged model's weights: ``base[module.weight] + scaling * B' A'`` for every adapted module."""
+    merged = dict(base)
+    for module in adapter.factors:
+        name = f"{module}.weight"
+        if name not in base:
+            raise ValueError(f"The base weights have no {name!r}; pass the state dict of the adapter's base model.")
+        merged[name] = (base[name].double() + adapter.delta(module)).to(base[name].dtype)
+    return merged
+
+
+def forge_proof(adapter: LoraFactors, forged_key: str | bytes) -> Proof:
+    """The ambiguity attack: a forger picks a key of their own, derives its passports C*, and presents
+    'pre-release' factors B* = B' C*^-1, A* = A' with B* C* A* = B' A', so the passport test alone would
+    credit them. The key-only part of owner verification rejects the claim."""
+    raw = resolve_key(forged_key)
+    factors = {}
+    for module, (B, A) in adapter.factors.items():
+        C = passport(raw, module, A.shape[0])
+        factors[module] = ((B.double() @ torch.linalg.inv(C)).to(B.dtype), A.clone())
+    salt = new_salt()
+    return Proof(factors, commitment(raw, salt), salt, next(iter(adapter.factors.values()))[1].shape[0])
+
+
+def continued_finetune(
+    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], steps: int, lr: float = 1e-3
+) -> nn.Module:
+    """Train a loaded LoRA model (``PeftModel`` of the released adapter) ``steps`` more AdamW steps on
+    ``batches`` (dicts accepted by the model, including labels): the 'continued fine-tuning' attack."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("continued_finetune needs a model with trainable adapter parameters (is_trainable=True).")
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    model.train()
+    for step, batch in enumerate(batches):
+        if step >= steps:
+            break
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    return model

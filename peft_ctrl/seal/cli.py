@@ -1,0 +1,103 @@
+"""``peft-ctrl seal ...``: keygen, release, verify and attack. The key is read from PEFT_CTRL_SEAL_KEY or a
+key file, never from the command line (where it would land in shell history and process lists)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from . import attacks
+from .io import read_adapter, write_lora
+from .keys import KEY_ENV, generate_key
+from .release import release
+from .verify import DEFAULT_THRESHOLD, Suspect, verify_key, verify_owner
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    seal = sub.add_parser("seal", help="SEAL watermarks: keygen, release, verify, attack")
+    cmds = seal.add_subparsers(dest="seal_command", required=True)
+    cmds.add_parser("keygen", help=f"print a fresh random key for {KEY_ENV}")
+
+    def key_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--key-file", type=Path, help=f"file holding the key (default: the variable {KEY_ENV})")
+
+    p = cmds.add_parser("release", help="write a trained SEAL adapter as a plain LoRA adapter plus a private proof")
+    p.add_argument("adapter_dir", type=Path)
+    p.add_argument("out_dir", type=Path, help="the release (plain LoRA); must not exist")
+    p.add_argument("--proof", type=Path, help="private proof file (default: ADAPTER_DIR/seal_proof.safetensors)")
+    key_option(p)
+
+    p = cmds.add_parser("verify", help="test a suspect LoRA adapter or merged model for the watermark")
+    p.add_argument("suspect", type=Path, help="LoRA adapter directory, or merged weights (.safetensors)")
+    p.add_argument("--mode", choices=["owner", "key"], default="owner", help="owner: needs --proof; key: key only")
+    p.add_argument("--proof", type=Path, help="the proof file written by release (owner mode)")
+    p.add_argument("--base", type=Path, help="base model weights (.safetensors) when the suspect is a merged model")
+    p.add_argument("--r", type=int, help="the owner's LoRA rank (key mode on a merged model)")
+    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="verified when p < threshold")
+    p.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    key_option(p)
+
+    p = cmds.add_parser("attack", help="write an attacked copy of a released LoRA adapter")
+    p.add_argument("adapter_dir", type=Path)
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--kind", choices=attacks.WEIGHT_ATTACKS, required=True)
+    p.add_argument("--strength", type=float, default=0.5, help="prune: fraction; noise: std relative to RMS")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _key(args: argparse.Namespace) -> str | None:
+    if getattr(args, "key_file", None) is None:
+        return None  # resolve_key reads the environment
+    if not args.key_file.is_file():
+        raise FileNotFoundError(f"Key file {args.key_file} not found.")
+    return args.key_file.read_text().strip()
+
+
+def _safetensors(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    file = path / "model.safetensors" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} holds no model.safetensors.")
+    return load_file(file)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run one ``seal`` sub-command; returns the exit status (verify: 0 verified, 1 not verified)."""
+    if args.seal_command == "keygen":
+        print(generate_key())
+        return 0
+    if args.seal_command == "release":
+        proof = args.proof or args.adapter_dir / "seal_proof.safetensors"
+        adapter = release(args.adapter_dir, args.out_dir, proof, key=_key(args))
+        print(f"released {len(adapter.factors)} LoRA modules to {args.out_dir}; private proof: {proof}")
+        return 0
+    if args.seal_command == "attack":
+        adapter = read_adapter(args.adapter_dir)
+        if args.kind == "prune":
+            attacked = attacks.prune(adapter, args.strength)
+        elif args.kind == "noise":
+            attacked = attacks.noise(adapter, args.strength, seed=args.seed)
+        elif args.kind == "refactorize":
+            attacked = attacks.refactorize(adapter)
+        else:
+            attacked = getattr(attacks, args.kind)(adapter, seed=args.seed)
+        write_lora(args.out_dir, attacked)
+        print(f"wrote the {args.kind} attack of {args.adapter_dir} to {args.out_dir}")
+        return 0
+    # verify
+    if (args.suspect / "adapter_config.json").is_file():
+        suspect = Suspect.from_adapter(args.suspect)
+    elif args.base is None:
+        raise ValueError(f"{args.suspect} is not a LoRA adapter directory; for a merged model also pass --base.")
+    else:
+        suspect = Suspect.from_merged(_safetensors(args.suspect), _safetensors(args.base))
+    if args.mode == "owner":
+        if args.proof is None:
+            raise ValueError("Owner verification needs --proof (the file written by release); or use --mode key.")
+        result = verify_owner(suspect, args.proof, key=_key(args), threshold=args.threshold)
+    else:
+        result = verify_key(suspect, key=_key(args), r=args.r, threshold=args.threshold)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else str(result))
+    return 0 if result.verified else 1

@@ -1,0 +1,171 @@
+"""Reading and writing the files SEAL works with: LoRA adapters (as factors) and the owner's proof file.
+
+Every writer builds the whole result in a temporary sibling and renames it into place, and refuses to
+replace an existing output, so an error never leaves a half-written adapter or proof behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+PREFIX = "base_model.model."
+PROOF_FORMAT = "peft-ctrl-seal-proof"
+
+
+@dataclass
+class LoraFactors:
+    """A LoRA adapter as data: ``factors[module] = (B, A)`` with delta W = scaling * B @ A per module,
+    the other saved tensors (``modules_to_save``) and the adapter config as a dict."""
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    scaling: float
+    config: dict = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def delta(self, module: str) -> torch.Tensor:
+        B, A = self.factors[module]
+        return self.scaling * (B.double() @ A.double())
+
+
+def _split(tensors: dict[str, torch.Tensor], a_name: str, b_name: str) -> tuple[dict, dict]:
+    factors: dict[str, list] = {}
+    extra = {}
+    for name, tensor in tensors.items():
+        for slot, suffix in ((1, f".{a_name}.weight"), (0, f".{b_name}.weight")):
+            if name.endswith(suffix) and name.startswith(PREFIX):
+                factors.setdefault(name[len(PREFIX) : -len(suffix)], [None, None])[slot] = tensor
+                break
+        else:
+            extra[name] = tensor
+    broken = [m for m, pair in factors.items() if pair[0] is None or pair[1] is None]
+    if broken:
+        raise ValueError(f"The adapter misses the A or B factor of {broken[:3]}; the file is incomplete.")
+    return {m: (b, a) for m, (b, a) in factors.items()}, extra
+
+
+def read_adapter(path: str | Path, expect: tuple[str, ...] = ("LORA",)) -> LoraFactors:
+    """Read a saved peft adapter directory whose ``peft_type`` is one of ``expect`` ("LORA" and/or "SEAL")."""
+    path = Path(path)
+    config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if not config_file.is_file() or not weights_file.is_file():
+        raise FileNotFoundError(
+            f"{path} is not a saved peft adapter (it needs adapter_config.json and adapter_model.safetensors)."
+        )
+    config = json.loads(config_file.read_text())
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type not in expect:
+        raise ValueError(
+            f"{path} holds a {peft_type or 'unknown'} adapter; expected {' or '.join(expect)}. SEAL verifies LoRA "
+            "adapters (released or attacked) and merged models (pass the base model's weights)."
+        )
+    if config.get("use_dora") or config.get("use_rslora"):
+        raise ValueError(f"{path} is a DoRA or rsLoRA adapter; SEAL reads plain LoRA adapters only.")
+    try:
+        tensors = load_file(weights_file)
+    except SafetensorError as err:
+        raise ValueError(f"{weights_file} is not a readable safetensors file: {err}") from err
+    names = ("seal_A", "seal_B") if peft_type == "SEAL" else ("lora_A", "lora_B")
+    factors, extra = _split(tensors, *names)
+    if not factors:
+        raise ValueError(f"{path} contains no LoRA factors.")
+    return LoraFactors(factors, float(config["lora_alpha"]) / int(config["r"]), config, extra)
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path, is_dir: bool) -> Iterator[Path]:
+    """Yield a temporary path to fill; on success it is renamed to ``path``, on error it is removed."""
+    path = Path(path)
+    if path.exists() and (not is_dir or any(path.iterdir())):
+        raise FileExistsError(f"{path} already exists; choose a new path (nothing was written).")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    target = tmp if is_dir else tmp / path.name
+    try:
+        yield target
+        if is_dir and path.exists():
+            path.rmdir()  # the empty directory checked above
+        os.replace(target, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_lora(path: str | Path, adapter: LoraFactors, config: dict | None = None) -> Path:
+    """Write ``adapter`` as a plain peft LoRA adapter directory (atomically, never over an existing one)."""
+    from peft import LoraConfig
+
+    source = config if config is not None else adapter.config
+    r = {B.shape[1] for B, _ in adapter.factors.values()}
+    if len(r) != 1:
+        raise ValueError(f"All LoRA factors of one adapter need the same rank, got {sorted(r)}.")
+    rank = r.pop()
+    lora_config = LoraConfig(
+        r=rank,
+        lora_alpha=adapter.scaling * rank,
+        lora_dropout=float(source.get("lora_dropout", 0.0)),
+        target_modules=sorted(adapter.factors),
+        modules_to_save=source.get("modules_to_save"),
+        task_type=source.get("task_type"),
+        base_model_name_or_path=source.get("base_model_name_or_path"),
+        revision=source.get("revision"),
+        bias="none",
+    )
+    tensors = dict(adapter.extra)
+    for module, (B, A) in adapter.factors.items():
+        tensors[f"{PREFIX}{module}.lora_A.weight"] = A.contiguous()
+        tensors[f"{PREFIX}{module}.lora_B.weight"] = B.contiguous()
+    with atomic_output(path, is_dir=True) as tmp:
+        lora_config.save_pretrained(str(tmp))
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return Path(path)
+
+
+@dataclass
+class Proof:
+    """The owner's private proof: the pre-release factors and the public commitment (never the key)."""
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    commitment: str
+    salt: str
+    r: int
+
+
+def write_proof(path: str | Path, proof: Proof) -> Path:
+    tensors = {}
+    for module, (B, A) in proof.factors.items():
+        tensors[f"{module}.B"] = B.contiguous()
+        tensors[f"{module}.A"] = A.contiguous()
+    metadata = {"format": PROOF_FORMAT, "commitment": proof.commitment, "salt": proof.salt, "r": str(proof.r)}
+    with atomic_output(path, is_dir=False) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(path)
+
+
+def read_proof(path: str | Path) -> Proof:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Proof file {path} not found; owner verification needs the proof written by `peft-ctrl seal release` "
+            "(key-only verification needs no proof: use mode 'key')."
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a SEAL proof file: {err}") from err
+    if metadata.get("format") != PROOF_FORMAT:
+        raise ValueError(f"{path} is not a SEAL proof file (no '{PROOF_FORMAT}' marker).")
+    modules = {name.rsplit(".", 1)[0] for name in tensors}
+    factors = {m: (tensors[f"{m}.B"], tensors[f"{m}.A"]) for m in sorted(modules)}
+    return Proof(factors, metadata["commitment"], metadata["salt"], int(metadata["r"]))

@@ -1,0 +1,77 @@
+"""The owner's secret key: where it comes from, what is derived from it, and the public commitment.
+
+Passports C and the initial A of every adapted module come from a keyed PRF: HMAC-SHA256(key, purpose and
+module name) seeds a torch generator that draws Gaussian entries. The key itself is never stored; a
+configuration carries only ``commitment = SHA-256(domain, salt, key)`` and the random salt, which an
+owner may publish to date their claim.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+
+import torch
+
+KEY_ENV = "PEFT_CTRL_SEAL_KEY"
+MIN_KEY_BYTES = 16
+
+
+def generate_key() -> str:
+    """A fresh random key (64 hex characters) for ``PEFT_CTRL_SEAL_KEY``."""
+    return secrets.token_hex(32)
+
+
+def resolve_key(key: str | bytes | None = None) -> bytes:
+    """The key given as an argument, else from the environment variable ``PEFT_CTRL_SEAL_KEY``."""
+    if key is None:
+        key = os.environ.get(KEY_ENV)
+    if not key:
+        raise ValueError(
+            f"SEAL needs the owner's secret key: pass key=... or set the environment variable {KEY_ENV} "
+            "(make one with `peft-ctrl seal keygen`). The key is never written to disk."
+        )
+    raw = key.encode() if isinstance(key, str) else bytes(key)
+    if len(raw) < MIN_KEY_BYTES:
+        raise ValueError(
+            f"The SEAL key is {len(raw)} bytes; use at least {MIN_KEY_BYTES} (`peft-ctrl seal keygen` makes one "
+            "of 64 hex characters)."
+        )
+    return raw
+
+
+def new_salt() -> str:
+    return secrets.token_hex(16)
+
+
+def commitment(key: bytes, salt: str) -> str:
+    """Public commitment to the key: reveals nothing about it, and binds the owner to it."""
+    return hashlib.sha256(b"peft-ctrl-seal-commitment\x00" + bytes.fromhex(salt) + key).hexdigest()
+
+
+def check_commitment(key: bytes, expected: str, salt: str, where: str) -> None:
+    if not hmac.compare_digest(commitment(key, salt), expected):
+        raise ValueError(
+            f"The SEAL key does not match the commitment stored in {where}: this is not the key the adapter was "
+            f"trained with. Set {KEY_ENV} (or pass key=) to the owner's key."
+        )
+
+
+def _generator(key: bytes, purpose: str, module_name: str) -> torch.Generator:
+    digest = hmac.new(key, f"{purpose}\x00{module_name}".encode(), hashlib.sha256).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def passport(key: bytes, module_name: str, r: int) -> torch.Tensor:
+    """The r x r passport of one module: i.i.d. N(0, 1/r) entries, so every entry's sign is a fair coin."""
+    return torch.randn(r, r, generator=_generator(key, "passport", module_name), dtype=torch.float64) / r**0.5
+
+
+def initial_a(key: bytes, module_name: str, r: int, in_features: int) -> torch.Tensor:
+    """The key-derived initial A (r x in_features): i.i.d. Gaussian rows with LoRA's default variance
+    1 / (3 in_features). Its rows are isotropic, which gives the key-only test its exact null distribution;
+    the rows for rank r are the first r rows for any larger rank."""
+    g = _generator(key, "init_a", module_name)
+    return torch.randn(r, in_features, generator=g, dtype=torch.float64) / (3 * in_features) ** 0.5

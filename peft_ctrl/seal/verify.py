@@ -1,0 +1,220 @@
+"""Verification: does a suspect adapter (or merged model) carry the watermark of a key?
+
+Two tests, each with an exact null distribution:
+
+* **key-only** (needs the key, nothing stored): for every module, S is the row space of the suspect's
+  delta W (for an adapter the row space of B'A'; for a merged model the top-r right singular vectors of
+  W - W_base). Each row a of the key's initial A is an isotropic Gaussian vector, independent of any
+  adapter not trained from that key, so ``u = |P_S a|^2 / |a|^2 ~ Beta(k/2, (n-k)/2)`` exactly (k = dim S).
+  Training keeps A's row space close to its initialisation, so a watermarked suspect gives u far above
+  k/n. The rows' p-values are independent and combined with Fisher's method (chi-squared, 2N degrees of
+  freedom). Invariant to B'M, M^-1 A', rank permutation, re-factorisation and merging.
+* **passport** (the paper's owner test; needs the proof file): C_hat = B^+ (delta W) A^+ with the
+  pre-release B, A; under the null the signs of the key's passport entries are fair coins independent of
+  C_hat, so the number of agreeing signs over all modules is Binomial(N, 1/2) exactly (zeros count as
+  disagreement, which only makes the test conservative).
+
+Owner verification reports both and decides on the larger p-value (an intersection-union test, valid at
+the threshold): a forger who re-factorises the release to match a key of their own passes the passport
+test by construction but not the key-only test, because A's row space was set by the owner's key.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from scipy import stats
+
+from .io import LoraFactors, read_adapter, read_proof
+from .keys import check_commitment, initial_a, passport, resolve_key
+
+DEFAULT_THRESHOLD = 1e-6
+_LOG10 = math.log(10)
+
+
+@dataclass
+class VerificationResult:
+    """``verified`` is true when ``p_value < threshold``; ``log10_p`` keeps p-values below float range."""
+
+    mode: str
+    statistic: float
+    p_value: float
+    log10_p: float
+    verified: bool
+    threshold: float
+    modules: int
+    skipped: list[str] = field(default_factory=list)
+    components: dict[str, dict] = field(default_factory=dict)
+    message: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        verdict = "VERIFIED" if self.verified else "not verified"
+        return (
+            f"{verdict}: {self.mode} test, p = {self.p_value:.3g} (log10 p = {self.log10_p:.1f}), statistic "
+            f"{self.statistic:.4f}, {self.modules} modules, threshold {self.threshold:g}. {self.message}".strip()
+        )
+
+
+def _result(mode: str, statistic: float, log_p: float, threshold: float, modules: int, **kw) -> VerificationResult:
+    log_p = min(0.0, log_p)
+    p = math.exp(log_p)
+    return VerificationResult(mode, statistic, p, log_p / _LOG10, p < threshold, threshold, modules, **kw)
+
+
+@dataclass
+class Suspect:
+    """What is verified: per module, either LoRA factors or a dense delta W (merged model minus base)."""
+
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    deltas: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.factors = {m: (B.detach().double(), A.detach().double()) for m, (B, A) in self.factors.items()}
+        self.deltas = {m: d.detach().double() for m, d in self.deltas.items()}
+
+    @classmethod
+    def from_adapter(cls, adapter: LoraFactors | str | Path) -> Suspect:
+        if not isinstance(adapter, LoraFactors):
+            adapter = read_adapter(adapter, expect=("LORA",))
+        return cls(factors={m: (B * adapter.scaling, A) for m, (B, A) in adapter.factors.items()})
+
+    @classmethod
+    def from_merged(cls, weights: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> Suspect:
+        """Suspect from a merged model's state dict and its base model's (``module.weight`` names)."""
+        deltas = {}
+        for name, w in weights.items():
+            if name.endswith(".weight") and w.dim() == 2 and name in base and base[name].shape == w.shape:
+                d = w.double() - base[name].double()
+                if d.abs().max() > 0:
+                    deltas[name[: -len(".weight")]] = d
+        if not deltas:
+            raise ValueError("The merged model does not differ from the base model in any 2-D weight.")
+        return cls(deltas=deltas)
+
+    def modules(self) -> list[str]:
+        return sorted({*self.factors, *self.deltas})
+
+    def shape(self, module: str) -> tuple[int, int]:
+        if module in self.factors:
+            B, A = self.factors[module]
+            return B.shape[0], A.shape[1]
+        return tuple(self.deltas[module].shape)
+
+    def row_space(self, module: str, k: int) -> torch.Tensor:
+        """Orthonormal basis (n x k') of the top-k row space of delta W; k' <= k drops null directions."""
+        if module in self.factors:
+            B, A = self.factors[module]
+            Q, R = torch.linalg.qr(B)
+            _, S, Vh = torch.linalg.svd(R @ A, full_matrices=False)
+        else:
+            d = self.deltas[module]
+            if min(d.shape) > 4 * k + 64:
+                _, S, V = torch.svd_lowrank(d, q=k + 16, niter=4)
+                Vh = V.T
+            else:
+                _, S, Vh = torch.linalg.svd(d, full_matrices=False)
+        keep = int((S[:k] > S[0] * 1e-9).sum()) if S.numel() and S[0] > 0 else 0
+        return Vh[:keep].T
+
+    def core(self, module: str, B0: torch.Tensor, A0: torch.Tensor) -> torch.Tensor:
+        """C_hat = B0^+ delta W A0^+ (never forms delta W for an adapter)."""
+        B_pinv, A_pinv = torch.linalg.pinv(B0.double()), torch.linalg.pinv(A0.double())
+        if module in self.factors:
+            B, A = self.factors[module]
+            return (B_pinv @ B) @ (A @ A_pinv)
+        return B_pinv @ self.deltas[module] @ A_pinv
+
+
+def verify_key(
+    suspect: Suspect, key: str | bytes | None = None, r: int | None = None, threshold: float = DEFAULT_THRESHOLD
+) -> VerificationResult:
+    """Key-only test: overlap of the suspect's row spaces with the key's initial A (see the module doc).
+
+    ``r`` is the number of key rows per module (the owner's LoRA rank); default: the suspect's rank."""
+    raw = resolve_key(key)
+    log_ps, overlaps, skipped = [], [], []
+    for module in suspect.modules():
+        m, n = suspect.shape(module)
+        rank = r or (suspect.factors[module][1].shape[0] if module in suspect.factors else None)
+        if rank is None:
+            raise ValueError("Give r (the owner's LoRA rank) to verify a merged model.")
+        basis = suspect.row_space(module, rank)
+        k = basis.shape[1]
+        if k == 0 or k >= n:
+            skipped.append(module)
+            continue
+        a = initial_a(raw, module, rank, n)
+        u = ((a @ basis).pow(2).sum(1) / a.pow(2).sum(1)).clamp(0, 1 - 1e-12).numpy()  # u = 1 exactly has p = 0
+        log_ps.extend(stats.beta.logsf(u, k / 2, (n - k) / 2).tolist())
+        overlaps.extend(u.tolist())
+    if not log_ps:
+        return _result("key", 0.0, 0.0, threshold, 0, skipped=skipped, message="No module could be compared.")
+    fisher = -2 * sum(log_ps)
+    log_p = float(stats.chi2.logsf(fisher, 2 * len(log_ps)))
+    return _result(
+        "key",
+        sum(overlaps) / len(overlaps),
+        log_p,
+        threshold,
+        len(suspect.modules()) - len(skipped),
+        skipped=skipped,
+        message="statistic: mean overlap |P_S a|^2/|a|^2 of the key's initial rows with the suspect's row spaces.",
+    )
+
+
+def verify_passport(suspect: Suspect, proof_path: str | Path, key: bytes, threshold: float) -> VerificationResult:
+    proof = read_proof(proof_path)
+    check_commitment(key, proof.commitment, proof.salt, str(proof_path))
+    agree = total = 0
+    skipped = []
+    for module, (B0, A0) in proof.factors.items():
+        if module not in suspect.modules() or suspect.shape(module) != (B0.shape[0], A0.shape[1]):
+            skipped.append(module)
+            continue
+        C_hat = suspect.core(module, B0, A0)
+        C = passport(key, module, A0.shape[0])
+        agree += int((torch.sign(C_hat) == torch.sign(C)).logical_and(C_hat != 0).sum())
+        total += C.numel()
+    if total == 0:
+        return _result(
+            "passport", 0.0, 0.0, threshold, 0, skipped=skipped, message="No module of the suspect matches the proof."
+        )
+    log_p = float(stats.binom.logsf(agree - 1, total, 0.5))
+    return _result(
+        "passport",
+        agree / total,
+        log_p,
+        threshold,
+        len(proof.factors) - len(skipped),
+        skipped=skipped,
+        message="statistic: fraction of passport signs recovered.",
+    )
+
+
+def verify_owner(
+    suspect: Suspect,
+    proof_path: str | Path,
+    key: str | bytes | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+) -> VerificationResult:
+    """Owner test: the passport test with the proof file AND the key-only test; p = the larger p-value."""
+    raw = resolve_key(key)
+    passport_result = verify_passport(suspect, proof_path, raw, threshold)
+    key_result = verify_key(suspect, raw, r=read_proof(proof_path).r, threshold=threshold)
+    worst = max(passport_result, key_result, key=lambda res: res.log10_p)
+    return _result(
+        "owner",
+        worst.statistic,
+        worst.log10_p * _LOG10,
+        threshold,
+        min(passport_result.modules, key_result.modules),
+        skipped=sorted({*passport_result.skipped, *key_result.skipped}),
+        components={"passport": passport_result.to_dict(), "key": key_result.to_dict()},
+        message=f"decided by the {worst.mode} test (the larger p-value of the two).",
+    )

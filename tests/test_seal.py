@@ -1,0 +1,228 @@
+"""SEAL: the layer, key handling, release as plain LoRA, verification statistics, attacks, bad input."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from models import build, inputs, output
+from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
+from peft.utils import PeftType
+from scipy import stats
+
+from peft_ctrl import SealConfig
+from peft_ctrl.cli import main as cli
+from peft_ctrl.seal import attacks
+from peft_ctrl.seal.io import read_adapter
+from peft_ctrl.seal.keys import KEY_ENV, initial_a, passport
+from peft_ctrl.seal.release import release
+from peft_ctrl.seal.verify import Suspect, verify_key, verify_owner, verify_passport
+
+KEY = "owner-key-0123456789abcdef"
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+@pytest.fixture(autouse=True)
+def no_env_key(monkeypatch):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+
+
+def sealed_model(key=KEY, **kw):
+    return get_peft_model(build("llama"), SealConfig(r=4, target_modules=TARGETS, key=key, **kw))
+
+
+def train(model, steps=30, lr=3e-2, seed=0):
+    """A short AdamW run that moves A's entries a lot (as real fine-tuning does)."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    for _ in range(steps):
+        ids = torch.randint(2, 60, (4, 12), generator=g)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model
+
+
+def lora_factors(model):
+    """{module name: (B, A)} of a PEFT LoRA model's default adapter."""
+    return {
+        name.removeprefix("base_model.model."): (
+            m.lora_B["default"].weight.detach(),
+            m.lora_A["default"].weight.detach(),
+        )
+        for name, m in model.named_modules()
+        if hasattr(m, "lora_A") and "default" in m.lora_A
+    }
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """A trained SEAL adapter, its release and proof."""
+    root = tmp_path_factory.mktemp("seal")
+    model = train(sealed_model())
+    model.save_pretrained(root / "sealed")
+    release(root / "sealed", root / "release", root / "proof.safetensors", key=KEY)
+    return root
+
+
+def test_registered_and_forward_is_w_plus_s_b_c_a():
+    assert PeftType("SEAL") is PeftType.SEAL
+    model = sealed_model(init_weights=False)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, layer.in_features)
+    A, B = layer.seal_A["default"].weight, layer.seal_B["default"].weight
+    C = passport(KEY.encode(), "model.layers.0.self_attn.q_proj", 4).float()
+    expected = layer.base_layer(x) + (8 / 4) * x @ (B @ C @ A).T
+    torch.testing.assert_close(layer(x), expected)
+    torch.testing.assert_close(A, initial_a(KEY.encode(), "model.layers.0.self_attn.q_proj", 4, 32).float())
+    assert not C.requires_grad and all("passport" not in n for n, _ in model.named_parameters())
+
+
+def test_default_init_is_the_base_model_and_merge_matches_forward():
+    x = inputs("llama")
+    base = output(build("llama"), x)
+    torch.testing.assert_close(output(sealed_model(), x), base)
+    model = sealed_model(init_weights=False)
+    adapted = output(model, x)
+    assert not torch.allclose(adapted, base)
+    torch.testing.assert_close(output(model.merge_and_unload(), x), adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_key_is_never_in_the_config_and_save_load_needs_it(tmp_path, monkeypatch):
+    config = SealConfig(r=4, target_modules=TARGETS, key=KEY)
+    assert KEY not in repr(config) and KEY not in json.dumps(config.to_dict(), default=str)
+    model = get_peft_model(build("llama"), config)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "SEAL" and len(saved["commitment"]) == 64 and "key" not in saved
+    x = inputs("llama")
+    with pytest.raises(ValueError, match=KEY_ENV):
+        PeftModel.from_pretrained(build("llama"), tmp_path)
+    monkeypatch.setenv(KEY_ENV, "another-key-0123456789")
+    with pytest.raises(ValueError, match="does not match the commitment"):
+        PeftModel.from_pretrained(build("llama"), tmp_path)
+    monkeypatch.setenv(KEY_ENV, KEY)
+    torch.testing.assert_close(output(PeftModel.from_pretrained(build("llama"), tmp_path), x), output(model, x))
+
+
+def test_release_is_plain_lora_that_stock_peft_loads_alone(released, monkeypatch):
+    sealed, plain = read_adapter(released / "sealed", expect=("SEAL",)), read_adapter(released / "release")
+    assert plain.config["peft_type"] == "LORA"
+    for module, (B, A) in sealed.factors.items():
+        C = passport(KEY.encode(), module, 4)
+        Bp, Ap = plain.factors[module]
+        torch.testing.assert_close(Bp.double() @ Ap.double(), B.double() @ C @ A.double(), atol=1e-6, rtol=1e-5)
+    x = inputs("llama")
+    torch.save({"input_ids": x["input_ids"]}, released / "x.pt")
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(__file__.rsplit("/", 1)[0])!r})
+from models import build
+from peft import PeftModel
+model = PeftModel.from_pretrained(build("llama"), {str(released / "release")!r})
+assert not any(name.startswith("peft_ctrl") for name in sys.modules), "peft_ctrl was imported"
+x = torch.load({str(released / "x.pt")!r})
+model.eval()
+torch.save(model(**x).logits, {str(released / "stock.pt")!r})
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
+    monkeypatch.setenv(KEY_ENV, KEY)
+    sealed_model_ = PeftModel.from_pretrained(build("llama"), released / "sealed")
+    torch.testing.assert_close(torch.load(released / "stock.pt"), output(sealed_model_, x), atol=1e-5, rtol=1e-4)
+
+
+def test_owner_and_key_verification_pass_and_survive_product_preserving_attacks(released):
+    plain = read_adapter(released / "release")
+    proof = released / "proof.safetensors"
+    for attacked in (plain, attacks.obfuscate(plain), attacks.permute(plain), attacks.refactorize(plain)):
+        suspect = Suspect.from_adapter(attacked)
+        owner = verify_owner(suspect, proof, key=KEY)
+        key_only = verify_key(suspect, key=KEY)
+        assert owner.verified and key_only.verified, (owner, key_only)
+        assert owner.components["passport"]["statistic"] > 0.99
+    base = dict(build("llama").state_dict())
+    merged = Suspect.from_merged(attacks.merge(plain, base), base)
+    assert verify_key(merged, key=KEY, r=4).verified
+    assert verify_owner(merged, proof, key=KEY).verified
+
+
+def test_forged_key_claims_and_unrelated_keys_fail(released, tmp_path):
+    from peft_ctrl.seal.io import write_proof
+
+    plain = read_adapter(released / "release")
+    suspect = Suspect.from_adapter(plain)
+    forged_key = "forger-key-0123456789abcdef"
+    write_proof(tmp_path / "forged.safetensors", attacks.forge_proof(plain, forged_key))
+    forged = verify_owner(suspect, tmp_path / "forged.safetensors", key=forged_key)
+    assert forged.components["passport"]["verified"], "the forgery fools the passport test alone by construction"
+    assert not forged.verified and forged.p_value > 0.01
+    assert not verify_key(suspect, key="unrelated-key-0123456789").verified
+
+
+def test_key_only_p_values_are_uniform_under_the_null(released):
+    """Exactness of the null: 400 unrelated keys against one adapter give uniform p-values."""
+    suspect = Suspect.from_adapter(read_adapter(released / "release"))
+    p = np.array([verify_key(suspect, key=f"null-key-{i:04d}-0123456789").p_value for i in range(400)])
+    assert stats.kstest(p, "uniform").pvalue > 1e-3
+    assert (p < 1e-6).sum() == 0
+
+
+def test_passport_p_values_are_uniform_enough_under_the_null(released):
+    """Unrelated adapters (plain LoRA, other seeds) against the owner's proof: binomial null, no false positive."""
+    proof = released / "proof.safetensors"
+    p = []
+    for seed in range(60):
+        base = build("llama")
+        torch.manual_seed(seed)
+        model = get_peft_model(base, LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False))
+        result = verify_passport(Suspect(factors=lora_factors(model)), proof, KEY.encode(), 1e-6)
+        p.append(result.p_value)
+    p = np.array(p)
+    assert (p < 1e-6).sum() == 0 and (p < 0.01).mean() <= 0.05 and 0.3 < p.mean() < 0.7
+
+
+def test_bad_input_gets_clear_errors_and_writes_nothing(released, tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="use at least 16"):
+        SealConfig(r=4, key="short")
+    with pytest.raises(ValueError, match="positive"):
+        SealConfig(r=0)
+    with pytest.raises(ValueError, match="does not match"):
+        release(released / "sealed", tmp_path / "out", tmp_path / "proof", key="wrong-key-0123456789abc")
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(FileExistsError):
+        release(released / "sealed", released / "release", tmp_path / "proof", key=KEY)
+    with pytest.raises(ValueError, match="must not be inside"):
+        release(released / "sealed", tmp_path / "out", tmp_path / "out" / "proof", key=KEY)
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="expected SEAL"):
+        release(released / "release", tmp_path / "out", tmp_path / "proof", key=KEY)
+    suspect = Suspect.from_adapter(read_adapter(released / "release"))
+    with pytest.raises(FileNotFoundError, match="Proof file"):
+        verify_owner(suspect, tmp_path / "missing.safetensors", key=KEY)
+    with pytest.raises(ValueError, match="does not match"):
+        verify_owner(suspect, released / "proof.safetensors", key="wrong-key-0123456789abc")
+    ia3 = get_peft_model(build("llama"), IA3Config(target_modules=["q_proj"], feedforward_modules=[]))
+    ia3.save_pretrained(tmp_path / "ia3")
+    with pytest.raises(ValueError, match="IA3 adapter"):
+        Suspect.from_adapter(tmp_path / "ia3")
+    other = get_peft_model(build("mistral"), LoraConfig(r=4, target_modules=["q_proj"]))  # other shapes/names
+    factors = {m: (torch.randn(3, 4), a) for m, (_, a) in lora_factors(other).items()}
+    result = verify_owner(Suspect(factors=factors), released / "proof.safetensors", key=KEY)
+    assert not result.verified
+
+
+def test_cli_release_verify_attack(released, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(KEY_ENV, KEY)
+    assert cli(["seal", "attack", str(released / "release"), str(tmp_path / "pruned"), "--kind", "prune"]) == 0
+    proof = str(released / "proof.safetensors")
+    assert cli(["seal", "verify", str(tmp_path / "pruned"), "--proof", proof]) == 0
+    capsys.readouterr()
+    assert cli(["seal", "verify", str(tmp_path / "pruned"), "--mode", "key", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["verified"]
+    monkeypatch.setenv(KEY_ENV, "not-the-owner-0123456789")
+    assert cli(["seal", "verify", str(tmp_path / "pruned"), "--mode", "key"]) == 1
+    assert cli(["seal", "verify", str(tmp_path / "pruned"), "--proof", proof]) == 2
+    assert cli(["seal", "release", str(released / "sealed"), str(tmp_path / "rel2")]) == 2
+    assert not (tmp_path / "rel2").exists()
