@@ -34,6 +34,7 @@ SOURCES = {
     "odelora_sensing": lambda: (RESULTS / "odelora_sensing.md").read_text().strip(),
     "odelora_sensing_bounds": lambda: (RESULTS / "odelora_sensing_bounds.md").read_text().strip(),
     "odelora_pinn": lambda: (RESULTS / "odelora_pinn.md").read_text().strip(),
+    "seal_robustness": lambda: (RESULTS / "seal_robustness.md").read_text().strip(),
     "odelora_overhead": lambda: (RESULTS / "odelora_overhead.md").read_text().strip(),
 }
 PATTERN = re.compile(r"(<!-- table:(\w+) -->\n).*?\n?(^<!-- /table -->)", re.S | re.M)

@@ -7,7 +7,7 @@ import os
 import sys
 import warnings
 
-from .finetune import DEFAULT_LR, METHODS, MODELS, FinetuneArgs, run_finetune, summary_table
+from .finetune import DEFAULT_LR, DEFAULT_METHODS, METHODS, MODELS, FinetuneArgs, run_finetune, summary_table
 from .seal import cli as seal_cli
 
 
@@ -18,7 +18,12 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
         description="Fine-tune a built-in model on the stdlib-topics task with state-ctrl and PEFT LoRA and print "
         "trainable parameters, accuracy, saved-activation bytes and step time side by side.",
     )
-    p.add_argument("--method", choices=[*METHODS, "both"], default="both", help="which method(s) to run")
+    p.add_argument(
+        "--method",
+        choices=[*METHODS, "both"],
+        default="both",
+        help="which method to run; both: state-ctrl and lora; seal needs PEFT_CTRL_SEAL_KEY",
+    )
     p.add_argument(
         "--model",
         choices=MODELS,
@@ -33,7 +38,7 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--blocks", choices=["mlp", "attn", "both"], default="both", help="state-ctrl blocks to bridge")
     p.add_argument("--rank-lora", type=int, default=8)
     p.add_argument("--lr-state-ctrl", type=float, default=DEFAULT_LR["state-ctrl"])
-    p.add_argument("--lr-lora", type=float, default=DEFAULT_LR["lora"])
+    p.add_argument("--lr-lora", type=float, default=DEFAULT_LR["lora"], help="lr of lora and seal")
     p.add_argument("--output-dir", default="runs/finetune", help="adapters and results.json go here")
     p.add_argument("--no-save", action="store_true", help="do not write adapters")
 
@@ -57,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             config = FinetuneArgs(
                 model=args.model,
-                methods=METHODS if args.method == "both" else (args.method,),
+                methods=DEFAULT_METHODS if args.method == "both" else (args.method,),
                 steps=args.steps,
                 seeds=tuple(args.seeds),
                 batch_size=args.batch_size,
@@ -65,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                 rank_state_ctrl=args.rank_state_ctrl,
                 blocks=args.blocks,
                 rank_lora=args.rank_lora,
-                lr={"state-ctrl": args.lr_state_ctrl, "lora": args.lr_lora},
+                lr={"state-ctrl": args.lr_state_ctrl, "lora": args.lr_lora, "seal": args.lr_lora},
                 output_dir=args.output_dir,
                 save_adapters=not args.no_save,
             )

@@ -26,18 +26,21 @@ from tqdm.auto import tqdm
 
 from .datasets import TextDataset, stdlib_topics
 from .metrics import SavedTensorMeter
+from .seal import SealConfig
 from .state_ctrl import StateCtrlConfig
 
 MODELS = ("minilm", "tiny-llama")
-METHODS = ("state-ctrl", "lora")
+METHODS = ("state-ctrl", "lora", "seal")
+DEFAULT_METHODS = ("state-ctrl", "lora")  # seal needs the owner's key in PEFT_CTRL_SEAL_KEY
 # Learning rates chosen on seed 0 of the stdlib topic task from the grid in docs/finetune.md; override with flags.
-DEFAULT_LR = {"state-ctrl": 5e-3, "lora": 5e-3}
+# SEAL trains LoRA factors and uses LoRA's lr, so the comparison with LoRA is at LoRA's tuned setting.
+DEFAULT_LR = {"state-ctrl": 5e-3, "lora": 5e-3, "seal": 5e-3}
 
 
 @dataclass
 class FinetuneArgs:
     model: str = "minilm"
-    methods: Sequence[str] = METHODS
+    methods: Sequence[str] = DEFAULT_METHODS
     steps: int = 200
     seeds: Sequence[int] = (0, 1, 2)
     batch_size: int = 32
@@ -109,9 +112,10 @@ def peft_config(method: str, args: FinetuneArgs):
     if method == "state-ctrl":
         return StateCtrlConfig(r=args.rank_state_ctrl, blocks=args.blocks, task_type="SEQ_CLS")
     targets = ["query", "value"] if args.model == "minilm" else ["q_proj", "v_proj"]
-    return LoraConfig(
-        r=args.rank_lora, lora_alpha=2 * args.rank_lora, lora_dropout=0.1, target_modules=targets, task_type="SEQ_CLS"
-    )
+    options = {"r": args.rank_lora, "lora_alpha": 2 * args.rank_lora, "lora_dropout": 0.1, "task_type": "SEQ_CLS"}
+    if method == "seal":
+        return SealConfig(target_modules=targets, **options)
+    return LoraConfig(target_modules=targets, **options)
 
 
 @functools.cache

@@ -15,7 +15,7 @@ from scipy import stats
 from peft_ctrl import SealConfig
 from peft_ctrl.cli import main as cli
 from peft_ctrl.seal import attacks
-from peft_ctrl.seal.io import read_adapter
+from peft_ctrl.seal.io import LoraFactors, read_adapter
 from peft_ctrl.seal.keys import KEY_ENV, initial_a, passport
 from peft_ctrl.seal.release import release
 from peft_ctrl.seal.verify import Suspect, verify_key, verify_owner, verify_passport
@@ -46,15 +46,7 @@ def train(model, steps=30, lr=3e-2, seed=0):
 
 
 def lora_factors(model):
-    """{module name: (B, A)} of a PEFT LoRA model's default adapter."""
-    return {
-        name.removeprefix("base_model.model."): (
-            m.lora_B["default"].weight.detach(),
-            m.lora_A["default"].weight.detach(),
-        )
-        for name, m in model.named_modules()
-        if hasattr(m, "lora_A") and "default" in m.lora_A
-    }
+    return LoraFactors.from_model(model).factors
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +123,23 @@ torch.save(model(**x).logits, {str(released / "stock.pt")!r})
     monkeypatch.setenv(KEY_ENV, KEY)
     sealed_model_ = PeftModel.from_pretrained(build("llama"), released / "sealed")
     torch.testing.assert_close(torch.load(released / "stock.pt"), output(sealed_model_, x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("rank", [4, 2])
+def test_row_space_of_factors_matches_the_dense_product(rank):
+    g = torch.Generator().manual_seed(0)
+    B = torch.randn(40, 4, generator=g, dtype=torch.float64)
+    A = torch.randn(4, 30, generator=g, dtype=torch.float64)
+    B[:, rank:] = 0  # a pruned or rank-deficient adapter
+    from_factors = Suspect(factors={"m": (B, A)}).row_space("m", 4)
+    from_dense = Suspect(deltas={"m": B @ A}).row_space("m", 4)
+    assert from_factors.shape == from_dense.shape == (30, rank)
+    torch.testing.assert_close(from_factors @ from_factors.T, from_dense @ from_dense.T)
+    C = torch.randn(4, 4, generator=g, dtype=torch.float64)
+    B0, A0 = torch.randn(40, 4, generator=g, dtype=torch.float64), torch.randn(4, 30, generator=g, dtype=torch.float64)
+    core = Suspect(factors={"m": (B0 @ C, A0)}).core("m", B0, A0)
+    torch.testing.assert_close(core, C)
+    torch.testing.assert_close(Suspect(deltas={"m": B0 @ C @ A0}).core("m", B0, A0), C)
 
 
 def test_owner_and_key_verification_pass_and_survive_product_preserving_attacks(released):

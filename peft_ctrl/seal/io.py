@@ -33,6 +33,22 @@ class LoraFactors:
     config: dict = field(default_factory=dict)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, adapter_name: str = "default") -> LoraFactors:
+        """The LoRA factors of an in-memory peft LoRA model (e.g. after further training)."""
+        factors, scalings = {}, set()
+        for name, module in model.named_modules():
+            lora_A = getattr(module, "lora_A", None)
+            if isinstance(lora_A, torch.nn.ModuleDict) and adapter_name in lora_A:
+                key = name.removeprefix(PREFIX)
+                factors[key] = (module.lora_B[adapter_name].weight.detach(), lora_A[adapter_name].weight.detach())
+                scalings.add(module.scaling[adapter_name])
+        if not factors:
+            raise ValueError(f"The model has no LoRA adapter named {adapter_name!r}.")
+        if len(scalings) != 1:
+            raise ValueError(f"The adapter's layers use different scalings {sorted(scalings)}; not a plain LoRA.")
+        return cls(factors, scalings.pop())
+
     def delta(self, module: str) -> torch.Tensor:
         B, A = self.factors[module]
         return self.scaling * (B.double() @ A.double())
@@ -151,7 +167,9 @@ def write_proof(path: str | Path, proof: Proof) -> Path:
     return Path(path)
 
 
-def read_proof(path: str | Path) -> Proof:
+def read_proof(path: str | Path | Proof) -> Proof:
+    if isinstance(path, Proof):
+        return path
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(

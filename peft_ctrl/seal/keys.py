@@ -74,4 +74,4 @@ def initial_a(key: bytes, module_name: str, r: int, in_features: int) -> torch.T
     1 / (3 in_features). Its rows are isotropic, which gives the key-only test its exact null distribution;
     the rows for rank r are the first r rows for any larger rank."""
     g = _generator(key, "init_a", module_name)
-    return torch.randn(r, in_features, generator=g, dtype=torch.float64) / (3 * in_features) ** 0.5
+    return torch.randn(r, in_features, generator=g) / (3 * in_features) ** 0.5

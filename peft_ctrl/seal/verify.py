@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from scipy import stats
 
-from .io import LoraFactors, read_adapter, read_proof
+from .io import LoraFactors, Proof, read_adapter, read_proof
 from .keys import check_commitment, initial_a, passport, resolve_key
 
 DEFAULT_THRESHOLD = 1e-6
@@ -75,8 +75,8 @@ class Suspect:
     deltas: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.factors = {m: (B.detach().double(), A.detach().double()) for m, (B, A) in self.factors.items()}
-        self.deltas = {m: d.detach().double() for m, d in self.deltas.items()}
+        self.factors = {m: (_real(B), _real(A)) for m, (B, A) in self.factors.items()}
+        self.deltas = {m: _real(d) for m, d in self.deltas.items()}
 
     @classmethod
     def from_adapter(cls, adapter: LoraFactors | str | Path) -> Suspect:
@@ -109,9 +109,13 @@ class Suspect:
     def row_space(self, module: str, k: int) -> torch.Tensor:
         """Orthonormal basis (n x k') of the top-k row space of delta W; k' <= k drops null directions."""
         if module in self.factors:
+            # B A = Q_B R_B R_A^T Q_A^T: the row space is Q_A times the right singular vectors of an r x r core.
             B, A = self.factors[module]
-            Q, R = torch.linalg.qr(B)
-            _, S, Vh = torch.linalg.svd(R @ A, full_matrices=False)
+            R_B = torch.linalg.qr(B).R.double()
+            Q_A, R_A = torch.linalg.qr(A.T)
+            _, S, Vh = torch.linalg.svd(R_B @ R_A.T.double())
+            keep = int((S[:k] > S[0] * 1e-7).sum()) if S[0] > 0 else 0
+            return Q_A.double() @ Vh[:keep].T
         else:
             d = self.deltas[module]
             if min(d.shape) > 4 * k + 64:
@@ -120,15 +124,22 @@ class Suspect:
             else:
                 _, S, Vh = torch.linalg.svd(d, full_matrices=False)
         keep = int((S[:k] > S[0] * 1e-9).sum()) if S.numel() and S[0] > 0 else 0
-        return Vh[:keep].T
+        return Vh[:keep].T.double()
 
     def core(self, module: str, B0: torch.Tensor, A0: torch.Tensor) -> torch.Tensor:
         """C_hat = B0^+ delta W A0^+ (never forms delta W for an adapter)."""
-        B_pinv, A_pinv = torch.linalg.pinv(B0.double()), torch.linalg.pinv(A0.double())
+        # B0^+ = (B0^T B0)^+ B0^T and A0^+ = A0^T (A0 A0^T)^+: only r x r pseudo-inverses.
+        B0, A0 = B0.double(), A0.double()
+        left, right = torch.linalg.pinv(B0.T @ B0), torch.linalg.pinv(A0 @ A0.T)
         if module in self.factors:
             B, A = self.factors[module]
-            return (B_pinv @ B) @ (A @ A_pinv)
-        return B_pinv @ self.deltas[module] @ A_pinv
+            return left @ (B0.T @ B.double()) @ (A.double() @ A0.T) @ right
+        return left @ (B0.T @ self.deltas[module].double() @ A0.T) @ right
+
+
+def _real(t: torch.Tensor) -> torch.Tensor:
+    """fp32 or fp64 as given (half precision is widened): the thin factors are only ever QR-factorised."""
+    return t.detach() if t.dtype in (torch.float32, torch.float64) else t.detach().float()
 
 
 def verify_key(
@@ -149,7 +160,7 @@ def verify_key(
         if k == 0 or k >= n:
             skipped.append(module)
             continue
-        a = initial_a(raw, module, rank, n)
+        a = initial_a(raw, module, rank, n).double()
         u = ((a @ basis).pow(2).sum(1) / a.pow(2).sum(1)).clamp(0, 1 - 1e-12).numpy()  # u = 1 exactly has p = 0
         log_ps.extend(stats.beta.logsf(u, k / 2, (n - k) / 2).tolist())
         overlaps.extend(u.tolist())
@@ -168,9 +179,12 @@ def verify_key(
     )
 
 
-def verify_passport(suspect: Suspect, proof_path: str | Path, key: bytes, threshold: float) -> VerificationResult:
+def verify_passport(
+    suspect: Suspect, proof_path: str | Path | Proof, key: bytes, threshold: float = DEFAULT_THRESHOLD
+) -> VerificationResult:
+    """The paper's owner test alone (the sign-agreement statistic); forgeable, see ``verify_owner``."""
     proof = read_proof(proof_path)
-    check_commitment(key, proof.commitment, proof.salt, str(proof_path))
+    check_commitment(key, proof.commitment, proof.salt, "the proof file")
     agree = total = 0
     skipped = []
     for module, (B0, A0) in proof.factors.items():
@@ -199,14 +213,15 @@ def verify_passport(suspect: Suspect, proof_path: str | Path, key: bytes, thresh
 
 def verify_owner(
     suspect: Suspect,
-    proof_path: str | Path,
+    proof_path: str | Path | Proof,
     key: str | bytes | None = None,
     threshold: float = DEFAULT_THRESHOLD,
 ) -> VerificationResult:
     """Owner test: the passport test with the proof file AND the key-only test; p = the larger p-value."""
     raw = resolve_key(key)
-    passport_result = verify_passport(suspect, proof_path, raw, threshold)
-    key_result = verify_key(suspect, raw, r=read_proof(proof_path).r, threshold=threshold)
+    proof = read_proof(proof_path)
+    passport_result = verify_passport(suspect, proof, raw, threshold)
+    key_result = verify_key(suspect, raw, r=proof.r, threshold=threshold)
     worst = max(passport_result, key_result, key=lambda res: res.log10_p)
     return _result(
         "owner",

@@ -1,0 +1,66 @@
+"""SEAL end to end on a tiny LLaMA (random init, CPU, about 15 seconds):
+
+train a watermarked adapter -> release it as plain LoRA -> verify (owner and key-only) -> attack -> verify.
+
+    python examples/seal_watermark.py
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+from peft import PeftModel, get_peft_model
+
+from peft_ctrl import SealConfig
+from peft_ctrl.seal import attacks, generate_key
+from peft_ctrl.seal.io import read_adapter
+from peft_ctrl.seal.release import release
+from peft_ctrl.seal.verify import Suspect, verify_key, verify_owner
+
+
+def tiny_llama() -> transformers.LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+def main() -> None:
+    # The owner's key lives in the environment (or is passed as key=); it is never written anywhere.
+    os.environ["PEFT_CTRL_SEAL_KEY"] = generate_key()
+    model = get_peft_model(tiny_llama(), SealConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+
+    # Train as any LoRA adapter (here a plain loop on a repeating token pattern).
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    data = (torch.arange(32).repeat(8, 1) * 5 + torch.arange(8)[:, None]) % 128
+    for step in range(60):
+        loss = model(input_ids=data, labels=data).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    print(f"training loss after 60 steps: {loss.item():.3f}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        model.save_pretrained(root / "sealed")  # peft_type SEAL, only a commitment to the key
+        release(root / "sealed", root / "release", root / "private" / "proof.safetensors")
+
+        # Anyone loads the release with stock peft; outputs equal the watermarked model's.
+        released = PeftModel.from_pretrained(tiny_llama(), root / "release")
+        model.eval()
+        same = torch.allclose(released(input_ids=data).logits, model(input_ids=data).logits, atol=1e-5)
+        print(f"release loads as plain LoRA ({released.peft_config['default'].peft_type.value}), same outputs: {same}")
+
+        plain = read_adapter(root / "release")
+        print("owner:   ", verify_owner(Suspect.from_adapter(plain), root / "private" / "proof.safetensors"))
+        print("key-only:", verify_key(Suspect.from_adapter(plain)))
+        pruned = attacks.obfuscate(attacks.prune(plain, 0.5))
+        print("after pruning 50% and obfuscation:", verify_key(Suspect.from_adapter(pruned)))
+        print("someone else's key:", verify_key(Suspect.from_adapter(plain), key=generate_key()))
+
+
+if __name__ == "__main__":
+    main()
