@@ -10,6 +10,7 @@ import torch
 from models import build, inputs, output
 from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
 from peft.utils import PeftType
+from safetensors.torch import save_file
 from scipy import stats
 
 from peft_ctrl import SealConfig
@@ -230,6 +231,42 @@ def test_cli_release_verify_attack(released, tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert cli(["seal", "verify", str(tmp_path / "pruned"), "--mode", "key", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["verified"]
+    base = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in build("llama").state_dict().items()}, base)
+    merged = tmp_path / "merged.safetensors"
+    assert cli(["seal", "attack", str(released / "release"), str(merged), "--kind", "merge", "--base", str(base)]) == 0
+    assert cli(["seal", "verify", str(merged), "--base", str(base), "--mode", "key", "--r", "4"]) == 0
+    (tmp_path / "forger.key").write_text("forger-key-0123456789abcdef")
+    forged = tmp_path / "forged.safetensors"
+    assert (
+        cli(
+            [
+                "seal",
+                "attack",
+                str(released / "release"),
+                str(forged),
+                "--kind",
+                "forge",
+                "--forged-key-file",
+                str(tmp_path / "forger.key"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli(
+            [
+                "seal",
+                "verify",
+                str(released / "release"),
+                "--proof",
+                str(forged),
+                "--key-file",
+                str(tmp_path / "forger.key"),
+            ]
+        )
+        == 1
+    )
     monkeypatch.setenv(KEY_ENV, "not-the-owner-0123456789")
     assert cli(["seal", "verify", str(tmp_path / "pruned"), "--mode", "key"]) == 1
     assert cli(["seal", "verify", str(tmp_path / "pruned"), "--proof", proof]) == 2

@@ -7,8 +7,10 @@ import argparse
 import json
 from pathlib import Path
 
+from safetensors.torch import save_file
+
 from . import attacks
-from .io import read_adapter, write_lora
+from .io import atomic_output, read_adapter, write_lora, write_proof
 from .keys import KEY_ENV, generate_key
 from .release import release
 from .verify import DEFAULT_THRESHOLD, Suspect, verify_key, verify_owner
@@ -38,12 +40,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the whole result as JSON")
     key_option(p)
 
-    p = cmds.add_parser("attack", help="write an attacked copy of a released LoRA adapter")
+    p = cmds.add_parser(
+        "attack",
+        help="write an attacked copy of a released LoRA adapter (continued fine-tuning: the Python function "
+        "peft_ctrl.seal.attacks.continued_finetune, which needs your model and data)",
+    )
     p.add_argument("adapter_dir", type=Path)
-    p.add_argument("out_dir", type=Path)
-    p.add_argument("--kind", choices=attacks.WEIGHT_ATTACKS, required=True)
+    p.add_argument("out", type=Path, help="adapter directory; merge: a .safetensors file; forge: a proof file")
+    p.add_argument("--kind", choices=[*attacks.WEIGHT_ATTACKS, "merge", "forge"], required=True)
     p.add_argument("--strength", type=float, default=0.5, help="prune: fraction; noise: std relative to RMS")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base", type=Path, help="merge: the base model's weights (.safetensors or a directory)")
+    p.add_argument("--forged-key-file", type=Path, help="forge: the forger's key (a file)")
 
 
 def _key(args: argparse.Namespace) -> str | None:
@@ -57,9 +65,11 @@ def _key(args: argparse.Namespace) -> str | None:
 def _safetensors(path: Path) -> dict:
     from safetensors.torch import load_file
 
+    if path.is_dir() and not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{path} holds no model.safetensors.")
     file = path / "model.safetensors" if path.is_dir() else path
     if not file.is_file():
-        raise FileNotFoundError(f"{path} holds no model.safetensors.")
+        raise FileNotFoundError(f"{file} not found.")
     return load_file(file)
 
 
@@ -75,6 +85,19 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.seal_command == "attack":
         adapter = read_adapter(args.adapter_dir)
+        if args.kind == "merge":
+            if args.base is None:
+                raise ValueError("--kind merge needs --base (the base model's weights).")
+            with atomic_output(args.out, is_dir=False) as tmp:
+                save_file(attacks.merge(adapter, _safetensors(args.base)), str(tmp))
+            print(f"wrote the merged model to {args.out}")
+            return 0
+        if args.kind == "forge":
+            if args.forged_key_file is None or not args.forged_key_file.is_file():
+                raise ValueError("--kind forge needs --forged-key-file (the forger's key in a file).")
+            write_proof(args.out, attacks.forge_proof(adapter, args.forged_key_file.read_text().strip()))
+            print(f"wrote a forged proof for the forger's key to {args.out}")
+            return 0
         if args.kind == "prune":
             attacked = attacks.prune(adapter, args.strength)
         elif args.kind == "noise":
@@ -83,8 +106,8 @@ def run(args: argparse.Namespace) -> int:
             attacked = attacks.refactorize(adapter)
         else:
             attacked = getattr(attacks, args.kind)(adapter, seed=args.seed)
-        write_lora(args.out_dir, attacked)
-        print(f"wrote the {args.kind} attack of {args.adapter_dir} to {args.out_dir}")
+        write_lora(args.out, attacked)
+        print(f"wrote the {args.kind} attack of {args.adapter_dir} to {args.out}")
         return 0
     # verify
     if (args.suspect / "adapter_config.json").is_file():
