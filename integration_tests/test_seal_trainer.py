@@ -33,6 +33,7 @@ def secrets_of(modules: list[str], r: int) -> dict[str, bytes]:
         found[f"passport {module} fp64"] = C.numpy().tobytes()
         found[f"passport {module} fp32"] = C.float().numpy().tobytes()
         found[f"passport {module} first row fp32"] = C[0].float().numpy().tobytes()
+        found[f"passport {module} transposed fp32"] = C.T.contiguous().float().numpy().tobytes()
     return found
 
 
@@ -47,7 +48,7 @@ def leaks(root, patterns: dict[str, bytes]) -> list[str]:
 
 def test_trainer_release_verify_write_no_secret(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(KEY_ENV, KEY)
-    model = get_peft_model(build("llama"), SealConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(build("llama"), SealConfig(r=8, target_modules=["q_proj", "v_proj"]))
     modules = [n.removeprefix("base_model.model.") for n, m in model.named_modules() if hasattr(m, "seal_passport")]
     args = TrainingArguments(
         output_dir=str(tmp_path / "train"),
@@ -69,7 +70,7 @@ def test_trainer_release_verify_write_no_secret(tmp_path, monkeypatch, capsys):
     assert verify_owner(Suspect.from_adapter(tmp_path / "release"), proof).verified
     log = capsys.readouterr()
 
-    patterns = secrets_of(modules, 4)
+    patterns = secrets_of(modules, 8)
     assert sum(len(files) for _, _, files in os.walk(tmp_path)) > 10
     assert leaks(tmp_path, patterns) == []
     for name in ("key", "key hex"):
@@ -78,7 +79,7 @@ def test_trainer_release_verify_write_no_secret(tmp_path, monkeypatch, capsys):
     # The scan itself finds a passport saved the way torch saves tensors.
     control = tmp_path.parent / f"{tmp_path.name}-control"
     control.mkdir()
-    torch.save({"c": passport(KEY.encode(), modules[0], 4).float()}, control / "leak.pt")
+    torch.save({"c": passport(KEY.encode(), modules[0], 8).float()}, control / "leak.pt")
     assert leaks(control, patterns) == [
         f"passport {modules[0]} fp32 in leak.pt",
         f"passport {modules[0]} first row fp32 in leak.pt",

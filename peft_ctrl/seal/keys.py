@@ -65,8 +65,14 @@ def _generator(key: bytes, purpose: str, module_name: str) -> torch.Generator:
 
 
 def passport(key: bytes, module_name: str, r: int) -> torch.Tensor:
-    """The r x r passport of one module: i.i.d. N(0, 1/r) entries, so every entry's sign is a fair coin."""
-    return torch.randn(r, r, generator=_generator(key, "passport", module_name), dtype=torch.float64) / r**0.5
+    """The r x r passport of one module: C = Q D with Q a Haar-random orthogonal matrix and D a diagonal of
+    independent fair signs. Orthogonal, so training through C is as well conditioned as plain LoRA; the
+    column signs D are fair coins given Q, which gives the passport test its exact null distribution."""
+    g = _generator(key, "passport", module_name)
+    Q, R = torch.linalg.qr(torch.randn(r, r, generator=g, dtype=torch.float64))
+    Q = Q * torch.sign(torch.diagonal(R))  # makes Q Haar-distributed
+    signs = torch.randint(0, 2, (r,), generator=g, dtype=torch.float64) * 2 - 1
+    return (Q * signs).contiguous()
 
 
 def initial_a(key: bytes, module_name: str, r: int, in_features: int) -> torch.Tensor:

@@ -10,13 +10,18 @@ Two tests, each with an exact null distribution:
   k/n. The rows' p-values are independent and combined with Fisher's method (chi-squared, 2N degrees of
   freedom). Invariant to B'M, M^-1 A', rank permutation, re-factorisation and merging.
 * **passport** (the paper's owner test; needs the proof file): C_hat = B^+ (delta W) A^+ with the
-  pre-release B, A; under the null the signs of the key's passport entries are fair coins independent of
-  C_hat, so the number of agreeing signs over all modules is Binomial(N, 1/2) exactly (zeros count as
-  disagreement, which only makes the test conservative).
+  pre-release B, A. The passport is C = Q D with Q Haar-orthogonal and D independent fair column signs,
+  so when C_hat is independent of the key, each column agreement sign(<C_hat_j, C_j>) = d_j
+  sign(<C_hat_j, Q_j>) is a fair coin and the number of agreeing columns over all modules is
+  Binomial(N, 1/2) exactly (a zero inner product counts as disagreement: conservative). The proof's B, A
+  were trained through C, so a suspect trained on the same task can make C_hat lean towards C; the
+  passport p-value is calibrated only when that is ruled out.
 
-Owner verification reports both and decides on the larger p-value (an intersection-union test, valid at
-the threshold): a forger who re-factorises the release to match a key of their own passes the passport
-test by construction but not the key-only test, because A's row space was set by the owner's key.
+Owner verification reports both and decides on the larger p-value, an intersection-union test: its level
+is at most that of the key-only test, which is exact for any suspect not derived from the key, so the
+owner verdict needs no assumption about the passport test. A forger who re-factorises the release to
+match a key of their own passes the passport test by construction but not the key-only test, because A's
+row space was set by the owner's key.
 """
 
 from __future__ import annotations
@@ -193,13 +198,19 @@ def verify_passport(
             continue
         C_hat = suspect.core(module, B0, A0)
         C = passport(key, module, A0.shape[0])
-        agree += int((torch.sign(C_hat) == torch.sign(C)).logical_and(C_hat != 0).sum())
-        total += C.numel()
+        agree += int(((C_hat * C).sum(0) > 0).sum())  # columns of C_hat pointing along C's columns
+        total += C.shape[1]
     if total == 0:
         return _result(
             "passport", 0.0, 0.0, threshold, 0, skipped=skipped, message="No module of the suspect matches the proof."
         )
     log_p = float(stats.binom.logsf(agree - 1, total, 0.5))
+    message = "statistic: fraction of passport columns recovered (sign of <C_hat_j, C_j>)."
+    if total * math.log(2) < -math.log(threshold):
+        message += (
+            f" Only {total} passport columns: the smallest possible p is 2^-{total} = {0.5**total:.2g}, above the "
+            "threshold, so this test cannot verify; adapt more modules or use a larger r."
+        )
     return _result(
         "passport",
         agree / total,
@@ -207,7 +218,7 @@ def verify_passport(
         threshold,
         len(proof.factors) - len(skipped),
         skipped=skipped,
-        message="statistic: fraction of passport signs recovered.",
+        message=message,
     )
 
 
