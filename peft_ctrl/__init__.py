@@ -7,6 +7,7 @@ Importing this package registers every method with ``peft`` (idempotent), so ``g
 from .metrics import SavedTensorMeter, saved_activation_bytes
 from .seal import SealConfig, SealModel
 from .state_ctrl import StateCtrlConfig, StateCtrlModel
+from .sublora import SubLoRAConfig, SubLoRAModel
 
 __version__ = "0.1.0"
 
@@ -16,5 +17,7 @@ __all__ = [
     "SealModel",
     "StateCtrlConfig",
     "StateCtrlModel",
+    "SubLoRAConfig",
+    "SubLoRAModel",
     "saved_activation_bytes",
 ]

@@ -10,6 +10,7 @@ from peft.utils import PeftType, register_peft_method
 
 import peft_ctrl
 from peft_ctrl import _registry
+from peft_ctrl.seal import SealConfig, SealModel
 from peft_ctrl.state_ctrl import StateCtrlConfig, StateCtrlModel
 
 
@@ -19,14 +20,18 @@ def test_upstream_still_rejects_unknown_names():
         register_peft_method(name="not_a_method_xyz", config_cls=StateCtrlConfig, model_cls=StateCtrlModel)
 
 
-def test_state_ctrl_is_a_real_enum_member():
-    member = PeftType.STATE_CTRL
-    assert member is PeftType("STATE_CTRL") is PeftType["STATE_CTRL"]
-    assert member == "STATE_CTRL" and isinstance(member, str)
+@pytest.mark.parametrize(
+    ("name", "config_cls", "model_cls", "prefix"),
+    [("STATE_CTRL", StateCtrlConfig, StateCtrlModel, "state_ctrl_"), ("SEAL", SealConfig, SealModel, "seal_")],
+)
+def test_methods_are_real_enum_members(name, config_cls, model_cls, prefix):
+    member = PeftType[name]
+    assert member is PeftType(name)
+    assert member == name and isinstance(member, str)
     assert member in list(PeftType)
-    assert PEFT_TYPE_TO_CONFIG_MAPPING[member] is StateCtrlConfig
-    assert PEFT_TYPE_TO_TUNER_MAPPING[member] is StateCtrlModel
-    assert PEFT_TYPE_TO_PREFIX_MAPPING[member] == "state_ctrl_"
+    assert PEFT_TYPE_TO_CONFIG_MAPPING[member] is config_cls
+    assert PEFT_TYPE_TO_TUNER_MAPPING[member] is model_cls
+    assert PEFT_TYPE_TO_PREFIX_MAPPING[member] == prefix
     # Built-in members are untouched.
     assert PeftType("LORA") is PeftType.LORA
 

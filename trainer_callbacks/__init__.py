@@ -2,5 +2,6 @@
 
 from .memory import MemoryReportCallback
 from .odelora import ODELoRATrainer
+from .sublora import SubLoRACallback
 
-__all__ = ["MemoryReportCallback", "ODELoRATrainer"]
+__all__ = ["MemoryReportCallback", "ODELoRATrainer", "SubLoRACallback"]

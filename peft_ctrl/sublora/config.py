@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft.config import PeftConfig
+from peft.utils import PeftType
+
+HESSIANS = ("exact", "block", "fisher", "diag")
+
+
+@dataclass
+class SubLoRAConfig(PeftConfig):
+    """Configuration of SubLoRA: SVD-form adapters whose ranks are allocated by submodular selection on a
+    second-order loss model (DESIGN.md section 5), run by ``trainer_callbacks.SubLoRACallback``.
+
+    Each target ``nn.Linear`` gets ``delta W = P diag(lambda * mask) Q * lora_alpha / r`` with ``r``
+    components; the callback masks components down to the global budget on AdaLoRA's cubic schedule and
+    finally truncates the adapter to the kept components (recorded in ``rank_pattern``).
+
+    Args:
+        r (`int`): Initial number of components per module.
+        target_r (`int`, *optional*): Average kept components per module; the budget is ``target_r`` times the
+            number of modules. Give this or ``budget``.
+        budget (`int`, *optional*): Total kept components over all modules.
+        lora_alpha (`float`): Scale numerator: ``delta W`` is multiplied by ``lora_alpha / r``.
+        lora_dropout (`float`): Dropout on the adapter input.
+        target_modules (`list[str] | str`): Linear modules to adapt (names or a regex).
+        t_init (`int`): Steps of plain training before the first allocation.
+        t_final (`int`): Final steps with the allocation frozen.
+        delta_t (`int`): Steps between allocations.
+        total_step (`int`, *optional*): Training steps; the callback fills it from the Trainer when unset.
+        hessian (`str`): Curvature of the loss in lambda: ``"exact"`` (one Hessian-vector product per
+            component, batched), ``"block"`` (per-module blocks from random-sign probes), ``"fisher"``
+            (empirical Fisher from per-sample gradients) or ``"diag"`` (its diagonal: a modular objective).
+        curvature_samples (`int`): Examples drawn for each curvature estimate (one batch is split into this
+            many parts for ``"fisher"``/``"diag"``).
+        orth_reg_weight (`float`): Weight of ``|P^T P - I|^2 + |Q Q^T - I|^2``, applied by the callback to the
+            gradients before every optimizer step, whatever the model returns.
+        rank_pattern (`dict[str, int]`, *optional*): Kept components per module after truncation (filled
+            automatically; used when loading).
+        modules_to_save (`list[str]`, *optional*): Extra modules trained and saved in full.
+    """
+
+    r: int = field(default=12, metadata={"help": "Initial number of components per module."})
+    target_r: int | None = field(default=None, metadata={"help": "Average kept components per module."})
+    budget: int | None = field(default=None, metadata={"help": "Total kept components (instead of target_r)."})
+    lora_alpha: float = field(default=12, metadata={"help": "delta W is scaled by lora_alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout probability on the adapter input."})
+    target_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Linear modules to adapt (names or a regex)."}
+    )
+    t_init: int = field(default=0, metadata={"help": "Steps before the first allocation."})
+    t_final: int = field(default=0, metadata={"help": "Final steps with the allocation frozen."})
+    delta_t: int = field(default=10, metadata={"help": "Steps between allocations."})
+    total_step: int | None = field(default=None, metadata={"help": "Training steps (filled from the Trainer)."})
+    hessian: Literal["exact", "block", "fisher", "diag"] = field(
+        default="fisher", metadata={"help": "Curvature estimate: exact, block, fisher or diag."}
+    )
+    curvature_samples: int = field(default=8, metadata={"help": "Examples per curvature estimate."})
+    orth_reg_weight: float = field(default=0.1, metadata={"help": "Weight of the orthogonality regulariser."})
+    rank_pattern: dict[str, int] | None = field(
+        default=None, metadata={"help": "Kept components per module after truncation (filled automatically)."}
+    )
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Extra modules trained and saved in full."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.SUBLORA
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if self.r <= 0:
+            raise ValueError(f"SubLoRAConfig.r must be positive, got {self.r}.")
+        if (self.target_r is None) == (self.budget is None):
+            raise ValueError("Give exactly one of target_r (kept components per module) or budget (total).")
+        if self.target_r is not None and not 0 < self.target_r <= self.r:
+            raise ValueError(f"target_r must be in (0, r={self.r}], got {self.target_r}.")
+        if self.budget is not None and self.budget <= 0:
+            raise ValueError(f"budget must be positive, got {self.budget}.")
+        if self.hessian not in HESSIANS:
+            raise ValueError(f"Unknown hessian {self.hessian!r}; choose one of {HESSIANS}.")
+        if self.delta_t <= 0 or self.t_init < 0 or self.t_final < 0 or self.curvature_samples <= 0:
+            raise ValueError("delta_t and curvature_samples must be positive, t_init and t_final non-negative.")
+        if self.total_step is not None:
+            self.check_schedule(self.total_step)
+
+    def check_schedule(self, total_step: int) -> None:
+        if self.t_init + self.t_final >= total_step:
+            raise ValueError(
+                f"t_init ({self.t_init}) + t_final ({self.t_final}) must be smaller than total_step ({total_step}): "
+                "the budget needs steps to decrease. Shorten the warm-up/final phases or train longer."
+            )
+
+    def total_budget(self, modules: int) -> int:
+        """The number of components kept at the end, checked against ``modules * r``."""
+        total = self.budget if self.budget is not None else self.target_r * modules
+        if total > modules * self.r:
+            raise ValueError(
+                f"budget {total} exceeds the {modules * self.r} components of {modules} modules x r={self.r}; "
+                "lower it or raise r."
+            )
+        return total

@@ -1,0 +1,102 @@
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+
+class SubLoRALayer(nn.Module, BaseTunerLayer):
+    """An ``nn.Linear`` with SVD-form adapters: ``h = W x + s * P diag(lambda * mask) Q x``.
+
+    ``mask`` (0/1, not trainable, saved with the adapter) removes components; ``truncate`` drops them.
+    """
+
+    adapter_layer_names = ("sublora_P", "sublora_lambda", "sublora_Q")
+    other_param_names = ("sublora_mask", "sublora_scaling", "sublora_dropout")
+
+    def __init__(self, base_layer: nn.Linear, adapter_name: str, **kwargs: Any) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Linear):
+            raise TypeError(f"SubLoRA adapts torch.nn.Linear modules only, got {type(base_layer).__name__}.")
+        self.base_layer = base_layer
+        self.sublora_P = nn.ParameterDict()
+        self.sublora_lambda = nn.ParameterDict()
+        self.sublora_Q = nn.ParameterDict()
+        self.sublora_mask = nn.ParameterDict()
+        self.sublora_dropout = nn.ModuleDict()
+        self.sublora_scaling: dict[str, float] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.update_layer(adapter_name, **kwargs)
+
+    def update_layer(self, adapter_name: str, r: int, scaling: float, dropout: float, inference_mode: bool = False):
+        weight = self.base_layer.weight
+        # AdaLoRA's initialisation: P, Q small random, lambda = 0, so the adapted model starts as the base.
+        self.sublora_P[adapter_name] = nn.Parameter(torch.randn(self.out_features, r, device=weight.device) * 0.02)
+        self.sublora_Q[adapter_name] = nn.Parameter(torch.randn(r, self.in_features, device=weight.device) * 0.02)
+        self.sublora_lambda[adapter_name] = nn.Parameter(torch.zeros(r, device=weight.device))
+        self.sublora_mask[adapter_name] = nn.Parameter(torch.ones(r, device=weight.device), requires_grad=False)
+        self.sublora_scaling[adapter_name] = scaling
+        self.sublora_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+        self.sublora_mask[adapter_name].requires_grad_(False)
+
+    def rank(self, adapter: str) -> int:
+        return int(self.sublora_mask[adapter].sum())
+
+    def effective_lambda(self, adapter: str) -> torch.Tensor:
+        return self.sublora_lambda[adapter] * self.sublora_mask[adapter]
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        P, Q = self.sublora_P[adapter], self.sublora_Q[adapter]
+        return self.sublora_scaling[adapter] * (P * self.effective_lambda(adapter)) @ Q
+
+    @torch.no_grad()
+    def truncate(self, adapter: str) -> int:
+        """Physically drop the masked components; returns the kept count (outputs are unchanged)."""
+        keep = self.sublora_mask[adapter] > 0
+        for store, index in ((self.sublora_P, (slice(None), keep)), (self.sublora_Q, (keep,))):
+            store[adapter] = nn.Parameter(store[adapter][index].clone(), requires_grad=store[adapter].requires_grad)
+        for store in (self.sublora_lambda, self.sublora_mask):
+            store[adapter] = nn.Parameter(store[adapter][keep].clone(), requires_grad=store[adapter].requires_grad)
+        return int(keep.sum())
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        for adapter in check_adapters_to_merge(self, adapter_names):
+            if adapter not in self.sublora_P:
+                continue
+            weight = self.base_layer.weight
+            merged = weight.data + self.get_delta_weight(adapter).to(weight.dtype)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"Merging SubLoRA adapter {adapter!r} gives non-finite weights; nothing changed.")
+            weight.data = merged
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            self.base_layer.weight.data -= self.get_delta_weight(adapter).to(self.base_layer.weight.dtype)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for adapter in self.active_adapters:
+            if adapter not in self.sublora_P:
+                continue
+            P, Q = self.sublora_P[adapter], self.sublora_Q[adapter]
+            z = self.sublora_dropout[adapter](x.to(Q.dtype)) @ Q.T
+            update = (z * self.effective_lambda(adapter)) @ P.T
+            result = result + self.sublora_scaling[adapter] * update.to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "sublora." + super().__repr__()

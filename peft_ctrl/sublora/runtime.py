@@ -1,0 +1,273 @@
+"""The allocation schedule and the curvature estimates that feed the allocator; used by
+``trainer_callbacks.SubLoRACallback`` and usable from a plain training loop."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .allocator import curvature_model, greedy_select, project_submodular
+from .config import SubLoRAConfig
+from .layer import SubLoRALayer
+from .model import SubLoRAModel
+
+Batch = Any
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+
+
+def default_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    out = model(**batch) if isinstance(batch, dict) else model(*batch)
+    loss = out.get("loss") if isinstance(out, dict) else getattr(out, "loss", None)
+    if loss is None:
+        raise ValueError(
+            "The model output carries no loss, so SubLoRA cannot estimate curvature; pass "
+            "loss_fn=lambda model, batch: ... to SubLoRACallback / RankAllocator."
+        )
+    return loss
+
+
+def take(batch: Batch, n: int) -> Batch:
+    """The first ``n`` examples of a batch (dict, tuple or list of tensors with the batch first)."""
+    if isinstance(batch, dict):
+        return {k: v[:n] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in batch.items()}
+    return type(batch)(v[:n] if torch.is_tensor(v) and v.dim() > 0 else v for v in batch)
+
+
+def batch_size(batch: Batch) -> int:
+    values = batch.values() if isinstance(batch, dict) else batch
+    return next(len(v) for v in values if torch.is_tensor(v) and v.dim() > 0)
+
+
+class RankAllocator:
+    """Runs SubLoRA's schedule on a model with SubLoRA layers.
+
+    Budget: ``r`` per module until ``t_init``, then AdaLoRA's cubic decay to the target budget, reached at
+    ``total_step - t_final`` and frozen after. Every ``delta_t`` steps (and once at the end of the decay) the
+    components are re-selected: the curvature of the loss in the effective singular values is estimated on
+    batches drawn by the caller, projected to make the selection objective submodular, and the greedy set of
+    the scheduled size is kept. Removed components never return (their lambda is masked to zero, where the
+    model gives them no gain).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter_name: str = "default",
+        total_step: int | None = None,
+        loss_fn: LossFn | None = None,
+    ) -> None:
+        tuner = getattr(model, "base_model", model)
+        if not isinstance(tuner, SubLoRAModel):
+            raise ValueError("RankAllocator needs a model from get_peft_model(model, SubLoRAConfig(...)).")
+        self.model, self.tuner, self.adapter = model, tuner, adapter_name
+        self.config: SubLoRAConfig = tuner.peft_config[adapter_name]
+        self.layers: dict[str, SubLoRALayer] = tuner.sublora_layers(adapter_name)
+        if not self.layers:
+            raise ValueError(f"The model has no SubLoRA layers for adapter {adapter_name!r}.")
+        total = self.config.total_step or total_step
+        if not total:
+            raise ValueError("Give total_step (SubLoRAConfig.total_step, or the Trainer's max_steps).")
+        self.config.check_schedule(total)
+        self.total_step = total
+        self.initial = sum(layer.sublora_mask[adapter_name].numel() for layer in self.layers.values())
+        self.target = self.config.total_budget(len(self.layers))
+        self.loss_fn = loss_fn or default_loss
+        self.history: list[dict] = []
+
+    # schedule -------------------------------------------------------------------------------------------
+    @property
+    def end_of_decay(self) -> int:
+        return self.total_step - self.config.t_final
+
+    def budget_at(self, step: int) -> int:
+        c = self.config
+        if step < c.t_init:
+            return self.initial
+        if step >= self.end_of_decay:
+            return self.target
+        progress = (step - c.t_init) / (self.end_of_decay - c.t_init)
+        return self.target + math.ceil((self.initial - self.target) * (1 - progress) ** 3)
+
+    def kept(self) -> int:
+        return sum(layer.rank(self.adapter) for layer in self.layers.values())
+
+    def ranks(self) -> dict[str, int]:
+        return {name: layer.rank(self.adapter) for name, layer in self.layers.items()}
+
+    def due(self, step: int) -> bool:
+        c = self.config
+        if step < c.t_init or step > self.end_of_decay or self.budget_at(step) >= self.kept():
+            return False
+        return step == self.end_of_decay or (step - c.t_init) % c.delta_t == 0
+
+    # curvature ------------------------------------------------------------------------------------------
+    def _lambdas(self) -> list[torch.Tensor]:
+        return [layer.sublora_lambda[self.adapter] for layer in self.layers.values()]
+
+    def _loss(self, batch: Batch) -> torch.Tensor:
+        return self.loss_fn(self.model, batch)
+
+    def curvature(self, batches: Iterator[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dL/dlambda, d2L/dlambda2) over all components, on ``curvature_samples`` examples drawn from
+        ``batches``, with the estimator chosen by ``config.hessian``."""
+        lams = self._lambdas()
+        d = sum(lam.numel() for lam in lams)
+        need, parts = self.config.curvature_samples, []
+        while need > 0:
+            batch = next(batches)
+            n = min(need, batch_size(batch))
+            parts.append(take(batch, n))
+            need -= n
+        grad, hess = torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
+        total = self.config.curvature_samples
+        was_training = self.model.training
+        self.model.eval()  # no dropout in the curvature estimate
+        try:
+            for part in parts:
+                weight = batch_size(part) / total
+                g, h = self._estimate(part, lams)
+                grad += weight * g
+                hess += weight * h
+        finally:
+            self.model.train(was_training)
+        return grad, hess
+
+    def _estimate(self, batch: Batch, lams: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        kind = self.config.hessian
+        if kind in ("fisher", "diag"):
+            rows = []
+            n = batch_size(batch)
+            for i in range(n):
+                loss = self._loss(take_slice(batch, i))
+                rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, lams)]).double())
+            G = torch.stack(rows)
+            fisher = G.T @ G / n
+            return G.mean(0), torch.diag(fisher.diagonal()) if kind == "diag" else fisher
+        # Second derivatives need double backward, which the fused attention kernels lack: use the math one.
+        with sdpa_kernel(SDPBackend.MATH):
+            loss = self._loss(batch)
+            grads = torch.autograd.grad(loss, lams, create_graph=True)
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            return flat.detach().double(), self._second_order(flat, lams, kind)
+
+    def _second_order(self, flat: torch.Tensor, lams: list[torch.Tensor], kind: str) -> torch.Tensor:
+        d = flat.numel()
+        if kind == "exact":
+            return _hvp_rows(flat, lams, torch.eye(d, dtype=flat.dtype, device=flat.device)).double()
+        # block: one probe per component index k with independent random signs per layer, two draws;
+        # (H v)_(l,i) s_l estimates H_(l,i),(l,k) without bias (cross-layer terms cancel in expectation).
+        sizes = [lam.numel() for lam in lams]
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        gen = torch.Generator().manual_seed(len(self.history))
+        draws, probes, signs = 2, [], []
+        for _ in range(draws):
+            s = torch.randint(0, 2, (len(lams),), generator=gen).float() * 2 - 1
+            for k in range(max(sizes)):
+                v = torch.zeros(d)
+                for layer, (off, size) in enumerate(zip(offsets, sizes, strict=True)):
+                    if k < size:
+                        v[off + k] = s[layer]
+                probes.append(v)
+                signs.append((k, s))
+        rows = _hvp_rows(flat, lams, torch.stack(probes).to(flat)).double()
+        H = torch.zeros(d, d, dtype=torch.float64)
+        for (k, s), hv in zip(signs, rows, strict=True):
+            for layer, (off, size) in enumerate(zip(offsets, sizes, strict=True)):
+                if k < size:
+                    H[off : off + size, off + k] += s[layer].item() * hv[off : off + size] / draws
+        return (H + H.T) / 2
+
+    # allocation ----------------------------------------------------------------------------------------
+    def allocate(self, step: int, batches: Iterator[Batch]) -> dict[str, int]:
+        """Select the components to keep at ``step`` and mask the others; returns the ranks per module."""
+        budget = self.budget_at(step)
+        grad, hess = self.curvature(batches)
+        lam = torch.cat([layer.effective_lambda(self.adapter).detach().double() for layer in self.layers.values()])
+        alive = torch.cat([layer.sublora_mask[self.adapter] > 0 for layer in self.layers.values()])
+        g, H = curvature_model(lam, grad, hess)
+        keep = greedy_select(g, project_submodular(H), budget, alive)  # raises on NaN before any change
+        offset = 0
+        with torch.no_grad():
+            for layer in self.layers.values():
+                mask = layer.sublora_mask[self.adapter]
+                mask.copy_(keep[offset : offset + mask.numel()].to(mask.dtype))
+                offset += mask.numel()
+        self.model.zero_grad(set_to_none=True)
+        ranks = self.ranks()
+        self.history.append({"step": step, "budget": budget, "ranks": ranks})
+        return ranks
+
+    def orthogonality_penalty(self) -> torch.Tensor:
+        """sum over modules of |P^T P - I|^2 + |Q Q^T - I|^2 (AdaLoRA's regulariser)."""
+        total = 0.0
+        for layer in self.layers.values():
+            P, Q = layer.sublora_P[self.adapter], layer.sublora_Q[self.adapter]
+            eye = torch.eye(P.shape[1], device=P.device, dtype=P.dtype)
+            total = total + (P.T @ P - eye).pow(2).sum() + (Q @ Q.T - eye).pow(2).sum()
+        return total
+
+    def add_orthogonality_gradient(self) -> None:
+        """Add the gradient of ``orth_reg_weight * penalty`` to the adapter gradients (before a step)."""
+        weight = self.config.orth_reg_weight
+        if weight > 0:
+            with torch.enable_grad():
+                (weight * self.orthogonality_penalty()).backward()
+
+    def state_dict(self) -> dict:
+        return {"history": self.history, "total_step": self.total_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = list(state["history"])
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.state_dict()))
+
+
+def take_slice(batch: Batch, i: int) -> Batch:
+    if isinstance(batch, dict):
+        return {k: v[i : i + 1] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in batch.items()}
+    return type(batch)(v[i : i + 1] if torch.is_tensor(v) and v.dim() > 0 else v for v in batch)
+
+
+def _hvp_rows(flat_grad: torch.Tensor, params: list[torch.Tensor], probes: torch.Tensor) -> torch.Tensor:
+    """Rows H v for each probe v (one batched backward through the graph of ``flat_grad``)."""
+    try:
+        rows = torch.autograd.grad(flat_grad, params, grad_outputs=probes, is_grads_batched=True, retain_graph=True)
+        return torch.cat([r.reshape(len(probes), -1) for r in rows], dim=1)
+    except RuntimeError:  # an op without a batching rule: one backward per probe
+        out = []
+        for v in probes:
+            rows = torch.autograd.grad(flat_grad, params, grad_outputs=v, retain_graph=True)
+            out.append(torch.cat([r.reshape(-1) for r in rows]))
+        return torch.stack(out)
+
+
+def write_heatmap(history: list[dict], path: str | Path) -> Path:
+    """PNG of the kept components per module (rows) at each allocation (columns)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history:
+        raise ValueError("No allocation has run yet, so there is no rank history to plot.")
+    modules = list(history[0]["ranks"])
+    data = [[event["ranks"][m] for event in history] for m in modules]
+    fig, ax = plt.subplots(figsize=(max(4, 0.4 * len(history) + 3), max(3, 0.25 * len(modules) + 1)))
+    image = ax.imshow(data, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_yticks(range(len(modules)), modules, fontsize=6)
+    ax.set_xticks(range(len(history)), [str(e["step"]) for e in history], fontsize=6, rotation=90)
+    ax.set_xlabel("step")
+    fig.colorbar(image, ax=ax, label="kept components")
+    ax.set_title("SubLoRA ranks per module")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

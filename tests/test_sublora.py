@@ -1,0 +1,147 @@
+"""SubLoRA layers, truncation round trip, schedule, curvature estimators, allocation, bad input."""
+
+import pytest
+import torch
+from models import build, inputs, output
+from peft import PeftModel, get_peft_model
+from torch import nn
+
+from peft_ctrl import SubLoRAConfig
+from peft_ctrl.sublora.runtime import RankAllocator
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def sublora(**kw):
+    options = {"r": 4, "target_r": 2, "target_modules": TARGETS, "total_step": 20, **kw}
+    model = get_peft_model(build("llama"), SubLoRAConfig(**options))
+    with torch.no_grad():  # non-zero singular values so the adapter changes the output
+        for name, p in model.named_parameters():
+            if "sublora_lambda" in name:
+                p.copy_(torch.randn_like(p))
+    return model
+
+
+def batches(seed=0, n=6):
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        ids = torch.randint(2, 60, (n, 10), generator=g)
+        yield {"input_ids": ids, "labels": ids}
+
+
+def test_forward_is_the_svd_form_and_merge_matches():
+    model = sublora()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, layer.in_features)
+    P, Q, lam = (layer.sublora_P["default"], layer.sublora_Q["default"], layer.sublora_lambda["default"])
+    torch.testing.assert_close(layer(x), layer.base_layer(x) + (12 / 4) * x @ (P @ torch.diag(lam) @ Q).T)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "sublora_mask" in n)
+    batch = inputs("llama")
+    torch.testing.assert_close(output(model.merge_and_unload(), batch), output(sublora(), batch), atol=1e-5, rtol=1e-5)
+
+
+def test_default_init_is_the_base_model():
+    model = get_peft_model(build("llama"), SubLoRAConfig(r=4, target_r=2, target_modules=TARGETS))
+    batch = inputs("llama")
+    torch.testing.assert_close(output(model, batch), output(build("llama"), batch))
+
+
+def test_truncation_round_trip_is_smaller_and_identical(tmp_path):
+    model = sublora()
+    alloc = RankAllocator(model)
+    alloc.allocate(20, batches())
+    assert alloc.kept() == alloc.target == 12
+    batch = inputs("llama")
+    before = output(model, batch)
+    model.save_pretrained(tmp_path / "masked")
+    pattern = model.base_model.truncate()
+    assert sum(pattern.values()) == 12 and model.peft_config["default"].rank_pattern == pattern
+    torch.testing.assert_close(output(model, batch), before)
+    model.save_pretrained(tmp_path / "truncated")
+    size = {k: (tmp_path / k / "adapter_model.safetensors").stat().st_size for k in ("masked", "truncated")}
+    assert size["truncated"] < 0.7 * size["masked"]
+    loaded = PeftModel.from_pretrained(build("llama"), tmp_path / "truncated")
+    torch.testing.assert_close(output(loaded, batch), before)
+    masked = PeftModel.from_pretrained(build("llama"), tmp_path / "masked")  # mid-training checkpoints too
+    torch.testing.assert_close(output(masked, batch), before)
+
+
+def test_schedule_is_cubic_and_meets_the_budget_exactly_at_the_end_of_decay():
+    model = sublora(t_init=3, t_final=5, delta_t=4, total_step=40)
+    alloc = RankAllocator(model)
+    assert alloc.budget_at(0) == alloc.budget_at(2) == 24 and alloc.budget_at(35) == alloc.budget_at(40) == 12
+    budgets = [alloc.budget_at(t) for t in range(3, 36)]
+    assert budgets == sorted(budgets, reverse=True)
+    events = []
+    gen = batches()
+    for step in range(1, 41):
+        if alloc.due(step):
+            alloc.allocate(step, gen)
+            events.append(step)
+            assert alloc.kept() == alloc.budget_at(step)
+    assert events[0] == 7 and events[-1] == 35 and all(e == 35 or (e - 3) % 4 == 0 for e in events)
+    assert alloc.kept() == 12
+
+
+@pytest.mark.parametrize("hessian", ["exact", "block", "fisher", "diag"])
+def test_curvature_estimators(hessian):
+    model = sublora(hessian=hessian, curvature_samples=4)
+    alloc = RankAllocator(model)
+    grad, H = alloc.curvature(batches())
+    d = 24
+    assert grad.shape == (d,) and H.shape == (d, d) and torch.isfinite(H).all()
+    exact_model = sublora(hessian="exact", curvature_samples=4)
+    exact_grad, exact_H = RankAllocator(exact_model).curvature(batches())
+    torch.testing.assert_close(grad, exact_grad, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(exact_H, exact_H.T, atol=1e-6, rtol=1e-5)
+    if hessian == "exact":
+        # against finite differences of the gradient
+        lam = model.base_model.model.model.layers[0].self_attn.q_proj.sublora_lambda["default"]
+        with torch.no_grad():
+            lam[1] += 1e-3
+        grad_plus, _ = alloc.curvature(batches())
+        with torch.no_grad():
+            lam[1] -= 1e-3
+        torch.testing.assert_close((grad_plus - grad) / 1e-3, H[:, 1], atol=2e-3, rtol=2e-2)
+    if hessian == "diag":
+        assert torch.count_nonzero(H - torch.diag(H.diagonal())) == 0
+
+
+def test_budget_and_schedule_errors():
+    with pytest.raises(ValueError, match="exactly one of target_r"):
+        SubLoRAConfig(r=4, target_modules=TARGETS)
+    with pytest.raises(ValueError, match="budget must be positive"):
+        SubLoRAConfig(r=4, budget=0, target_modules=TARGETS)
+    with pytest.raises(ValueError, match="must be smaller than total_step"):
+        SubLoRAConfig(r=4, target_r=2, t_init=10, t_final=10, total_step=20, target_modules=TARGETS)
+    model = get_peft_model(build("llama"), SubLoRAConfig(r=4, budget=25, target_modules=TARGETS, total_step=20))
+    with pytest.raises(ValueError, match="exceeds the 24 components"):
+        RankAllocator(model)
+    with pytest.raises(ValueError, match="SubLoRAConfig"):
+        RankAllocator(build("llama"))
+
+
+def test_nan_curvature_changes_nothing():
+    model = sublora()
+    alloc = RankAllocator(model, loss_fn=lambda m, b: m(**b).loss * float("nan"))
+    with pytest.raises(ValueError, match="NaN"):
+        alloc.allocate(20, batches())
+    assert alloc.kept() == 24 and alloc.history == []
+
+
+def test_orthogonality_gradient_is_added_whatever_the_model_returns():
+    class Bare(nn.Module):  # returns a plain tensor: no .loss for AdaLoRA-style hooks to find
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    model = get_peft_model(Bare(), SubLoRAConfig(r=3, target_r=2, target_modules=["fc1", "fc2"], total_step=10))
+    alloc = RankAllocator(model, loss_fn=lambda m, b: m(b[0]).pow(2).mean())
+    alloc.add_orthogonality_gradient()
+    P = model.base_model.model.fc1.sublora_P["default"]
+    eye = torch.eye(3)
+    expected = 0.1 * 4 * P @ (P.T @ P - eye)
+    torch.testing.assert_close(P.grad, expected.detach())

@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from peft_ctrl.sublora.runtime import LossFn, RankAllocator, write_heatmap
+
+logger = logging.getLogger(__name__)
+STATE_FILE = "sublora_state.json"
+
+
+class SubLoRACallback(TrainerCallback):
+    """Runs SubLoRA's rank allocation inside ``transformers.Trainer``: no custom loop.
+
+    - every ``delta_t`` steps (after the optimizer step and ``zero_grad``) it draws its own examples from the
+      training set (``curvature_samples`` of them, chosen by a generator seeded with ``args.seed`` and the
+      allocation count, collated by the Trainer's collator, so a resumed run draws the same ones), estimates
+      the curvature and masks components down to the scheduled budget;
+    - before every optimizer step it adds the orthogonality regulariser's gradient, whatever the model returns;
+    - ``sublora_budget`` and ``sublora_kept`` appear in the logs, each allocation in the ``logging`` output;
+    - its state (the rank history) is written into every checkpoint and read back on resume (the masks
+      themselves are saved with the adapter);
+    - at the end of training it truncates the adapter to the kept components (``rank_pattern`` in the config),
+      so ``trainer.save_model()`` writes a smaller adapter that loads back with identical outputs, and
+      writes a PNG heatmap of ranks over training when ``heatmap_path`` is given.
+
+    ``loss_fn(model, batch) -> loss`` is needed only when the model's output carries no ``loss``.
+    """
+
+    def __init__(
+        self,
+        loss_fn: LossFn | None = None,
+        heatmap_path: str | Path | None = None,
+        adapter_name: str = "default",
+        truncate_at_end: bool = True,
+    ) -> None:
+        self.loss_fn, self.heatmap_path = loss_fn, heatmap_path
+        self.adapter_name, self.truncate_at_end = adapter_name, truncate_at_end
+        self.allocator: RankAllocator | None = None
+        self._dataloader = None
+        self._seed = 0
+
+    def _draw(self) -> Iterator:
+        """Batches of examples drawn for the next allocation (deterministic in the allocation count)."""
+        dataset, collate = self._dataloader.dataset, self._dataloader.collate_fn
+        g = torch.Generator().manual_seed(self._seed * 1_000_003 + len(self.allocator.history))
+        while True:
+            order = torch.randperm(len(dataset), generator=g).tolist()
+            yield collate([dataset[i] for i in order[: self.allocator.config.curvature_samples]])
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs: Any
+    ) -> None:
+        self.allocator = RankAllocator(model, self.adapter_name, total_step=state.max_steps, loss_fn=self.loss_fn)
+        self._dataloader = kwargs.get("train_dataloader")
+        if self._dataloader is None or not hasattr(self._dataloader.dataset, "__len__"):
+            raise ValueError(
+                "SubLoRACallback draws curvature examples from the Trainer's training set, which must be a "
+                "map-style dataset (with __len__ and indexing)."
+            )
+        self._seed = args.seed
+        saved = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE
+        if state.global_step > 0 and saved.is_file():
+            self.allocator.load_state_dict(json.loads(saved.read_text()))
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs: Any) -> None:
+        self.allocator.add_orthogonality_gradient()
+
+    def on_step_end(self, args, state, control, **kwargs: Any) -> None:
+        if self.allocator.due(state.global_step):
+            device = next(self.allocator.model.parameters()).device
+            batches = (_to(batch, device) for batch in self._draw())
+            ranks = self.allocator.allocate(state.global_step, batches)
+            logger.info(
+                "SubLoRA step %d: kept %d of %d components: %s",
+                state.global_step,
+                sum(ranks.values()),
+                self.allocator.initial,
+                ranks,
+            )
+
+    def on_log(self, args, state, control, logs=None, **kwargs: Any) -> None:
+        if logs is not None and self.allocator is not None:
+            values = {
+                "sublora_budget": self.allocator.budget_at(state.global_step),
+                "sublora_kept": self.allocator.kept(),
+            }
+            logs.update(values)
+            if state.log_history:  # the Trainer stored its copy of logs before calling the callbacks
+                state.log_history[-1].update(values)
+
+    def on_save(self, args, state, control, **kwargs: Any) -> None:
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            self.allocator.save(folder / STATE_FILE)
+
+    def on_train_end(self, args, state, control, **kwargs: Any) -> None:
+        if self.heatmap_path is not None and self.allocator.history:
+            write_heatmap(self.allocator.history, self.heatmap_path)
+        if self.truncate_at_end:
+            self.allocator.tuner.truncate(self.adapter_name)
+
+
+def _to(batch: Any, device) -> Any:
+    if isinstance(batch, dict):
+        return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+    return type(batch)(v.to(device) if hasattr(v, "to") else v for v in batch)
