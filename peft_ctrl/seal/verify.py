@@ -30,6 +30,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from scipy import stats
 
@@ -142,6 +143,26 @@ class Suspect:
         return left @ (B0.T @ self.deltas[module].double() @ A0.T) @ right
 
 
+def _chi2_log_sf(x: float, dof: int) -> float:
+    """log P(chi2_dof >= x); where scipy's tail underflows, the Chernoff bound
+    log P <= -(x - dof)/2 + (dof/2) log(x / dof), which can only overstate p."""
+    exact = float(stats.chi2.logsf(x, dof))
+    if math.isfinite(exact):
+        return exact
+    return -(x - dof) / 2 + (dof / 2) * math.log(x / dof)
+
+
+def _binom_log_sf(k: int, n: int) -> float:
+    """log P(Binomial(n, 1/2) >= k); where scipy's tail underflows, the Chernoff bound
+    log P <= -n KL(k/n || 1/2), which can only overstate p."""
+    exact = float(stats.binom.logsf(k - 1, n, 0.5))
+    if math.isfinite(exact):
+        return exact
+    q = k / n
+    kl = q * math.log(2 * q) + ((1 - q) * math.log(2 * (1 - q)) if q < 1 else 0.0)
+    return -n * kl
+
+
 def _real(t: torch.Tensor) -> torch.Tensor:
     """fp32 or fp64 as given (half precision is widened): the thin factors are only ever QR-factorised."""
     return t.detach() if t.dtype in (torch.float32, torch.float64) else t.detach().float()
@@ -167,12 +188,13 @@ def verify_key(
             continue
         a = initial_a(raw, module, rank, n).double()
         u = ((a @ basis).pow(2).sum(1) / a.pow(2).sum(1)).clamp(0, 1 - 1e-12).numpy()  # u = 1 exactly has p = 0
-        log_ps.extend(stats.beta.logsf(u, k / 2, (n - k) / 2).tolist())
+        # Floor each row's log p at -700 (p = 1e-304, where float tails underflow): this only raises p.
+        log_ps.extend(np.maximum(stats.beta.logsf(u, k / 2, (n - k) / 2), -700.0).tolist())
         overlaps.extend(u.tolist())
     if not log_ps:
         return _result("key", 0.0, 0.0, threshold, 0, skipped=skipped, message="No module could be compared.")
     fisher = -2 * sum(log_ps)
-    log_p = float(stats.chi2.logsf(fisher, 2 * len(log_ps)))
+    log_p = _chi2_log_sf(fisher, 2 * len(log_ps))
     return _result(
         "key",
         sum(overlaps) / len(overlaps),
@@ -204,7 +226,7 @@ def verify_passport(
         return _result(
             "passport", 0.0, 0.0, threshold, 0, skipped=skipped, message="No module of the suspect matches the proof."
         )
-    log_p = float(stats.binom.logsf(agree - 1, total, 0.5))
+    log_p = _binom_log_sf(agree, total)
     message = "statistic: fraction of passport columns recovered (sign of <C_hat_j, C_j>)."
     if total * math.log(2) < -math.log(threshold):
         message += (

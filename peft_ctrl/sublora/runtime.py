@@ -205,13 +205,13 @@ class RankAllocator:
         return ranks
 
     def orthogonality_penalty(self) -> torch.Tensor:
-        """sum over modules of |P^T P - I|^2 + |Q Q^T - I|^2 (AdaLoRA's regulariser)."""
-        total = 0.0
+        """AdaLoRA's regulariser: the mean over all P and Q of |P^T P - I|_F and |Q Q^T - I|_F."""
+        terms = []
         for layer in self.layers.values():
             P, Q = layer.sublora_P[self.adapter], layer.sublora_Q[self.adapter]
             eye = torch.eye(P.shape[1], device=P.device, dtype=P.dtype)
-            total = total + (P.T @ P - eye).pow(2).sum() + (Q @ Q.T - eye).pow(2).sum()
-        return total
+            terms += [torch.linalg.matrix_norm(P.T @ P - eye), torch.linalg.matrix_norm(Q @ Q.T - eye)]
+        return torch.stack(terms).mean()
 
     def add_orthogonality_gradient(self) -> None:
         """Add the gradient of ``orth_reg_weight * penalty`` to the adapter gradients (before a step)."""
