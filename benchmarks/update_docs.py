@@ -34,6 +34,8 @@ SOURCES = {
     "odelora_sensing": lambda: (RESULTS / "odelora_sensing.md").read_text().strip(),
     "odelora_sensing_bounds": lambda: (RESULTS / "odelora_sensing_bounds.md").read_text().strip(),
     "odelora_pinn": lambda: (RESULTS / "odelora_pinn.md").read_text().strip(),
+    "sublora_planted": lambda: (RESULTS / "sublora_planted.md").read_text().strip(),
+    "sublora_pinn": lambda: (RESULTS / "sublora_pinn.md").read_text().strip(),
     "seal_robustness": lambda: (RESULTS / "seal_robustness.md").read_text().strip(),
     "odelora_overhead": lambda: (RESULTS / "odelora_overhead.md").read_text().strip(),
 }

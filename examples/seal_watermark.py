@@ -36,7 +36,7 @@ def main() -> None:
     # Train as any LoRA adapter (here a plain loop on a repeating token pattern).
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     data = (torch.arange(32).repeat(8, 1) * 5 + torch.arange(8)[:, None]) % 128
-    for step in range(60):
+    for _ in range(60):
         loss = model(input_ids=data, labels=data).loss
         loss.backward()
         optimizer.step()
