@@ -53,7 +53,7 @@ METHODS = {
     ],
     "llama": ["sublora-block", "sublora-block-orth", "adalora", "lora"],
 }
-CURVATURE_SAMPLES = {"exact": 64, "block": 64, "fisher": 8, "diag": 8}
+CURVATURE_SAMPLES = {"exact": 64, "block": 8, "fisher": 8, "diag": 8}  # block: the default setting
 
 
 @dataclass
