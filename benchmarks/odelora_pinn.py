@@ -87,9 +87,10 @@ def rel_l2(model: nn.Module, shifted: bool) -> float:
         return float((model(xy) - exact(xy, shifted)).norm() / exact(xy, shifted).norm())
 
 
-def pretrain(seed: int = 0) -> MLP:
+def pretrain(seed: int = 0, model_cls: type[nn.Module] = MLP) -> nn.Module:
+    """A ``model_cls()`` PINN trained on the unshifted instance u1."""
     torch.manual_seed(seed)
-    model = MLP()
+    model = model_cls()
     interior, boundary = points(seed)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     for _ in range(1500):

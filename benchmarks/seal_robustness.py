@@ -142,13 +142,13 @@ def false_positives(root: Path) -> dict:
     for i in range(TRIALS):
         forger = f"forger-key-{i:05d}-0123456789"
         forged.append(verify_owner(suspect, attacks.forge_proof(plain, forger), key=forger).p_value)
-    lora = [Suspect.from_adapter(root / "minilm" / "lora" / f"seed{s}") for s in SEEDS]
+    adapters = [read_adapter(root / "minilm" / "lora" / f"seed{s}") for s in SEEDS]
+    lora = [Suspect.from_adapter(adapter) for adapter in adapters]
     pairs = []
     for i in range(TRIALS):
         key = f"pair-key-{i:05d}-0123456789"
-        adapter = read_adapter(root / "minilm" / "lora" / f"seed{i % len(SEEDS)}")
-        pairs.append(verify_owner(lora[i % len(SEEDS)], attacks.forge_proof(adapter, key), key=key).p_value)
-        del adapter
+        j = i % len(SEEDS)
+        pairs.append(verify_owner(lora[j], attacks.forge_proof(adapters[j], key), key=key).p_value)
     owner_vs_lora = [verify_key(s, key=owner_key(0)).p_value for s in lora]
 
     def summary(p: list[float]) -> dict:

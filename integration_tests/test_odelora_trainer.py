@@ -2,23 +2,11 @@
 
 import pytest
 import torch
-from models import build
+from models import Pattern, build
 from peft import LoraConfig, get_peft_model
-from torch.utils.data import Dataset
 from transformers import TrainingArguments
 
 from trainer_callbacks import ODELoRATrainer
-
-
-class Pattern(Dataset):
-    """Sequences of a repeating pattern: a tiny LLaMA with LoRA learns them quickly."""
-
-    def __len__(self) -> int:
-        return 16
-
-    def __getitem__(self, i):
-        ids = (torch.arange(12) * 3 + i % 4) % 60 + 2
-        return {"input_ids": ids, "labels": ids}
 
 
 def eval_loss(model) -> float:

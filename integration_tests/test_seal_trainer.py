@@ -3,9 +3,8 @@
 import os
 
 import torch
-from models import build
+from models import Pattern, build
 from peft import get_peft_model
-from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
 from peft_ctrl import SealConfig
@@ -14,15 +13,6 @@ from peft_ctrl.seal.keys import KEY_ENV, passport
 from peft_ctrl.seal.verify import Suspect, verify_owner
 
 KEY = "trainer-owner-key-0123456789abcdef"
-
-
-class Pattern(Dataset):
-    def __len__(self) -> int:
-        return 16
-
-    def __getitem__(self, i):
-        ids = (torch.arange(12) * 3 + i % 4) % 60 + 2
-        return {"input_ids": ids, "labels": ids}
 
 
 def secrets_of(modules: list[str], r: int) -> dict[str, bytes]:

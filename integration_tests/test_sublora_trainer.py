@@ -3,22 +3,12 @@
 import json
 
 import torch
-from models import build
+from models import Pattern, build
 from peft import PeftModel, get_peft_model
-from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
 from peft_ctrl import SubLoRAConfig
 from trainer_callbacks import SubLoRACallback
-
-
-class Pattern(Dataset):
-    def __len__(self) -> int:
-        return 32
-
-    def __getitem__(self, i):
-        ids = (torch.arange(12) * 3 + i % 4) % 60 + 2
-        return {"input_ids": ids, "labels": ids}
 
 
 def config(**kw):
@@ -33,7 +23,7 @@ def arguments(tmp_path, **kw):
 
 
 def eval_out(model):
-    batch = torch.stack([Pattern()[i]["input_ids"] for i in range(8)])
+    batch = torch.stack([Pattern(32)[i]["input_ids"] for i in range(8)])
     model.eval()
     with torch.no_grad():
         return model(input_ids=batch).logits
@@ -42,7 +32,7 @@ def eval_out(model):
 def test_trainer_allocates_logs_truncates_and_saves(tmp_path):
     model = get_peft_model(build("llama"), config())
     callback = SubLoRACallback(heatmap_path=tmp_path / "ranks.png")
-    trainer = Trainer(model=model, args=arguments(tmp_path), train_dataset=Pattern(), callbacks=[callback])
+    trainer = Trainer(model=model, args=arguments(tmp_path), train_dataset=Pattern(32), callbacks=[callback])
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert logs[-1]["loss"] < logs[0]["loss"]
@@ -64,7 +54,7 @@ def test_resume_continues_identically(tmp_path):
         trainer = Trainer(
             model=model,
             args=arguments(out, max_steps=max_steps, **kw),
-            train_dataset=Pattern(),
+            train_dataset=Pattern(32),
             callbacks=[SubLoRACallback()],
         )
         trainer.train(resume_from_checkpoint=resume)

@@ -65,8 +65,6 @@ def _key(args: argparse.Namespace) -> str | None:
 def _safetensors(path: Path) -> dict:
     from safetensors.torch import load_file
 
-    if path.is_dir() and not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{path} holds no model.safetensors.")
     file = path / "model.safetensors" if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found.")

@@ -214,8 +214,9 @@ def verify_passport(
     check_commitment(key, proof.commitment, proof.salt, "the proof file")
     agree = total = 0
     skipped = []
+    present = set(suspect.modules())
     for module, (B0, A0) in proof.factors.items():
-        if module not in suspect.modules() or suspect.shape(module) != (B0.shape[0], A0.shape[1]):
+        if module not in present or suspect.shape(module) != (B0.shape[0], A0.shape[1]):
             skipped.append(module)
             continue
         C_hat = suspect.core(module, B0, A0)

@@ -33,11 +33,11 @@ def default_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     return loss
 
 
-def take(batch: Batch, n: int) -> Batch:
-    """The first ``n`` examples of a batch (dict, tuple or list of tensors with the batch first)."""
+def select_examples(batch: Batch, index: slice) -> Batch:
+    """The examples ``index`` of a batch (dict, tuple or list of tensors with the batch first)."""
     if isinstance(batch, dict):
-        return {k: v[:n] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in batch.items()}
-    return type(batch)(v[:n] if torch.is_tensor(v) and v.dim() > 0 else v for v in batch)
+        return {k: v[index] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in batch.items()}
+    return type(batch)(v[index] if torch.is_tensor(v) and v.dim() > 0 else v for v in batch)
 
 
 def batch_size(batch: Batch) -> int:
@@ -123,7 +123,7 @@ class RankAllocator:
         while need > 0:
             batch = next(batches)
             n = min(need, batch_size(batch))
-            parts.append(take(batch, n))
+            parts.append(select_examples(batch, slice(0, n)))
             need -= n
         grad, hess = torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
         total = self.config.curvature_samples
@@ -145,7 +145,7 @@ class RankAllocator:
             rows = []
             n = batch_size(batch)
             for i in range(n):
-                loss = self._loss(take_slice(batch, i))
+                loss = self._loss(select_examples(batch, slice(i, i + 1)))
                 rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, lams)]).double())
             G = torch.stack(rows)
             fisher = G.T @ G / n
@@ -228,12 +228,6 @@ class RankAllocator:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.state_dict()))
-
-
-def take_slice(batch: Batch, i: int) -> Batch:
-    if isinstance(batch, dict):
-        return {k: v[i : i + 1] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in batch.items()}
-    return type(batch)(v[i : i + 1] if torch.is_tensor(v) and v.dim() > 0 else v for v in batch)
 
 
 def _hvp_rows(flat_grad: torch.Tensor, params: list[torch.Tensor], probes: torch.Tensor) -> torch.Tensor:
