@@ -25,6 +25,8 @@ fi
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
+# DeepSpeed compiles its CPU ops (shared-memory comm, Adam) once; keep them in the ignored cache folder.
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions}"
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
 

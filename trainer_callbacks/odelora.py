@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from peft_ctrl.distributed import check_stage, deepspeed_stage
 from peft_ctrl.optim import ODELoRA, create_odelora_optimizer
-from peft_ctrl.optim.odelora import SUPPORTED_SETUPS
 
 
 class ODELoRATrainer(Trainer):
@@ -27,10 +27,7 @@ class ODELoRATrainer(Trainer):
         self.odelora_options = {"scheme": scheme, "eps": eps, "warmup_steps": warmup_steps}
         super().__init__(*args, **kwargs)
         if self.is_deepspeed_enabled:
-            raise ValueError(
-                "ODELoRATrainer does not run under DeepSpeed: ZeRO partitions the LoRA factors or the optimizer "
-                f"state that ODELoRA's r x r algebra needs whole. {SUPPORTED_SETUPS}"
-            )
+            check_stage("odelora", deepspeed_stage(self.args) or 0)
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from peft_ctrl.distributed import check_stage, deepspeed_stage
 from peft_ctrl.sublora.runtime import LossFn, RankAllocator, write_heatmap
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,10 @@ class SubLoRACallback(TrainerCallback):
       so ``trainer.save_model()`` writes a smaller adapter that loads back with identical outputs, and
       writes a PNG heatmap of ranks over training when ``heatmap_path`` is given.
 
-    ``loss_fn(model, batch) -> loss`` is needed only when the model's output carries no ``loss``.
+    ``loss_fn(model, batch) -> loss`` is needed only when the model's output carries no ``loss``. A run resumed
+    from a checkpoint outside ``output_dir`` names it with ``TrainingArguments(resume_from_checkpoint=...)`` or
+    ``resume_from``; resuming without the saved state raises ``ValueError`` (under DeepSpeed the masks are
+    restored only from it: DeepSpeed's checkpoints leave frozen parameters out).
     """
 
     def __init__(
@@ -39,8 +43,9 @@ class SubLoRACallback(TrainerCallback):
         heatmap_path: str | Path | None = None,
         adapter_name: str = "default",
         truncate_at_end: bool = True,
+        resume_from: str | Path | None = None,
     ) -> None:
-        self.loss_fn, self.heatmap_path = loss_fn, heatmap_path
+        self.loss_fn, self.heatmap_path, self.resume_from = loss_fn, heatmap_path, resume_from
         self.adapter_name, self.truncate_at_end = adapter_name, truncate_at_end
         self.allocator: RankAllocator | None = None
         self._dataloader = None
@@ -54,6 +59,17 @@ class SubLoRACallback(TrainerCallback):
             order = torch.randperm(len(dataset), generator=g).tolist()
             yield collate([dataset[i] for i in order[: self.allocator.config.curvature_samples]])
 
+    def on_init_end(self, args: TrainingArguments, state, control, model=None, **kwargs: Any) -> None:
+        stage = deepspeed_stage(args)
+        check_stage("sublora", stage)
+        config = getattr(model, "peft_config", {}).get(self.adapter_name)
+        if stage is not None and config is not None and config.orth_reg_weight > 0:
+            raise ValueError(
+                "SubLoRA's orthogonality regulariser adds its gradient before the optimizer step, but under "
+                "DeepSpeed the engine owns the gradients (callbacks see none). Set orth_reg_weight=0, or train "
+                "without DeepSpeed (single process or torchrun data parallel)."
+            )
+
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs: Any
     ) -> None:
@@ -65,8 +81,17 @@ class SubLoRACallback(TrainerCallback):
                 "map-style dataset (with __len__ and indexing)."
             )
         self._seed = args.seed
-        saved = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE
-        if state.global_step > 0 and saved.is_file():
+        if state.global_step > 0:  # resuming: the history and the masks come from the checkpoint
+            candidates = [Path(p) / STATE_FILE for p in (self.resume_from, args.resume_from_checkpoint) if p]
+            candidates.append(Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE)
+            saved = next((c for c in candidates if c.is_file()), None)
+            if saved is None:
+                raise ValueError(
+                    f"Resuming at step {state.global_step}, SubLoRACallback found no {STATE_FILE} in "
+                    f"{', '.join(str(c.parent) for c in candidates)}. Resume from a checkpoint inside "
+                    "output_dir, or name it with TrainingArguments(resume_from_checkpoint=...) or "
+                    "SubLoRACallback(resume_from=...)."
+                )
             self.allocator.load_state_dict(json.loads(saved.read_text()))
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs: Any) -> None:

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from ..distributed.zero import require_gathered
+
 
 class SealLayer(nn.Module, BaseTunerLayer):
     """An ``nn.Linear`` with SEAL adapters: ``h = W x + s * B C A x`` per active adapter.
@@ -79,6 +81,7 @@ class SealLayer(nn.Module, BaseTunerLayer):
             if adapter not in self.seal_A:
                 continue
             weight = self.base_layer.weight
+            require_gathered([weight, *self.parameters()], f"merge SEAL adapter {adapter!r}")
             merged = weight.data + self.get_delta_weight(adapter).to(weight.dtype)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"Merging SEAL adapter {adapter!r} gives non-finite weights; the model is unchanged.")

@@ -6,6 +6,8 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from ..distributed.zero import require_gathered
+
 
 class SubLoRALayer(nn.Module, BaseTunerLayer):
     """An ``nn.Linear`` with SVD-form adapters: ``h = W x + s * P diag(lambda * mask) Q x``.
@@ -70,6 +72,7 @@ class SubLoRALayer(nn.Module, BaseTunerLayer):
             if adapter not in self.sublora_P:
                 continue
             weight = self.base_layer.weight
+            require_gathered([weight, *self.parameters()], f"merge SubLoRA adapter {adapter!r}")
             merged = weight.data + self.get_delta_weight(adapter).to(weight.dtype)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"Merging SubLoRA adapter {adapter!r} gives non-finite weights; nothing changed.")

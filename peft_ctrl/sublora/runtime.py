@@ -193,6 +193,7 @@ class RankAllocator:
         alive = torch.cat([layer.sublora_mask[self.adapter] > 0 for layer in self.layers.values()])
         g, H = curvature_model(lam, grad, hess)
         keep = greedy_select(g, project_submodular(H), budget, alive)  # raises on NaN before any change
+        keep = _agree_across_ranks(keep)
         offset = 0
         with torch.no_grad():
             for layer in self.layers.values():
@@ -221,13 +222,41 @@ class RankAllocator:
                 (weight * self.orthogonality_penalty()).backward()
 
     def state_dict(self) -> dict:
-        return {"history": self.history, "total_step": self.total_step}
+        """The rank history and the masks (a DeepSpeed checkpoint leaves frozen parameters such as the masks
+        out, so a resumed run takes them from here)."""
+        masks = {name: layer.sublora_mask[self.adapter].tolist() for name, layer in self.layers.items()}
+        return {"history": self.history, "total_step": self.total_step, "masks": masks}
 
     def load_state_dict(self, state: dict) -> None:
+        masks = state.get("masks", {})
+        if masks.keys() - self.layers.keys():
+            raise ValueError(
+                f"Saved SubLoRA state names modules this model lacks: {sorted(masks.keys() - self.layers.keys())}."
+            )
+        for name, values in masks.items():  # check everything before changing anything
+            size = self.layers[name].sublora_mask[self.adapter].numel()
+            if size != len(values):
+                raise ValueError(f"Saved SubLoRA mask for {name} has {len(values)} entries, the model {size}.")
+        with torch.no_grad():
+            for name, values in masks.items():
+                mask = self.layers[name].sublora_mask[self.adapter]
+                mask.copy_(torch.tensor(values, dtype=mask.dtype))
         self.history = list(state["history"])
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.state_dict()))
+
+
+def _agree_across_ranks(keep: torch.Tensor) -> torch.Tensor:
+    """Rank 0's selection on every rank of a multi-process run (each rank estimates the same curvature, but
+    floating-point reductions may differ; the masks must not)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return keep
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else keep.device
+    flags = keep.to(device=device, dtype=torch.uint8)
+    dist.broadcast(flags, src=0)
+    return flags.to(keep.device).bool()
 
 
 def _hvp_rows(flat_grad: torch.Tensor, params: list[torch.Tensor], probes: torch.Tensor) -> torch.Tensor:

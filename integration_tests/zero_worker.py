@@ -1,0 +1,99 @@
+"""One rank of a multi-process Trainer run under DeepSpeed ZeRO; launched by test_zero.py.
+
+    torchrun --nproc_per_node=2 integration_tests/zero_worker.py --method seal --stage 3 --out DIR
+
+Trains a tiny LLaMA with the method's adapter, saves it (``trainer.save_model`` and ``save_adapter``) and
+writes ``DIR/rank{R}.json``: the logged losses, SubLoRA's ranks, the adapted model's logits on a fixed batch
+(every rank takes part in that forward, as ZeRO-3 requires) and, under ZeRO-3, what merging said.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from peft_ctrl.distributed import save_adapter, strip_local_rank, training_arguments  # noqa: E402
+
+SEAL_KEY = "zero-worker-owner-key-0123456789"
+
+
+def adapter_config(method: str):
+    from peft_ctrl import SealConfig, StateCtrlConfig, SubLoRAConfig
+
+    if method == "state-ctrl":
+        return StateCtrlConfig(r=4)
+    if method == "seal":
+        return SealConfig(r=4, key=SEAL_KEY, target_modules=["q_proj", "v_proj"])
+    if method == "sublora":
+        return SubLoRAConfig(
+            r=4, target_r=2, target_modules=["q_proj", "v_proj"], t_init=2, t_final=3, delta_t=2, hessian="exact"
+        )
+    from peft import LoraConfig  # ODELoRA trains plain LoRA factors
+
+    return LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--method", required=True, choices=["state-ctrl", "seal", "sublora", "odelora"])
+    parser.add_argument("--stage", type=int, required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--resume")
+    parser.add_argument("--max-steps", type=int, default=12)
+    options = parser.parse_args(strip_local_rank(sys.argv[1:]))
+    args = training_arguments(
+        options.out,
+        stage=options.stage,
+        max_steps=options.max_steps,
+        per_device_train_batch_size=4,
+        learning_rate=2e-2,
+        warmup_steps=0,
+        logging_steps=2,
+        save_strategy="steps",
+        save_steps=6,
+        report_to=[],
+        seed=0,
+        disable_tqdm=True,
+        resume_from_checkpoint=options.resume,
+    )
+
+    import torch
+    from models import Pattern, build
+    from peft import get_peft_model
+    from transformers import Trainer
+
+    from trainer_callbacks import ODELoRATrainer, SubLoRACallback
+
+    model = get_peft_model(build("llama"), adapter_config(options.method))
+    trainer_cls = ODELoRATrainer if options.method == "odelora" else Trainer
+    callbacks = [SubLoRACallback()] if options.method == "sublora" else []
+    trainer = trainer_cls(model=model, args=args, train_dataset=Pattern(32), callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=options.resume)
+    out = Path(options.out)
+    trainer.save_model(str(out / "final"))
+    save_adapter(model, out / "save_adapter")
+
+    record = {
+        "world_size": args.world_size,
+        "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+        "rank_pattern": model.peft_config["default"].rank_pattern if options.method == "sublora" else None,
+    }
+    model.eval()
+    with torch.no_grad():
+        batch = torch.stack([Pattern(32)[i]["input_ids"] for i in range(4)])
+        record["logits"] = model(input_ids=batch).logits.tolist()
+    if options.method == "seal" and options.stage == 3:
+        try:
+            model.merge_adapter()
+            record["merge"] = "merged"
+        except ValueError as error:
+            record["merge"] = str(error)
+    (out / f"rank{args.process_index}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""The shipped DeepSpeed ZeRO configs and what each peft-ctrl method can do under each stage."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+_FILES = {(2, False): "zero2.json", (3, False): "zero3.json", (3, True): "zero3_offload.json"}
+
+# ZeRO stages each method supports under DeepSpeed (0 is DeepSpeed's plain data parallel), and why not others.
+SUPPORTED_STAGES: dict[str, tuple[int, ...]] = {
+    "state_ctrl": (0, 1, 2, 3),
+    "seal": (0, 1, 2, 3),
+    "sublora": (0, 1, 2),
+    "odelora": (),
+}
+_WHY_NOT = {
+    "sublora": (
+        "SubLoRA's allocation needs every rank to hold all of P, lambda, Q and the masks whole, and takes "
+        "second derivatives through the model, which ZeRO-3's partitioned parameters do not allow"
+    ),
+    "odelora": (
+        "ODELoRA integrates an r x r system per LoRA pair inside its own optimizer, while DeepSpeed replaces "
+        "the optimizer and partitions its state (ZeRO-1/2) or the factors themselves (ZeRO-3); use torchrun or "
+        "accelerate launch without DeepSpeed (plain data parallel)"
+    ),
+}
+
+
+def config_path(stage: int, offload: bool = False) -> Path:
+    """Path of the shipped JSON config for ``stage`` (2 or 3; ``offload`` only with 3)."""
+    if (stage, offload) not in _FILES:
+        shipped = ", ".join(f"stage={s}, offload={o}" for s, o in _FILES)
+        raise ValueError(f"No shipped ZeRO config for stage={stage}, offload={offload}; shipped: {shipped}.")
+    return CONFIG_DIR / _FILES[(stage, offload)]
+
+
+def zero_config(stage: int, offload: bool = False) -> dict[str, Any]:
+    """The shipped ZeRO config as a dict (Trainer "auto" values), ready for ``TrainingArguments(deepspeed=...)``.
+
+    Without CUDA, offloaded tensors are not pinned (pinning needs a GPU driver); everything else is the file.
+    """
+    config = json.loads(config_path(stage, offload).read_text())
+    if offload and not torch.cuda.is_available():
+        for key in ("offload_optimizer", "offload_param"):
+            config["zero_optimization"][key]["pin_memory"] = False
+    return config
+
+
+def accelerate_config_path() -> Path:
+    """Path of the shipped ``accelerate launch --config_file`` YAML (DeepSpeed, 2 processes, one machine)."""
+    return CONFIG_DIR / "accelerate_deepspeed.yaml"
+
+
+def deepspeed_stage(args: Any) -> int | None:
+    """The ZeRO stage a ``TrainingArguments`` runs under, or ``None`` without DeepSpeed."""
+    config = getattr(args, "deepspeed", None)
+    hf_config = getattr(args, "hf_deepspeed_config", None)
+    if hf_config is not None:
+        config = hf_config.config
+    if config is None:
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+            return None
+        return int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2))
+    if not isinstance(config, dict):
+        config = json.loads(Path(config).read_text())
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+def check_stage(method: str, stage: int | None) -> None:
+    """Raise ``ValueError`` when ``method`` cannot run under ZeRO ``stage`` (``None``: no DeepSpeed, always fine)."""
+    if method not in SUPPORTED_STAGES:
+        raise ValueError(f"Unknown method {method!r}; known: {sorted(SUPPORTED_STAGES)}.")
+    supported = SUPPORTED_STAGES[method]
+    if stage is None or stage in supported:
+        return
+    where = f"ZeRO stages {', '.join(map(str, supported))}" if supported else "no DeepSpeed stage"
+    raise ValueError(
+        f"{method} does not run under DeepSpeed ZeRO stage {stage}: {_WHY_NOT[method]}. It runs under {where}, "
+        "and without DeepSpeed in a single process or plain data parallel."
+    )
+
+
+def is_partitioned(tensor: torch.Tensor) -> bool:
+    """True for a ZeRO-3 parameter whose full value is not on this rank right now."""
+    full = getattr(tensor, "ds_numel", None)
+    return full is not None and tensor.numel() != full
+
+
+def require_gathered(tensors: Iterable[torch.Tensor], action: str) -> None:
+    """Raise ``ValueError`` before ``action`` reads ZeRO-3-partitioned tensors (it would see empty shards)."""
+    if any(is_partitioned(t) for t in tensors):
+        raise ValueError(
+            f"Cannot {action}: the weights are partitioned by DeepSpeed ZeRO-3, so this rank holds only a shard. "
+            "Save the adapter (trainer.save_model() or peft_ctrl.distributed.save_adapter) and "
+            f"{action} after loading it in a single process, or inside deepspeed.zero.GatheredParameters."
+        )
+
+
+def gathered(params: list[torch.nn.Parameter]) -> AbstractContextManager:
+    """Context that holds the full value of ZeRO-3 parameters on every rank (a no-op for whole tensors)."""
+    partitioned = [p for p in params if getattr(p, "ds_numel", None) is not None]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+
+
+def save_adapter(model: torch.nn.Module, output_dir: str | os.PathLike, **kwargs: Any) -> None:
+    """``model.save_pretrained(output_dir, **kwargs)`` that also works under ZeRO-3; call it on every rank.
+
+    Under ZeRO-3 each rank holds a shard of every parameter, and a plain ``save_pretrained`` writes empty
+    tensors (peft #2500). This gathers the adapter's parameters (trainable ones and the tuner's frozen ones,
+    such as SubLoRA's masks), lets rank 0 write, and waits for it. Outside DeepSpeed it saves on rank 0.
+    """
+    unwrapped = getattr(model, "module", model)
+    prefix = getattr(getattr(unwrapped, "base_model", None), "prefix", None)
+    adapter_params = [p for n, p in unwrapped.named_parameters() if p.requires_grad or (prefix and prefix in n)]
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    with gathered(adapter_params):
+        if rank == 0:
+            unwrapped.save_pretrained(output_dir, **kwargs)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
