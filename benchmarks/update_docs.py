@@ -38,6 +38,8 @@ SOURCES = {
     "sublora_pinn": lambda: (RESULTS / "sublora_pinn.md").read_text().strip(),
     "seal_robustness": lambda: (RESULTS / "seal_robustness.md").read_text().strip(),
     "odelora_overhead": lambda: (RESULTS / "odelora_overhead.md").read_text().strip(),
+    "zero_memory": lambda: _block_after(RESULTS / "zero_memory.md", "Measured with"),
+    "zero_memory_7b": lambda: _block_after(RESULTS / "zero_memory.md", "Projected to LLaMA2-7B"),
 }
 PATTERN = re.compile(r"(<!-- table:(\w+) -->\n).*?\n?(^<!-- /table -->)", re.S | re.M)
 

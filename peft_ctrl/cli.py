@@ -43,12 +43,39 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-save", action="store_true", help="do not write adapters")
 
 
+def _zero_config_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "zero-config",
+        help="print the path of a shipped DeepSpeed ZeRO config (or the accelerate launch config)",
+        description="Print the path of a shipped config, for launchers: "
+        "`accelerate launch --config_file $(peft-ctrl zero-config --accelerate) train.py` or "
+        "`--deepspeed $(peft-ctrl zero-config --stage 3)`.",
+    )
+    p.add_argument("--stage", type=int, default=2, help="ZeRO stage: 2 or 3")
+    p.add_argument("--offload", action="store_true", help="stage 3 with parameters and optimizer on the CPU")
+    p.add_argument("--accelerate", action="store_true", help="the accelerate launch YAML instead")
+
+
+def _zero_config(args: argparse.Namespace) -> int:
+    from .distributed.zero import accelerate_config_path, config_path
+
+    try:
+        print(accelerate_config_path() if args.accelerate else config_path(args.stage, args.offload))
+    except ValueError as err:
+        print(f"peft-ctrl zero-config: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="peft-ctrl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _finetune_parser(sub)
     seal_cli.add_parser(sub)
+    _zero_config_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "zero-config":
+        return _zero_config(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # peft calls a transformers method that transformers 5 renamed; the warning is noise for users here.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

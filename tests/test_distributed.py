@@ -41,6 +41,8 @@ def test_shipped_configs_use_trainer_auto_values(stage, offload):
     assert config["optimizer"]["params"]["lr"] == "auto"
     if stage == 3:  # without this, saving under ZeRO-3 writes empty adapters
         assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+        # DeepSpeed's replacement linear saves inputs of frozen linears too (benchmarks/zero_memory.py)
+        assert zero["memory_efficient_linear"] is False
     assert ("offload_param" in zero) == offload and ("offload_optimizer" in zero) == offload
     if offload and not torch.cuda.is_available():
         assert zero["offload_param"] == {"device": "cpu", "pin_memory": False}
@@ -155,3 +157,14 @@ def test_sublora_callback_refuses_zero3_and_the_regulariser_under_deepspeed():
     with pytest.raises(ValueError, match="orth_reg_weight=0"):
         callback.on_init_end(SimpleNamespace(deepspeed=zero_config(2)), None, None, model=model)
     callback.on_init_end(SimpleNamespace(deepspeed=None), None, None, model=model)
+
+
+def test_cli_prints_config_paths(capsys):
+    from peft_ctrl.cli import main
+
+    assert main(["zero-config", "--stage", "3", "--offload"]) == 0
+    assert capsys.readouterr().out.strip() == str(config_path(3, True))
+    assert main(["zero-config", "--accelerate"]) == 0
+    assert capsys.readouterr().out.strip() == str(accelerate_config_path())
+    assert main(["zero-config", "--stage", "1"]) == 2
+    assert "No shipped ZeRO config for stage=1" in capsys.readouterr().err
