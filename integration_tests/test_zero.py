@@ -59,11 +59,15 @@ class Runs:
     def __init__(self, root: Path) -> None:
         self.root, self.done = root, {}
 
-    def __call__(self, method: str, stage: int, launcher: str = "torchrun", resume_of: Path | None = None) -> Path:
-        key = (method, stage, launcher, resume_of)
+    def __call__(
+        self, method: str, stage: int, launcher: str = "torchrun", resume_of: Path | None = None, offload: bool = False
+    ) -> Path:
+        key = (method, stage, launcher, resume_of, offload)
         if key not in self.done:
-            out = self.root / "-".join(str(k).replace("/", "_") for k in key[:3]) / ("resumed" if resume_of else "run")
+            name = "-".join(str(k) for k in key[:3]) + ("-offload" if offload else "")
+            out = self.root / name / ("resumed" if resume_of else "run")
             extra = ["--resume", str(resume_of / "checkpoint-6")] if resume_of else []
+            extra += ["--offload"] if offload else []
             result = launch(launcher, out, "--method", method, "--stage", str(stage), *extra)
             assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
             self.done[key] = out
@@ -79,10 +83,10 @@ def ranks(out: Path) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
-@pytest.mark.parametrize(("method", "stage"), WORKING)
-def test_trains_saves_and_matches_a_single_process_reload(runs, method, stage, monkeypatch):
+@pytest.mark.parametrize(("method", "stage", "offload"), [(*pair, False) for pair in WORKING] + [("seal", 3, True)])
+def test_trains_saves_and_matches_a_single_process_reload(runs, method, stage, offload, monkeypatch):
     monkeypatch.setenv(KEY_ENV, SEAL_KEY)
-    out = runs(method, stage)
+    out = runs(method, stage, offload=offload)
     first, second = ranks(out)
     assert first["world_size"] == 2
     assert first["losses"] == second["losses"] and first["losses"][-1] < first["losses"][0] - 0.01

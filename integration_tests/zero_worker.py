@@ -42,12 +42,14 @@ def main() -> None:
     parser.add_argument("--method", required=True, choices=["state-ctrl", "seal", "sublora", "odelora"])
     parser.add_argument("--stage", type=int, required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--offload", action="store_true", help="ZeRO-3 with parameters and optimizer on the CPU")
     parser.add_argument("--resume")
     parser.add_argument("--max-steps", type=int, default=12)
     options = parser.parse_args(strip_local_rank(sys.argv[1:]))
     args = training_arguments(
         options.out,
         stage=options.stage,
+        offload=options.offload,
         max_steps=options.max_steps,
         per_device_train_batch_size=4,
         learning_rate=2e-2,
