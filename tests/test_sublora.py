@@ -146,3 +146,31 @@ def test_orthogonality_gradient_is_added_whatever_the_model_returns():
     M = P.T @ P - torch.eye(3)
     expected = 0.1 / 4 * 2 * P @ M / torch.linalg.matrix_norm(M)  # d|M|_F/dP, averaged over 4 matrices
     torch.testing.assert_close(P.grad, expected.detach())
+
+
+def _curvature_on_rank(rank: int, world: int, port: int, hessian: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        grad, H = RankAllocator(sublora(hessian=hessian, curvature_samples=6)).curvature(batches())
+        if rank == 0:
+            torch.save((grad, H), out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("hessian", ["exact", "fisher"])
+def test_curvature_split_across_two_processes_equals_one_process(hessian, tmp_path):
+    """Each rank estimates on its share of the drawn examples; the sum is the one-process estimate."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "rank0.pt")
+    torch.multiprocessing.spawn(_curvature_on_rank, args=(2, port, hessian, out), nprocs=2)
+    torch.manual_seed(0)
+    grad, H = RankAllocator(sublora(hessian=hessian, curvature_samples=6)).curvature(batches())
+    split_grad, split_H = torch.load(out)
+    torch.testing.assert_close(split_grad, grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(split_H, H, rtol=1e-5, atol=1e-7)

@@ -127,16 +127,21 @@ class RankAllocator:
             need -= n
         grad, hess = torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
         total = self.config.curvature_samples
+        rank, world = _rank_and_world()
         was_training = self.model.training
         self.model.eval()  # no dropout in the curvature estimate
         try:
-            for part in parts:
-                weight = batch_size(part) / total
-                g, h = self._estimate(part, lams)
-                grad += weight * g
-                hess += weight * h
+            for part in parts:  # in a multi-process run each rank takes its share of every part's examples
+                n = batch_size(part)
+                lo, hi = rank * n // world, (rank + 1) * n // world
+                if hi > lo:
+                    g, h = self._estimate(part if world == 1 else select_examples(part, slice(lo, hi)), lams)
+                    grad += (hi - lo) / total * g
+                    hess += (hi - lo) / total * h
         finally:
             self.model.train(was_training)
+        if world > 1:
+            grad, hess = _sum_across_ranks(grad), _sum_across_ranks(hess)
         return grad, hess
 
     def _estimate(self, batch: Batch, lams: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,15 +252,33 @@ class RankAllocator:
         Path(path).write_text(json.dumps(self.state_dict()))
 
 
-def _agree_across_ranks(keep: torch.Tensor) -> torch.Tensor:
-    """Rank 0's selection on every rank of a multi-process run (each rank estimates the same curvature, but
-    floating-point reductions may differ; the masks must not)."""
+def _rank_and_world() -> tuple[int, int]:
     dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _comm_device(t: torch.Tensor) -> torch.device:
+    """Where a collective on ``t`` runs: the current GPU for nccl, the tensor's own device otherwise."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return t.device
+
+
+def _sum_across_ranks(t: torch.Tensor) -> torch.Tensor:
+    moved = t.to(_comm_device(t))
+    torch.distributed.all_reduce(moved)
+    return moved.to(t.device)
+
+
+def _agree_across_ranks(keep: torch.Tensor) -> torch.Tensor:
+    """Rank 0's selection on every rank of a multi-process run (every rank selects from the same summed
+    curvature, but the masks must not depend on floating-point details)."""
+    if _rank_and_world()[1] == 1:
         return keep
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else keep.device
-    flags = keep.to(device=device, dtype=torch.uint8)
-    dist.broadcast(flags, src=0)
+    flags = keep.to(device=_comm_device(keep), dtype=torch.uint8)
+    torch.distributed.broadcast(flags, src=0)
     return flags.to(keep.device).bool()
 
 
