@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import Pattern, build
+from models import build
 from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 
@@ -24,9 +24,9 @@ from peft_ctrl.seal.keys import KEY_ENV
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "integration_tests" / "zero_worker.py"
 sys.path.insert(0, str(WORKER.parent))
-from zero_worker import SEAL_KEY  # noqa: E402
+from zero_worker import SEAL_KEY, eval_batch, family  # noqa: E402
 
-WORKING = [("state-ctrl", 2), ("state-ctrl", 3), ("seal", 2), ("seal", 3), ("sublora", 2)]
+WORKING = [("state-ctrl", 2), ("state-ctrl", 3), ("state-ctrl-bert", 3), ("seal", 2), ("seal", 3), ("sublora", 2)]
 REFUSED = [("odelora", 2), ("odelora", 3), ("sublora", 3)]
 
 
@@ -96,14 +96,14 @@ def test_trains_saves_and_matches_a_single_process_reload(runs, method, stage, o
     final = load_file(out / "final" / "adapter_model.safetensors")
     helper = load_file(out / "save_adapter" / "adapter_model.safetensors")
     assert final.keys() == helper.keys() and all(torch.equal(final[k], helper[k]) for k in final)
-    reloaded = PeftModel.from_pretrained(build("llama"), out / "final").eval()
+    reloaded = PeftModel.from_pretrained(build(family(method)), out / "final").eval()
     # Not empty (ZeRO-3 shards would be): every tensor has the shape the single-process model gives it.
     assert {k: tuple(v.shape) for k, v in final.items()} == {
         k: tuple(v.shape) for k, v in get_peft_model_state_dict(reloaded).items()
     }
     assert sum(t.numel() for t in final.values()) > 0
     with torch.no_grad():
-        logits = reloaded(input_ids=torch.stack([Pattern(32)[i]["input_ids"] for i in range(4)])).logits
+        logits = reloaded(input_ids=eval_batch(method)).logits
     torch.testing.assert_close(logits, torch.tensor(first["logits"]), rtol=1e-5, atol=1e-5)
 
 

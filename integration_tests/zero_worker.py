@@ -21,11 +21,31 @@ from peft_ctrl.distributed import save_adapter, strip_local_rank, training_argum
 SEAL_KEY = "zero-worker-owner-key-0123456789"
 
 
+def family(method: str) -> str:
+    return "bert" if method == "state-ctrl-bert" else "llama"
+
+
+def eval_batch(method: str):
+    """A fixed batch of inputs for comparing outputs (the first examples of the training set)."""
+    import torch
+
+    data = dataset(method)
+    return torch.stack([data[i]["input_ids"] for i in range(4)])
+
+
+def dataset(method: str):
+    from models import Pattern, Topics
+
+    return Topics(32) if family(method) == "bert" else Pattern(32)
+
+
 def adapter_config(method: str):
     from peft_ctrl import SealConfig, StateCtrlConfig, SubLoRAConfig
 
     if method == "state-ctrl":
         return StateCtrlConfig(r=4)
+    if method == "state-ctrl-bert":  # the classifier head trains too (modules_to_save), as users run BERTs
+        return StateCtrlConfig(r=4, task_type="SEQ_CLS")
     if method == "seal":
         return SealConfig(r=4, key=SEAL_KEY, target_modules=["q_proj", "v_proj"])
     if method == "sublora":
@@ -39,7 +59,9 @@ def adapter_config(method: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--method", required=True, choices=["state-ctrl", "seal", "sublora", "odelora"])
+    parser.add_argument(
+        "--method", required=True, choices=["state-ctrl", "state-ctrl-bert", "seal", "sublora", "odelora"]
+    )
     parser.add_argument("--stage", type=int, required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--offload", action="store_true", help="ZeRO-3 with parameters and optimizer on the CPU")
@@ -64,16 +86,16 @@ def main() -> None:
     )
 
     import torch
-    from models import Pattern, build
+    from models import build
     from peft import get_peft_model
     from transformers import Trainer
 
     from trainer_callbacks import ODELoRATrainer, SubLoRACallback
 
-    model = get_peft_model(build("llama"), adapter_config(options.method))
+    model = get_peft_model(build(family(options.method)), adapter_config(options.method))
     trainer_cls = ODELoRATrainer if options.method == "odelora" else Trainer
     callbacks = [SubLoRACallback()] if options.method == "sublora" else []
-    trainer = trainer_cls(model=model, args=args, train_dataset=Pattern(32), callbacks=callbacks)
+    trainer = trainer_cls(model=model, args=args, train_dataset=dataset(options.method), callbacks=callbacks)
     trainer.train(resume_from_checkpoint=options.resume)
     out = Path(options.out)
     trainer.save_model(str(out / "final"))
@@ -86,8 +108,7 @@ def main() -> None:
     }
     model.eval()
     with torch.no_grad():
-        batch = torch.stack([Pattern(32)[i]["input_ids"] for i in range(4)])
-        record["logits"] = model(input_ids=batch).logits.tolist()
+        record["logits"] = model(input_ids=eval_batch(options.method)).logits.tolist()
     if options.method == "seal" and options.stage == 3:
         try:
             model.merge_adapter()

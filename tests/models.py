@@ -131,3 +131,17 @@ class Pattern(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         ids = (torch.arange(12) * 3 + i % 4) % 60 + 2
         return {"input_ids": ids, "labels": ids}
+
+
+class Topics(torch.utils.data.Dataset):
+    """Sequence classification: the class (of 3) is set by the first token; a tiny BERT learns it quickly."""
+
+    def __init__(self, size: int = 32) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(2, VOCAB, (size, 8), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i, 0] % 3}
