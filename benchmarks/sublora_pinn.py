@@ -8,6 +8,11 @@ final budget 12 components in total, i.e. 2 per matrix on average; fixed-rank Lo
 same parameter count). AdamW, lr 3e-3, 600 steps, schedule t_init 150, t_final 150, delta_t 30, 5 seeds.
 Reported: relative L2 error against u2 on a held-out grid, averaged over the last 10% of steps.
 Writes docs/results/sublora_pinn.{md,json,png}.
+
+    python benchmarks/sublora_pinn.py --methods sublora-unpruned lora-r8 --out docs/results/sublora_pinn_unpruned
+
+is the diagnostic: SubLoRA's adapter kept at its initial 8 components everywhere (no allocation) and LoRA
+at r = 8, to tell the adapter's parametrization from the allocation.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ from peft_ctrl.sublora.runtime import RankAllocator
 
 STEPS, T_INIT, T_FINAL, DELTA_T, LR, INIT_R, BUDGET = 600, 150, 150, 30, 3e-3, 8, 12
 HIDDEN = [f"h{i}" for i in range(6)]
+# the default comparison, then two diagnostics: SubLoRA's adapter without pruning and LoRA at its initial rank
+METHODS = ("sublora", "adalora", "lora")
+DIAGNOSTICS = ("sublora-unpruned", "lora-r8")
 
 
 class DeepPINN(nn.Module):
@@ -48,10 +56,10 @@ class DeepPINN(nn.Module):
 
 def run(base: DeepPINN, method: str, seed: int) -> dict:
     schedule = {"total_step": STEPS}
-    if method == "sublora":
+    if method.startswith("sublora"):
         config = SubLoRAConfig(
             r=INIT_R,
-            budget=BUDGET,
+            budget=INIT_R * len(HIDDEN) if method == "sublora-unpruned" else BUDGET,
             lora_alpha=INIT_R,
             target_modules=HIDDEN,
             t_init=T_INIT,
@@ -72,13 +80,14 @@ def run(base: DeepPINN, method: str, seed: int) -> dict:
             **schedule,
         )
     else:
-        config = LoraConfig(r=BUDGET // len(HIDDEN), lora_alpha=BUDGET // len(HIDDEN), target_modules=HIDDEN)
+        rank = INIT_R if method == "lora-r8" else BUDGET // len(HIDDEN)
+        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=HIDDEN)
     torch.manual_seed(seed)
     model = get_peft_model(copy.deepcopy(base), config)
     interior, boundary = points(100 + seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     allocator = None
-    if method == "sublora":
+    if method.startswith("sublora"):
         # one "example" = the whole collocation set: the PINN loss is not a mean over independent samples
         allocator = RankAllocator(model, loss_fn=lambda m, b: pinn_loss(m, b[0][0], b[1][0], shifted=True))
         batches = iter(lambda: (interior[None], boundary[None]), None)
@@ -103,7 +112,7 @@ def run(base: DeepPINN, method: str, seed: int) -> dict:
     elif method == "adalora":
         ranks = [int(sum(mask)) for mask in model.peft_config["default"].rank_pattern.values()]
     else:
-        ranks = [BUDGET // len(HIDDEN)] * len(HIDDEN)
+        ranks = [config.r] * len(HIDDEN)
     return {
         "method": method,
         "seed": seed,
@@ -118,7 +127,8 @@ def run(base: DeepPINN, method: str, seed: int) -> dict:
 def write_table(results: list[dict], start_errors: list[float]) -> str:
     lines = [
         f"Relative L2 error against u2, mean over the last {STEPS // 10} of {STEPS} steps (pre-trained start: "
-        f"{statistics.fmean(start_errors):.3f}); budget {BUDGET} components over 6 matrices.",
+        f"{statistics.fmean(start_errors):.3f}); sublora, adalora and lora end with {BUDGET} components over the 6 "
+        f"matrices, sublora-unpruned and lora-r8 keep {INIT_R} per matrix.",
         "",
         "| method | mean error | per seed | ranks (seed 0) | allocation share of run time |",
         "|---|---:|---|---|---:|",
@@ -160,13 +170,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--out", type=Path, default=Path("docs/results"))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + DIAGNOSTICS)
     args = parser.parse_args()
     torch.set_num_threads(2)
     results, start_errors = [], []
     for seed in args.seeds:
         base = pretrain(seed, DeepPINN)
         start_errors.append(rel_l2(base, shifted=True))
-        for method in ("sublora", "adalora", "lora"):
+        for method in args.methods:
             r = run(base, method, seed)
             print(f"seed {seed} {method}: error {r['error']:.4f} ranks {r['ranks']} {r['seconds']:.0f} s", flush=True)
             results.append(r)

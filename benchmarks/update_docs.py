@@ -36,6 +36,7 @@ SOURCES = {
     "odelora_pinn": lambda: (RESULTS / "odelora_pinn.md").read_text().strip(),
     "sublora_planted": lambda: (RESULTS / "sublora_planted.md").read_text().strip(),
     "sublora_pinn": lambda: (RESULTS / "sublora_pinn.md").read_text().strip(),
+    "sublora_pinn_unpruned": lambda: (RESULTS / "sublora_pinn_unpruned" / "sublora_pinn.md").read_text().strip(),
     "seal_robustness": lambda: (RESULTS / "seal_robustness.md").read_text().strip(),
     "odelora_overhead": lambda: (RESULTS / "odelora_overhead.md").read_text().strip(),
     "zero_memory": lambda: _block_after(RESULTS / "zero_memory.md", "Measured with"),
