@@ -26,7 +26,17 @@ import sys
 from pathlib import Path
 
 import torch
-from state_ctrl_memory import ALL_LINEAR, LLAMA2_7B, Shape, build_base, lora, make_batch, projected_bytes, state_ctrl
+from state_ctrl_memory import (
+    ALL_LINEAR,
+    LLAMA2_7B,
+    MiB,
+    Shape,
+    build_base,
+    lora,
+    make_batch,
+    projected_bytes,
+    state_ctrl,
+)
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peft_ctrl.metrics import SavedTensorMeter
@@ -35,7 +45,6 @@ SHAPE = Shape(batch=2, seq=128)
 METHODS = {"PEFT LoRA all-linear r=16": lora(ALL_LINEAR), "state-ctrl mlp r=64": state_ctrl(64, "mlp")}
 WORLD = 2
 GPUS = (1, 2, 8)
-MiB = 2**20
 
 
 def param_bytes(model: torch.nn.Module) -> dict[str, int]:

@@ -1,4 +1,5 @@
-"""Every method under DeepSpeed ZeRO-2 and ZeRO-3 with 2 processes (CPU, gloo), through each launcher.
+"""Every method under DeepSpeed ZeRO-2 and ZeRO-3 with 2 processes (CPU, gloo), through each launcher;
+ODELoRA, which DeepSpeed cannot run, under plain data parallel.
 
 Each run is a real multi-process launch of ``zero_worker.py`` (about 15 s); runs are shared between tests.
 """
@@ -26,7 +27,16 @@ WORKER = ROOT / "integration_tests" / "zero_worker.py"
 sys.path.insert(0, str(WORKER.parent))
 from zero_worker import SEAL_KEY, eval_batch, family  # noqa: E402
 
-WORKING = [("state-ctrl", 2), ("state-ctrl", 3), ("state-ctrl-bert", 3), ("seal", 2), ("seal", 3), ("sublora", 2)]
+# stage None: plain data parallel (DDP over gloo), the multi-process setup ODELoRA supports
+WORKING = [
+    ("state-ctrl", 2),
+    ("state-ctrl", 3),
+    ("state-ctrl-bert", 3),
+    ("seal", 2),
+    ("seal", 3),
+    ("sublora", 2),
+    ("odelora", None),
+]
 REFUSED = [("odelora", 2), ("odelora", 3), ("sublora", 3)]
 
 

@@ -62,7 +62,9 @@ def main() -> None:
     parser.add_argument(
         "--method", required=True, choices=["state-ctrl", "state-ctrl-bert", "seal", "sublora", "odelora"]
     )
-    parser.add_argument("--stage", type=int, required=True)
+    parser.add_argument(
+        "--stage", type=lambda v: None if v.lower() == "none" else int(v), required=True, help="none: DDP"
+    )
     parser.add_argument("--out", required=True)
     parser.add_argument("--offload", action="store_true", help="ZeRO-3 with parameters and optimizer on the CPU")
     parser.add_argument("--resume")
@@ -74,7 +76,7 @@ def main() -> None:
         offload=options.offload,
         max_steps=options.max_steps,
         per_device_train_batch_size=4,
-        learning_rate=2e-2,
+        learning_rate=0.1 if options.method == "odelora" else 2e-2,  # the flow's step size for ODELoRA
         warmup_steps=0,
         logging_steps=2,
         save_strategy="steps",
@@ -93,9 +95,9 @@ def main() -> None:
     from trainer_callbacks import ODELoRATrainer, SubLoRACallback
 
     model = get_peft_model(build(family(options.method)), adapter_config(options.method))
-    trainer_cls = ODELoRATrainer if options.method == "odelora" else Trainer
     callbacks = [SubLoRACallback()] if options.method == "sublora" else []
-    trainer = trainer_cls(model=model, args=args, train_dataset=dataset(options.method), callbacks=callbacks)
+    kwargs = {"model": model, "args": args, "train_dataset": dataset(options.method), "callbacks": callbacks}
+    trainer = ODELoRATrainer(scheme="heun", **kwargs) if options.method == "odelora" else Trainer(**kwargs)
     trainer.train(resume_from_checkpoint=options.resume)
     out = Path(options.out)
     trainer.save_model(str(out / "final"))
