@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +38,7 @@ from state_ctrl_memory import (
 )
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from peft_ctrl.distributed.launch import free_port
 from peft_ctrl.metrics import SavedTensorMeter
 
 SHAPE = Shape(batch=2, seq=128)
@@ -106,12 +106,15 @@ def _persistence_threshold(args) -> int:
 
 
 def launch(method: str, out: Path, deepspeed_linear: bool = False) -> list[dict]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".torch_extensions"))
-    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={WORLD}", f"--master_port={port}"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={WORLD}",
+        f"--master_port={free_port()}",
+    ]
     command += [__file__, "--worker", method, "--out", str(out)] + (["--deepspeed-linear"] if deepspeed_linear else [])
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode != 0:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from peft import PeftModel, get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from peft_ctrl.distributed import accelerate_config_path
+from peft_ctrl.distributed.launch import free_port
 from peft_ctrl.seal.keys import KEY_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,12 +38,6 @@ WORKING = [
     ("odelora", None),
 ]
 REFUSED = [("odelora", 2), ("odelora", 3), ("sublora", 3)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(launcher: str, out: Path, *worker_args: str) -> subprocess.CompletedProcess:

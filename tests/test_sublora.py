@@ -7,6 +7,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 
 from peft_ctrl import SubLoRAConfig
+from peft_ctrl.distributed.launch import free_port
 from peft_ctrl.sublora.runtime import RankAllocator
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -162,13 +163,8 @@ def _curvature_on_rank(rank: int, world: int, port: int, hessian: str, out: str)
 @pytest.mark.parametrize("hessian", ["exact", "fisher"])
 def test_curvature_split_across_two_processes_equals_one_process(hessian, tmp_path):
     """Each rank estimates on its share of the drawn examples; the sum is the one-process estimate."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = str(tmp_path / "rank0.pt")
-    torch.multiprocessing.spawn(_curvature_on_rank, args=(2, port, hessian, out), nprocs=2)
+    torch.multiprocessing.spawn(_curvature_on_rank, args=(2, free_port(), hessian, out), nprocs=2)
     torch.manual_seed(0)
     grad, H = RankAllocator(sublora(hessian=hessian, curvature_samples=6)).curvature(batches())
     split_grad, split_H = torch.load(out)

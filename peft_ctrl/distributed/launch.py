@@ -55,6 +55,13 @@ def strip_local_rank(argv: list[str]) -> list[str]:
     return out
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a private rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _check_environment() -> int:
     """Validate the launcher's variables (or give a single process its own); returns the local world size."""
     present = [v for v in _LAUNCH_VARS if v in os.environ]
@@ -65,10 +72,10 @@ def _check_environment() -> int:
                     f"This process was started by {launcher} ({var}={os.environ[var]}), which does not set "
                     f"torch's RANK/WORLD_SIZE/MASTER_ADDR variables: {_RECIPES}."
                 )
-        with socket.socket() as s:  # a single process: a private rendezvous on a free port
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        # a single process: a private rendezvous on a free port
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+        )
         return 1
     missing = [v for v in _LAUNCH_VARS if v not in os.environ]
     if missing:
