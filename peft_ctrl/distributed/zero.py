@@ -89,6 +89,14 @@ def check_stage(method: str, stage: int | None) -> None:
     )
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, the number of processes); (0, 1) outside torch.distributed."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def is_partitioned(tensor: torch.Tensor) -> bool:
     """True for a ZeRO-3 parameter whose full value is not on this rank right now."""
     full = getattr(tensor, "ds_numel", None)
@@ -125,9 +133,9 @@ def save_adapter(model: torch.nn.Module, output_dir: str | os.PathLike, **kwargs
     unwrapped = getattr(model, "module", model)
     prefix = getattr(getattr(unwrapped, "base_model", None), "prefix", None)
     adapter_params = [p for n, p in unwrapped.named_parameters() if p.requires_grad or (prefix and prefix in n)]
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    rank, world = rank_and_world()
     with gathered(adapter_params):
         if rank == 0:
             unwrapped.save_pretrained(output_dir, **kwargs)
-    if torch.distributed.is_initialized():
+    if world > 1:
         torch.distributed.barrier()

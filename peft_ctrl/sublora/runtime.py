@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..distributed.zero import rank_and_world
 from .allocator import curvature_model, greedy_select, project_submodular
 from .config import SubLoRAConfig
 from .layer import SubLoRALayer
@@ -127,7 +128,7 @@ class RankAllocator:
             need -= n
         grad, hess = torch.zeros(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
         total = self.config.curvature_samples
-        rank, world = _rank_and_world()
+        rank, world = rank_and_world()
         was_training = self.model.training
         self.model.eval()  # no dropout in the curvature estimate
         try:
@@ -135,7 +136,7 @@ class RankAllocator:
                 n = batch_size(part)
                 lo, hi = rank * n // world, (rank + 1) * n // world
                 if hi > lo:
-                    g, h = self._estimate(part if world == 1 else select_examples(part, slice(lo, hi)), lams)
+                    g, h = self._estimate(select_examples(part, slice(lo, hi)), lams)
                     grad += (hi - lo) / total * g
                     hess += (hi - lo) / total * h
         finally:
@@ -252,13 +253,6 @@ class RankAllocator:
         Path(path).write_text(json.dumps(self.state_dict()))
 
 
-def _rank_and_world() -> tuple[int, int]:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _comm_device(t: torch.Tensor) -> torch.device:
     """Where a collective on ``t`` runs: the current GPU for nccl, the tensor's own device otherwise."""
     if torch.distributed.get_backend() == "nccl":
@@ -275,7 +269,7 @@ def _sum_across_ranks(t: torch.Tensor) -> torch.Tensor:
 def _agree_across_ranks(keep: torch.Tensor) -> torch.Tensor:
     """Rank 0's selection on every rank of a multi-process run (every rank selects from the same summed
     curvature, but the masks must not depend on floating-point details)."""
-    if _rank_and_world()[1] == 1:
+    if rank_and_world()[1] == 1:
         return keep
     flags = keep.to(device=_comm_device(keep), dtype=torch.uint8)
     torch.distributed.broadcast(flags, src=0)
