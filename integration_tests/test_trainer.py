@@ -1,26 +1,12 @@
 """state-ctrl under transformers.Trainer, with the memory callback (CPU, seconds)."""
 
 import torch
-from models import build
+from models import Topics, build
 from peft import PeftModel, get_peft_model
-from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
 from peft_ctrl import StateCtrlConfig
 from trainer_callbacks import MemoryReportCallback
-
-
-class Toy(Dataset):
-    def __init__(self, n: int = 32) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(2, 64, (n, 8), generator=g)
-        self.labels = (self.ids[:, 0] % 3).long()
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "attention_mask": torch.ones(8, dtype=torch.long), "labels": self.labels[i]}
 
 
 def test_trainer_trains_saves_and_reports_memory(tmp_path):
@@ -38,7 +24,7 @@ def test_trainer_trains_saves_and_reports_memory(tmp_path):
         save_strategy="no",
         logging_steps=1,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=Toy(), callbacks=[callback])
+    trainer = Trainer(model=model, args=args, train_dataset=Topics(32), callbacks=[callback])
     trainer.train()
     assert callback.saved_bytes and callback.saved_bytes > 0
     assert any("saved_activation_bytes" in entry for entry in trainer.state.log_history)
@@ -47,7 +33,7 @@ def test_trainer_trains_saves_and_reports_memory(tmp_path):
     assert any("state_ctrl_B" in n for n in changed) and any("classifier" in n for n in changed)
     model.save_pretrained(tmp_path / "adapter")
     loaded = PeftModel.from_pretrained(build("bert"), tmp_path / "adapter")
-    batch = Toy()[0]
+    batch = Topics(32)[0]
     batch = {k: v[None] for k, v in batch.items() if k != "labels"}
     model.eval()
     torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)
