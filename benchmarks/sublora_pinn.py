@@ -101,7 +101,7 @@ def run(base: DeepPINN, method: str, seed: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
         if allocator is not None and allocator.due(step):
             t0 = time.perf_counter()
-            allocator.allocate(step, batches)
+            allocator.allocate(step, batches, optimizer)
             alloc_seconds += time.perf_counter() - t0
         if step > STEPS - STEPS // 10 or step % 20 == 0:
             errors.append((step, rel_l2(model, shifted=True)))

@@ -218,7 +218,7 @@ def run(method: str, name: str, seed: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
         if allocator is not None and allocator.due(step):
             t0 = time.perf_counter()
-            allocator.allocate(step, curvature_stream)
+            allocator.allocate(step, curvature_stream, optimizer)
             alloc_seconds += time.perf_counter() - t0
         losses.append(loss.item())
     total_seconds = time.perf_counter() - start

@@ -50,7 +50,14 @@ def adapter_config(method: str):
         return SealConfig(r=4, key=SEAL_KEY, target_modules=["q_proj", "v_proj"])
     if method == "sublora":
         return SubLoRAConfig(
-            r=4, target_r=2, target_modules=["q_proj", "v_proj"], t_init=2, t_final=3, delta_t=2, hessian="exact"
+            r=4,
+            target_r=2,
+            target_modules=["q_proj", "v_proj"],
+            t_init=2,
+            t_final=3,
+            delta_t=2,
+            hessian="exact",
+            exact_svd=False,  # refused under DeepSpeed (its optimizer state cannot be restarted per parameter)
         )
     from peft import LoraConfig  # ODELoRA trains plain LoRA factors
 

@@ -147,9 +147,13 @@ def test_merge_of_partitioned_weights_is_refused_and_changes_nothing():
     require_gathered([torch.zeros(3)], "merge")  # whole tensors pass
 
 
-def test_sublora_callback_refuses_zero3_and_the_regulariser_under_deepspeed():
-    model = get_peft_model(build("llama"), SubLoRAConfig(r=2, target_r=1, target_modules=["q_proj"], total_step=20))
+def test_sublora_callback_refuses_zero3_the_regulariser_and_exact_svd_under_deepspeed():
+    config = SubLoRAConfig(r=2, target_r=1, target_modules=["q_proj"], total_step=20)
+    model = get_peft_model(build("llama"), config)
     callback = SubLoRACallback()
+    with pytest.raises(ValueError, match="Set exact_svd=False under DeepSpeed"):
+        callback.on_init_end(SimpleNamespace(deepspeed=zero_config(2)), None, None, model=model)
+    model.peft_config["default"].exact_svd = False
     with pytest.raises(ValueError, match="ZeRO stage 3.*ZeRO stages 0, 1, 2"):
         callback.on_init_end(SimpleNamespace(deepspeed=zero_config(3)), None, None, model=model)
     callback.on_init_end(SimpleNamespace(deepspeed=zero_config(2)), None, None, model=model)

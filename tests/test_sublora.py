@@ -23,6 +23,14 @@ def sublora(**kw):
     return model
 
 
+def adamw(model):
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+
+def adapter_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "sublora" in n}
+
+
 def batches(seed=0, n=6):
     g = torch.Generator().manual_seed(seed)
     while True:
@@ -50,7 +58,7 @@ def test_default_init_is_the_base_model():
 def test_truncation_round_trip_is_smaller_and_identical(tmp_path):
     model = sublora()
     alloc = RankAllocator(model)
-    alloc.allocate(20, batches())
+    alloc.allocate(20, batches(), adamw(model))
     assert alloc.kept() == alloc.target == 12
     batch = inputs("llama")
     before = output(model, batch)
@@ -74,10 +82,10 @@ def test_schedule_is_cubic_and_meets_the_budget_exactly_at_the_end_of_decay():
     budgets = [alloc.budget_at(t) for t in range(3, 36)]
     assert budgets == sorted(budgets, reverse=True)
     events = []
-    gen = batches()
+    gen, optimizer = batches(), adamw(model)
     for step in range(1, 41):
         if alloc.due(step):
-            alloc.allocate(step, gen)
+            alloc.allocate(step, gen, optimizer)
             events.append(step)
             assert alloc.kept() == alloc.budget_at(step)
     assert events[0] == 7 and events[-1] == 35 and all(e == 35 or (e - 3) % 4 == 0 for e in events)
@@ -124,10 +132,73 @@ def test_budget_and_schedule_errors():
 
 def test_nan_curvature_changes_nothing():
     model = sublora()
+    before = adapter_state(model)
     alloc = RankAllocator(model, loss_fn=lambda m, b: m(**b).loss * float("nan"))
     with pytest.raises(ValueError, match="NaN"):
-        alloc.allocate(20, batches())
+        alloc.allocate(20, batches(), adamw(model))
     assert alloc.kept() == 24 and alloc.history == []
+    assert all(torch.equal(before[n], p) for n, p in adapter_state(model).items())  # SVD form undone
+
+
+def test_exact_svd_needs_the_optimizer():
+    model = sublora()
+    before = adapter_state(model)
+    with pytest.raises(ValueError, match="pass optimizer= to allocate"):
+        RankAllocator(model).allocate(20, batches())
+    assert all(torch.equal(before[n], p) for n, p in adapter_state(model).items())
+    model = sublora(exact_svd=False)
+    before = adapter_state(model)
+    RankAllocator(model).allocate(20, batches())  # masks only: the factors keep their coordinates
+    after = adapter_state(model)
+    assert all(torch.equal(before[n], after[n]) for n in before if "mask" not in n)
+
+
+def delta_w(layer):
+    return layer.get_delta_weight("default").detach().double()
+
+
+def test_to_svd_form_keeps_outputs_and_makes_orthonormal_sorted_components():
+    model = sublora()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.sublora_mask["default"][1] = 0  # one removed component: must stay removed, moved last
+    x = torch.randn(5, layer.in_features)
+    before, removed = layer(x), layer.sublora_P["default"][:, 1].clone()
+    layer.to_svd_form("default")
+    P, Q, lam = (layer.sublora_P["default"], layer.sublora_Q["default"], layer.sublora_lambda["default"])
+    torch.testing.assert_close(layer(x), before, atol=1e-5, rtol=1e-5)
+    assert layer.sublora_mask["default"].tolist() == [1, 1, 1, 0]
+    torch.testing.assert_close(P[:, :3].T @ P[:, :3], torch.eye(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(Q[:3] @ Q[:3].T, torch.eye(3), atol=1e-5, rtol=0)
+    assert (lam[:3] >= 0).all() and (lam[:3].diff() <= 0).all()
+    torch.testing.assert_close(P[:, 3], removed)
+
+
+def test_allocation_splits_singular_triplets_and_restarts_only_the_modules_that_lose_components():
+    model = sublora(t_init=0, t_final=0, total_step=20)
+    layers = model.base_model.sublora_layers("default")
+    optimizer = adamw(model)
+    gen = batches()
+    for _ in range(2):  # optimizer statistics for every factor
+        model(**next(gen)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    before = {name: (delta_w(layer), adapter_state(layer)) for name, layer in layers.items()}
+    alloc = RankAllocator(model)
+    ranks = alloc.allocate(2, gen, optimizer)
+    assert alloc.kept() == 21  # three components go: some modules lose components, most keep all four
+    assert any(r == 4 for r in ranks.values()) and any(r < 4 for r in ranks.values())
+    for name, layer in layers.items():
+        old, new = before[name][0], delta_w(layer)
+        factors = [layer.sublora_P["default"], layer.sublora_lambda["default"], layer.sublora_Q["default"]]
+        if ranks[name] == 4:  # untouched: same parameters, optimizer statistics kept
+            assert all(torch.equal(before[name][1][n], p) for n, p in adapter_state(layer).items())
+            assert all(p in optimizer.state for p in factors)
+        else:  # kept = a subset of the old delta W's singular triplets; statistics restarted
+            rest = old - new
+            assert (new.T @ rest).abs().max() < 1e-6 and (new @ rest.T).abs().max() < 1e-6
+            assert torch.linalg.matrix_rank(new, atol=1e-6) == ranks[name]
+            assert not any(p in optimizer.state for p in factors)
 
 
 def test_orthogonality_gradient_is_added_whatever_the_model_returns():

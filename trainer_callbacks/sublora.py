@@ -22,7 +22,9 @@ class SubLoRACallback(TrainerCallback):
     - every ``delta_t`` steps (after the optimizer step and ``zero_grad``) it draws its own examples from the
       training set (``curvature_samples`` of them, chosen by a generator seeded with ``args.seed`` and the
       allocation count, collated by the Trainer's collator, so a resumed run draws the same ones), estimates
-      the curvature and masks components down to the scheduled budget;
+      the curvature and masks components down to the scheduled budget (with ``exact_svd``, after rewriting the
+      components as exact singular triplets and restarting the Trainer optimizer's statistics of the modules
+      that lose components);
     - before every optimizer step it adds the orthogonality regulariser's gradient, whatever the model returns;
     - ``sublora_budget`` and ``sublora_kept`` appear in the logs, each allocation in the ``logging`` output;
     - its state (the rank history) is written into every checkpoint and read back on resume (the masks
@@ -69,6 +71,13 @@ class SubLoRACallback(TrainerCallback):
                 "DeepSpeed the engine owns the gradients (callbacks see none). Set orth_reg_weight=0, or train "
                 "without DeepSpeed (single process or torchrun data parallel)."
             )
+        if stage is not None and config is not None and config.exact_svd:
+            raise ValueError(
+                "SubLoRAConfig(exact_svd=True) rewrites the adapter factors at each allocation and restarts their "
+                "optimizer statistics, which DeepSpeed's optimizer keeps in flat per-group buffers with one shared "
+                "step count. Set exact_svd=False under DeepSpeed, or train without it (single process or torchrun "
+                "data parallel)."
+            )
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model=None, **kwargs: Any
@@ -101,7 +110,7 @@ class SubLoRACallback(TrainerCallback):
         if self.allocator.due(state.global_step):
             device = next(self.allocator.model.parameters()).device
             batches = (_to(batch, device) for batch in self._draw())
-            ranks = self.allocator.allocate(state.global_step, batches)
+            ranks = self.allocator.allocate(state.global_step, batches, optimizer=kwargs.get("optimizer"))
             logger.info(
                 "SubLoRA step %d: kept %d of %d components: %s",
                 state.global_step,

@@ -35,6 +35,13 @@ class SubLoRAConfig(PeftConfig):
             (empirical Fisher from per-sample gradients) or ``"diag"`` (its diagonal: a modular objective).
         curvature_samples (`int`): Examples drawn for each curvature estimate (one batch is split into this
             many parts for ``"fisher"``/``"diag"``).
+        exact_svd (`bool`): Before each allocation, rewrite every module's kept components as the exact singular
+            triplets of its delta W (same outputs), so components are orthogonal and masking one is a best
+            truncation; modules that lose components keep that form and restart their optimizer statistics.
+            Needs the optimizer (``RankAllocator.allocate(..., optimizer=...)``; the callback passes the
+            Trainer's) and is refused under DeepSpeed, whose optimizer state cannot be restarted per
+            parameter. Measured in docs/sublora.md: it takes the PINN error below fixed-rank LoRA's and
+            recovers the planted ranks on the parallel MLP in every seed.
         orth_reg_weight (`float`): Weight of AdaLoRA's regulariser, the mean of ``|P^T P - I|_F`` and
             ``|Q Q^T - I|_F`` over modules, applied by the callback to the gradients before every optimizer
             step, whatever the model returns. Off by default: at 0.1 it raised the final loss of the planted-rank
@@ -61,6 +68,9 @@ class SubLoRAConfig(PeftConfig):
         default="block", metadata={"help": "Curvature estimate: exact, block, fisher or diag."}
     )
     curvature_samples: int = field(default=8, metadata={"help": "Examples per curvature estimate."})
+    exact_svd: bool = field(
+        default=True, metadata={"help": "Rewrite kept components as exact singular triplets at each allocation."}
+    )
     orth_reg_weight: float = field(default=0.0, metadata={"help": "Weight of the orthogonality regulariser."})
     rank_pattern: dict[str, int] | None = field(
         default=None, metadata={"help": "Kept components per module after truncation (filled automatically)."}

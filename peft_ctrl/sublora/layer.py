@@ -58,6 +58,35 @@ class SubLoRALayer(nn.Module, BaseTunerLayer):
         return self.sublora_scaling[adapter] * (P * self.effective_lambda(adapter)) @ Q
 
     @torch.no_grad()
+    def to_svd_form(self, adapter: str) -> None:
+        """Rewrite the kept components as the singular triplets of the delta W they make (largest first, then
+        the removed ones): outputs are unchanged, P's columns and Q's rows become orthonormal, and masking the
+        last kept components is then the best truncation of delta W in Frobenius norm.
+
+        Costs two thin QR factorisations and the SVD of a k x k matrix (k kept components), never an SVD of W.
+        """
+        P, Q, lam, mask = (
+            store[adapter] for store in (self.sublora_P, self.sublora_Q, self.sublora_lambda, self.sublora_mask)
+        )
+        kept = mask > 0
+        k = int(kept.sum())
+        if k == 0:
+            return
+        work = torch.float64 if P.dtype == torch.float64 else torch.float32
+        left_q, left_r = torch.linalg.qr((P[:, kept] * lam[kept]).to(work))
+        right_q, right_r = torch.linalg.qr(Q[kept].T.to(work))
+        u, s, vh = torch.linalg.svd(left_r @ right_r.T)
+        order = torch.cat([torch.nonzero(kept).flatten(), torch.nonzero(~kept).flatten()])
+        new_P, new_Q, new_lam = P[:, order].clone(), Q[order].clone(), lam[order].clone()
+        new_P[:, :k] = (left_q @ u).to(P.dtype)
+        new_Q[:k] = (vh @ right_q.T).to(Q.dtype)
+        new_lam[:k] = s.to(lam.dtype)
+        P.copy_(new_P)
+        Q.copy_(new_Q)
+        lam.copy_(new_lam)
+        mask.copy_(torch.arange(mask.numel(), device=mask.device) < k)
+
+    @torch.no_grad()
     def truncate(self, adapter: str) -> int:
         """Physically drop the masked components; returns the kept count (outputs are unchanged)."""
         keep = self.sublora_mask[adapter] > 0

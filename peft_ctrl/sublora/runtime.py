@@ -191,25 +191,68 @@ class RankAllocator:
         return (H + H.T) / 2
 
     # allocation ----------------------------------------------------------------------------------------
-    def allocate(self, step: int, batches: Iterator[Batch]) -> dict[str, int]:
-        """Select the components to keep at ``step`` and mask the others; returns the ranks per module."""
+    def allocate(
+        self, step: int, batches: Iterator[Batch], optimizer: torch.optim.Optimizer | None = None
+    ) -> dict[str, int]:
+        """Select the components to keep at ``step`` and mask the others; returns the ranks per module.
+
+        With ``config.exact_svd`` (the default) each module's kept components are first rewritten as the
+        singular triplets of its delta W, so the selection chooses among orthogonal components. Modules that
+        lose components keep that form and their statistics in ``optimizer`` are cleared (they describe
+        coordinates that no longer exist); the other modules get their parameters back unchanged.
+        """
+        if self.config.exact_svd and optimizer is None:
+            raise ValueError(
+                "SubLoRAConfig(exact_svd=True) rewrites the adapter factors at each allocation and must restart "
+                "their optimizer statistics: pass optimizer= to allocate(), or set exact_svd=False."
+            )
         budget = self.budget_at(step)
-        grad, hess = self.curvature(batches)
-        lam = torch.cat([layer.effective_lambda(self.adapter).detach().double() for layer in self.layers.values()])
-        alive = torch.cat([layer.sublora_mask[self.adapter] > 0 for layer in self.layers.values()])
-        g, H = curvature_model(lam, grad, hess)
-        keep = greedy_select(g, project_submodular(H), budget, alive)  # raises on NaN before any change
+        saved = self._to_svd_form() if self.config.exact_svd else {}
+        try:
+            grad, hess = self.curvature(batches)
+            lam = torch.cat([layer.effective_lambda(self.adapter).detach().double() for layer in self.layers.values()])
+            alive = torch.cat([layer.sublora_mask[self.adapter] > 0 for layer in self.layers.values()])
+            g, H = curvature_model(lam, grad, hess)
+            keep = greedy_select(g, project_submodular(H), budget, alive)  # raises on NaN before any change
+        except BaseException:
+            self._restore(saved)  # the model as it was before the call
+            raise
         keep = _agree_across_ranks(keep)
-        offset = 0
+        offset, unchanged = 0, []
         with torch.no_grad():
-            for layer in self.layers.values():
+            for name, layer in self.layers.items():
                 mask = layer.sublora_mask[self.adapter]
-                mask.copy_(keep[offset : offset + mask.numel()].to(mask.dtype))
+                new = keep[offset : offset + mask.numel()].to(mask.dtype)
                 offset += mask.numel()
+                if torch.equal(new, mask):
+                    unchanged.append(name)
+                    continue
+                mask.copy_(new)
+                if self.config.exact_svd:
+                    for store in (layer.sublora_P, layer.sublora_lambda, layer.sublora_Q):
+                        optimizer.state.pop(store[self.adapter], None)
+        self._restore({name: saved[name] for name in unchanged if name in saved})
         self.model.zero_grad(set_to_none=True)
         ranks = self.ranks()
         self.history.append({"step": step, "budget": budget, "ranks": ranks})
         return ranks
+
+    def _to_svd_form(self) -> dict[str, list[torch.Tensor]]:
+        """Rewrite every module in SVD form; returns copies of the factors and masks as they were."""
+        saved = {}
+        for name, layer in self.layers.items():
+            stores = (layer.sublora_P, layer.sublora_lambda, layer.sublora_Q, layer.sublora_mask)
+            saved[name] = [store[self.adapter].detach().clone() for store in stores]
+            layer.to_svd_form(self.adapter)
+        return saved
+
+    @torch.no_grad()
+    def _restore(self, saved: dict[str, list[torch.Tensor]]) -> None:
+        for name, values in saved.items():
+            layer = self.layers[name]
+            stores = (layer.sublora_P, layer.sublora_lambda, layer.sublora_Q, layer.sublora_mask)
+            for store, value in zip(stores, values, strict=True):
+                store[self.adapter].copy_(value)
 
     def orthogonality_penalty(self) -> torch.Tensor:
         """AdaLoRA's regulariser: the mean over all P and Q of |P^T P - I|_F and |Q Q^T - I|_F."""
