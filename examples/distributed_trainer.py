@@ -68,7 +68,16 @@ def main() -> None:
             [],
         )
     else:
-        config = SubLoRAConfig(r=8, target_r=4, target_modules=["q_proj", "v_proj"], t_init=5, t_final=10, delta_t=5)
+        # this script always runs DeepSpeed, whose optimizer cannot restart statistics per parameter (exact_svd)
+        config = SubLoRAConfig(
+            r=8,
+            target_r=4,
+            target_modules=["q_proj", "v_proj"],
+            t_init=5,
+            t_final=10,
+            delta_t=5,
+            exact_svd=False,
+        )
         callbacks = [SubLoRACallback()]
     model = get_peft_model(base, config)
     trainer = Trainer(model=model, args=args, train_dataset=Patterns(), callbacks=callbacks)
