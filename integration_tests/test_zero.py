@@ -27,7 +27,8 @@ WORKER = ROOT / "integration_tests" / "zero_worker.py"
 sys.path.insert(0, str(WORKER.parent))
 from zero_worker import SEAL_KEY, eval_batch, family  # noqa: E402
 
-# stage None: plain data parallel (DDP over gloo), the multi-process setup ODELoRA supports
+# stage None: plain data parallel (DDP over gloo), the multi-process setup ODELoRA supports and the one where
+# SubLoRA's exact_svd runs
 WORKING = [
     ("state-ctrl", 2),
     ("state-ctrl", 3),
@@ -35,6 +36,7 @@ WORKING = [
     ("seal", 2),
     ("seal", 3),
     ("sublora", 2),
+    ("sublora", None),
     ("odelora", None),
 ]
 REFUSED = [("odelora", 2), ("odelora", 3), ("sublora", 3)]

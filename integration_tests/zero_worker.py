@@ -39,7 +39,7 @@ def dataset(method: str):
     return Topics(32) if family(method) == "bert" else Pattern(32)
 
 
-def adapter_config(method: str):
+def adapter_config(method: str, stage: int | None):
     from peft_ctrl import SealConfig, StateCtrlConfig, SubLoRAConfig
 
     if method == "state-ctrl":
@@ -57,7 +57,7 @@ def adapter_config(method: str):
             t_final=3,
             delta_t=2,
             hessian="exact",
-            exact_svd=False,  # refused under DeepSpeed (its optimizer state cannot be restarted per parameter)
+            exact_svd=stage is None,  # refused under DeepSpeed (its optimizer cannot restart statistics per parameter)
         )
     from peft import LoraConfig  # ODELoRA trains plain LoRA factors
 
@@ -101,7 +101,7 @@ def main() -> None:
 
     from trainer_callbacks import ODELoRATrainer, SubLoRACallback
 
-    model = get_peft_model(build(family(options.method)), adapter_config(options.method))
+    model = get_peft_model(build(family(options.method)), adapter_config(options.method, options.stage))
     callbacks = [SubLoRACallback()] if options.method == "sublora" else []
     kwargs = {"model": model, "args": args, "train_dataset": dataset(options.method), "callbacks": callbacks}
     trainer = ODELoRATrainer(scheme="heun", **kwargs) if options.method == "odelora" else Trainer(**kwargs)

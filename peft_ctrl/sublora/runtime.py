@@ -244,6 +244,7 @@ class RankAllocator:
             stores = (layer.sublora_P, layer.sublora_lambda, layer.sublora_Q, layer.sublora_mask)
             saved[name] = [store[self.adapter].detach().clone() for store in stores]
             layer.to_svd_form(self.adapter)
+            _broadcast_from_rank0([store[self.adapter] for store in stores])
         return saved
 
     @torch.no_grad()
@@ -317,6 +318,18 @@ def _agree_across_ranks(keep: torch.Tensor) -> torch.Tensor:
     flags = keep.to(device=_comm_device(keep), dtype=torch.uint8)
     torch.distributed.broadcast(flags, src=0)
     return flags.to(keep.device).bool()
+
+
+@torch.no_grad()
+def _broadcast_from_rank0(tensors: list[torch.Tensor]) -> None:
+    """Rank 0's values on every rank of a multi-process run (each rank rewrites the same factors, but the
+    replicas must not depend on floating-point details of the factorisations)."""
+    if rank_and_world()[1] == 1:
+        return
+    for t in tensors:
+        moved = t.detach().to(_comm_device(t))
+        torch.distributed.broadcast(moved, src=0)
+        t.copy_(moved.to(t.device))
 
 
 def _hvp_rows(flat_grad: torch.Tensor, params: list[torch.Tensor], probes: torch.Tensor) -> torch.Tensor:
