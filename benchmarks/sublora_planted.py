@@ -42,31 +42,9 @@ from peft_ctrl.sublora.runtime import RankAllocator
 STEPS, T_INIT, T_FINAL, DELTA_T, LR, INIT_R = 800, 300, 200, 25, 5e-3, 8
 # "sublora-block" is SubLoRA's default setting; the exact Hessian and the Fisher variants are compared on the
 # MLPs, where they are cheap (on llama the exact Hessian costs one backward per component).
-METHODS = {
-    "mlp": [
-        "sublora-block",
-        "sublora-block-orth",
-        "sublora-block-maskonly",
-        "sublora",
-        "sublora-fisher",
-        "sublora-diag",
-        "adalora",
-        "lora",
-        "lora-oracle",
-    ],
-    "deep-mlp": [
-        "sublora-block",
-        "sublora-block-orth",
-        "sublora-block-maskonly",
-        "sublora",
-        "sublora-fisher",
-        "sublora-diag",
-        "adalora",
-        "lora",
-        "lora-oracle",
-    ],
-    "llama": ["sublora-block", "sublora-block-orth", "sublora-block-maskonly", "adalora", "lora", "lora-oracle"],
-}
+LLAMA_METHODS = ["sublora-block", "sublora-block-orth", "sublora-block-maskonly", "adalora", "lora", "lora-oracle"]
+MLP_METHODS = [*LLAMA_METHODS[:3], "sublora", "sublora-fisher", "sublora-diag", *LLAMA_METHODS[3:]]
+METHODS = {"mlp": MLP_METHODS, "deep-mlp": MLP_METHODS, "llama": LLAMA_METHODS}
 CURVATURE_SAMPLES = {"exact": 64, "block": 16, "fisher": 16, "diag": 16}  # block: the default setting
 
 
