@@ -37,8 +37,8 @@ class SubLoRAConfig(PeftConfig):
             many parts for ``"fisher"``/``"diag"``). 16 by default: on the LLaMA-shaped planted benchmark 8 gave
             3x the final loss, 32 no better at about 1.7x the allocation time.
         exact_svd (`bool`): Before each allocation, rewrite every module's kept components as the exact singular
-            triplets of its delta W (same outputs), so components are orthogonal and masking one is a best
-            truncation; modules that lose components keep that form and restart their optimizer statistics.
+            triplets of its delta W (same outputs), so components are orthogonal and masking removes whole
+            triplets; modules that lose components keep that form and restart their optimizer statistics.
             Needs the optimizer (``RankAllocator.allocate(..., optimizer=...)``; the callback passes the
             Trainer's) and is refused under DeepSpeed, whose optimizer state cannot be restarted per
             parameter. Measured in docs/sublora.md: it takes the PINN error below fixed-rank LoRA's and
