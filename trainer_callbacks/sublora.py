@@ -65,13 +65,15 @@ class SubLoRACallback(TrainerCallback):
         stage = deepspeed_stage(args)
         check_stage("sublora", stage)
         config = getattr(model, "peft_config", {}).get(self.adapter_name)
-        if stage is not None and config is not None and config.orth_reg_weight > 0:
+        if stage is None or config is None:
+            return
+        if config.orth_reg_weight > 0:
             raise ValueError(
                 "SubLoRA's orthogonality regulariser adds its gradient before the optimizer step, but under "
                 "DeepSpeed the engine owns the gradients (callbacks see none). Set orth_reg_weight=0, or train "
                 "without DeepSpeed (single process or torchrun data parallel)."
             )
-        if stage is not None and config is not None and config.exact_svd:
+        if config.exact_svd:
             raise ValueError(
                 "SubLoRAConfig(exact_svd=True) rewrites the adapter factors at each allocation and restarts their "
                 "optimizer statistics, which DeepSpeed's optimizer keeps in flat per-group buffers with one shared "

@@ -47,6 +47,11 @@ class SubLoRALayer(nn.Module, BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
         self.sublora_mask[adapter_name].requires_grad_(False)
 
+    def components(self, adapter: str) -> tuple[nn.Parameter, nn.Parameter, nn.Parameter, nn.Parameter]:
+        """The adapter's (P, lambda, Q, mask) parameters."""
+        stores = (self.sublora_P, self.sublora_lambda, self.sublora_Q, self.sublora_mask)
+        return tuple(store[adapter] for store in stores)
+
     def rank(self, adapter: str) -> int:
         return int(self.sublora_mask[adapter].sum())
 
@@ -65,9 +70,7 @@ class SubLoRALayer(nn.Module, BaseTunerLayer):
 
         Costs two thin QR factorisations and the SVD of a k x k matrix (k kept components), never an SVD of W.
         """
-        P, Q, lam, mask = (
-            store[adapter] for store in (self.sublora_P, self.sublora_Q, self.sublora_lambda, self.sublora_mask)
-        )
+        P, lam, Q, mask = self.components(adapter)
         kept = mask > 0
         k = int(kept.sum())
         if k == 0:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -229,8 +229,8 @@ class RankAllocator:
                     continue
                 mask.copy_(new)
                 if self.config.exact_svd:
-                    for store in (layer.sublora_P, layer.sublora_lambda, layer.sublora_Q):
-                        optimizer.state.pop(store[self.adapter], None)
+                    for factor in layer.components(self.adapter)[:3]:
+                        optimizer.state.pop(factor, None)
         self._restore({name: saved[name] for name in unchanged if name in saved})
         self.model.zero_grad(set_to_none=True)
         ranks = self.ranks()
@@ -241,19 +241,16 @@ class RankAllocator:
         """Rewrite every module in SVD form; returns copies of the factors and masks as they were."""
         saved = {}
         for name, layer in self.layers.items():
-            stores = (layer.sublora_P, layer.sublora_lambda, layer.sublora_Q, layer.sublora_mask)
-            saved[name] = [store[self.adapter].detach().clone() for store in stores]
+            saved[name] = [t.detach().clone() for t in layer.components(self.adapter)]
             layer.to_svd_form(self.adapter)
-            _broadcast_from_rank0([store[self.adapter] for store in stores])
+            _broadcast_from_rank0(layer.components(self.adapter)[:3])  # the masks already agree
         return saved
 
     @torch.no_grad()
     def _restore(self, saved: dict[str, list[torch.Tensor]]) -> None:
         for name, values in saved.items():
-            layer = self.layers[name]
-            stores = (layer.sublora_P, layer.sublora_lambda, layer.sublora_Q, layer.sublora_mask)
-            for store, value in zip(stores, values, strict=True):
-                store[self.adapter].copy_(value)
+            for t, value in zip(self.layers[name].components(self.adapter), values, strict=True):
+                t.copy_(value)
 
     def orthogonality_penalty(self) -> torch.Tensor:
         """AdaLoRA's regulariser: the mean over all P and Q of |P^T P - I|_F and |Q Q^T - I|_F."""
@@ -313,15 +310,13 @@ def _sum_across_ranks(t: torch.Tensor) -> torch.Tensor:
 def _agree_across_ranks(keep: torch.Tensor) -> torch.Tensor:
     """Rank 0's selection on every rank of a multi-process run (every rank selects from the same summed
     curvature, but the masks must not depend on floating-point details)."""
-    if rank_and_world()[1] == 1:
-        return keep
-    flags = keep.to(device=_comm_device(keep), dtype=torch.uint8)
-    torch.distributed.broadcast(flags, src=0)
-    return flags.to(keep.device).bool()
+    flags = keep.to(torch.uint8)
+    _broadcast_from_rank0([flags])
+    return flags.bool()
 
 
 @torch.no_grad()
-def _broadcast_from_rank0(tensors: list[torch.Tensor]) -> None:
+def _broadcast_from_rank0(tensors: Iterable[torch.Tensor]) -> None:
     """Rank 0's values on every rank of a multi-process run (each rank rewrites the same factors, but the
     replicas must not depend on floating-point details of the factorisations)."""
     if rank_and_world()[1] == 1:
