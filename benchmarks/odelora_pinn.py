@@ -125,9 +125,12 @@ def finetune(base: MLP, method: str, lr: float, seed: int) -> tuple[float, list[
     curve, evals = [rel_l2(model, True)], 0
     while evals + per_step <= BUDGET:
         opt.zero_grad()
-        closure()
         try:
-            opt.step(closure) if isinstance(opt, ODELoRA) else opt.step()
+            if isinstance(opt, ODELoRA):
+                opt.step(closure)  # evaluates the closure first, like torch.optim
+            else:  # peft's Riemannian optimizer refuses closures
+                closure()
+                opt.step()
         except FloatingPointError:
             return math.inf, curve
         evals += per_step

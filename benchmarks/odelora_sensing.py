@@ -85,11 +85,11 @@ def run(problem: SensingProblem, method: str, lr: float, reg: float = 1e-2, r: i
     start = time.perf_counter()
     while evals < BUDGET and errors[-1] > TARGET:
         opt.zero_grad()
-        closure()
         try:
             if isinstance(opt, ODELoRA):
-                opt.step(closure)
-            else:
+                opt.step(closure)  # evaluates the closure first, like torch.optim
+            else:  # peft's Riemannian optimizer refuses closures
+                closure()
                 opt.step()
         except FloatingPointError:
             errors.append(math.inf)

@@ -72,7 +72,6 @@ def _flow(h: float, steps: int, scheme: str) -> torch.Tensor:
 
     for _ in range(steps):
         opt.zero_grad()
-        closure()
         opt.step(closure)
     return (B @ A).detach()
 
@@ -99,7 +98,6 @@ def test_sensing_converges_from_peft_default_init_and_stays_balanced(scheme):
 
     for _ in range(300):
         opt.zero_grad()
-        closure()
         opt.step(closure)
         pair = opt.pairs[0]
         assert imbalance(pair.B, pair.A) < 1e-3
@@ -200,5 +198,39 @@ def test_partitioned_or_wrapped_factors_are_refused():
     opt.param_groups[0]["params"] = [flat]  # what ZeRO-1/2 does to a client optimizer
     output(model, inputs("llama")).sum().backward()
     with pytest.raises(RuntimeError, match="replaced.*Supported setups"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("scheme", ["euler", "heun", "rk4"])
+def test_step_with_a_closure_evaluates_it_first_like_torch_optim(scheme):
+    """``closure`` zeroes the gradients, runs forward and backward and returns the loss; no backward before step."""
+    problem = SensingProblem.make(12, 12, 2, 10.0, 150)
+    model = problem.model(2)
+    opt = create_odelora_optimizer(model, lr=0.5, scheme=scheme)
+    calls = []
+
+    def closure():
+        opt.zero_grad()
+        loss = problem.loss(model)
+        loss.backward()
+        calls.append(float(loss.detach()))
+        return loss
+
+    start = problem.error(model)
+    for step in range(40):
+        before = [p.detach().clone() for p in opt.param_groups[0]["params"]]
+        loss = opt.step(closure)
+        assert float(loss.detach()) == calls[-opt.evaluations_per_step]  # the loss at the start point, as torch.optim
+        assert any(not torch.equal(a, b) for a, b in zip(before, opt.param_groups[0]["params"], strict=True)), step
+    assert len(calls) == 40 * opt.evaluations_per_step
+    assert problem.error(model) < 0.5 * start
+
+
+def test_step_without_gradients_or_closure_is_an_error_and_changes_nothing():
+    model = get_peft_model(build("llama"), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    opt = create_odelora_optimizer(model, lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="no gradient.*backward.*closure"):
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))

@@ -196,7 +196,7 @@ def test_passport_p_values_are_uniform_enough_under_the_null(released):
 def test_bad_input_gets_clear_errors_and_writes_nothing(released, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="use at least 16"):
         SealConfig(r=4, key="short")
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match="SealConfig.r must be an integer >= 1"):
         SealConfig(r=0)
     with pytest.raises(ValueError, match="does not match"):
         release(released / "sealed", tmp_path / "out", tmp_path / "proof", key="wrong-key-0123456789abc")

@@ -292,13 +292,65 @@ def test_attention_controller_mixes_tokens_and_ignores_padding():
     assert not torch.allclose(output(linear, batch), ref)
 
 
-def test_attention_controller_refuses_kv_cache_decoding():
-    model = adapted("llama", controller="attention", init_weights=False)
-    prompt = inputs("llama", batch=1, seq=4)
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_attention_controller_refuses_kv_cache_decoding(family):
+    model = adapted(family, controller="attention", init_weights=False)
+    prompt = inputs(family, batch=1, seq=4)
     no_cache = model.generate(**prompt, max_new_tokens=3, do_sample=False, use_cache=False)
     assert no_cache.shape[1] == 7
     with pytest.raises(ValueError, match="KV cache"):
         model.generate(**prompt, max_new_tokens=3, do_sample=False, use_cache=True)
+
+
+class _FakeCache:
+    """Any object with ``get_seq_length`` counts as a KV cache, whatever the argument is called."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"past_key_values": _FakeCache(4)}, True),  # transformers <= 5.23
+        ({"cache": _FakeCache(4)}, True),  # transformers >= 5.24
+        ({"some_future_name": _FakeCache(4)}, True),
+        ({"cache": _FakeCache(0)}, False),  # the prefill of a generate call
+        ({"past_key_values": ((torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8)),)}, True),  # legacy tuples
+        ({"cache_position": torch.tensor([4])}, True),
+        ({"cache_position": torch.arange(4)}, False),
+        ({"attention_mask": torch.ones(1, 5)}, True),  # more mask columns than tokens fed
+        ({"attention_mask": torch.ones(1, 1)}, False),
+        ({}, False),
+    ],
+)
+def test_incremental_decoding_is_detected_whatever_the_cache_argument_is_called(kwargs, expected):
+    from peft_ctrl.state_ctrl.layer import continues_a_cache
+
+    assert continues_a_cache((), {"input_ids": torch.zeros(1, 1, dtype=torch.long), **kwargs}) is expected
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("cache_name", ["past_key_values", "cache"])
+def test_attention_controller_refuses_a_filled_cache_under_either_calling_convention(family, cache_name):
+    import transformers
+
+    model = adapted(family, controller="attention", init_weights=False)
+    prompt = inputs(family, batch=1, seq=4)
+    cache = transformers.DynamicCache()
+    with model.disable_adapter():
+        model(**prompt, **{cache_name: cache}, use_cache=True)
+    if cache.get_seq_length() == 0:  # this transformers does not take the cache under this name
+        cache = _FakeCache(4)
+    step = {"input_ids": prompt["input_ids"][:, -1:], "attention_mask": torch.ones(1, 5, dtype=torch.long)}
+    with pytest.raises(ValueError, match="KV cache"):
+        model(**step, **{cache_name: cache}, use_cache=True)
+    del step["attention_mask"]  # transformers drops an all-ones mask: the cache alone must be enough
+    with pytest.raises(ValueError, match="KV cache"):
+        model(**step, **{cache_name: cache}, use_cache=True)
 
 
 def test_attention_controller_needs_causality_for_unknown_models():
@@ -342,11 +394,11 @@ def test_bridges_matching_nothing():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"r": 0}, "positive integer"),
-        ({"r": -3}, "positive integer"),
-        ({"r": 2.5}, "positive integer"),
-        ({"blocks": "ffn"}, "`blocks` must be one of"),
-        ({"controller": "mlp"}, "`controller` must be one of"),
+        ({"r": 0}, r"StateCtrlConfig.r must be an integer >= 1, got 0"),
+        ({"r": -3}, r"StateCtrlConfig.r must be an integer >= 1"),
+        ({"r": 2.5}, r"StateCtrlConfig.r must be an integer >= 1"),
+        ({"blocks": "ffn"}, "StateCtrlConfig.blocks must be one of"),
+        ({"controller": "mlp"}, "StateCtrlConfig.controller must be one of"),
         ({"dropout": 1.0}, "dropout"),
         ({"alpha": float("nan")}, "alpha"),
         ({"blocks": "mlp", "bridges": [("a", "b")]}, "either `blocks`"),

@@ -119,7 +119,7 @@ def test_curvature_estimators(hessian):
 def test_budget_and_schedule_errors():
     with pytest.raises(ValueError, match="exactly one of target_r"):
         SubLoRAConfig(r=4, target_modules=TARGETS)
-    with pytest.raises(ValueError, match="budget must be positive"):
+    with pytest.raises(ValueError, match="SubLoRAConfig.budget must be an integer >= 1"):
         SubLoRAConfig(r=4, budget=0, target_modules=TARGETS)
     with pytest.raises(ValueError, match="must be smaller than total_step"):
         SubLoRAConfig(r=4, target_r=2, t_init=10, t_final=10, total_step=20, target_modules=TARGETS)

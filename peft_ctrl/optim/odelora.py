@@ -119,9 +119,10 @@ SUPPORTED_SETUPS = (
 class ODELoRA(torch.optim.Optimizer):
     """Integrates the ODELoRA flow on every LoRA pair; other trainable parameters follow plain gradient flow.
 
-    Build it with ``create_odelora_optimizer``. ``step()`` uses the gradients already in ``.grad`` as the
-    first evaluation; Heun and RK4 need ``step(closure)`` where ``closure()`` re-evaluates the loss and its
-    gradients on the same batch at the current parameters (it need not zero the gradients).
+    Build it with ``create_odelora_optimizer``. Like ``torch.optim`` optimizers, ``step(closure)`` evaluates
+    ``closure()`` (forward and backward on one batch, returning the loss; it need not zero the gradients)
+    before stepping, and ``step()`` uses the gradients already in ``.grad``. Heun and RK4 re-evaluate at
+    intermediate points, so they need a closure.
     """
 
     def __init__(
@@ -202,22 +203,40 @@ class ODELoRA(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """One integration step; returns the loss of ``closure``'s first evaluation (``None`` without a closure).
+
+        As in ``torch.optim``, ``step(closure)`` evaluates ``closure()`` (forward and backward) first, so no
+        ``backward()`` is needed before it; ``step()`` uses the gradients already in ``.grad``. Heun and RK4
+        re-evaluate the closure (or the one handed over by ``set_closure``) at their intermediate points.
+        """
+        stage_closure = closure
         if closure is None:
-            closure, self._pending_closure = self._pending_closure, None
-        if self.scheme != "euler" and closure is None:
+            stage_closure, self._pending_closure = self._pending_closure, None
+        if self.scheme != "euler" and stage_closure is None:
             raise ValueError(
                 f"scheme={self.scheme!r} evaluates gradients at intermediate points and needs step(closure); "
                 "with transformers.Trainer use trainer_callbacks.ODELoRATrainer, which passes one."
             )
         self._check_not_repartitioned()
         t = self._step_count()
-        if t == 0:
-            self._rebalance_all(carry_gradients=True)
+        loss = None
+        if closure is not None:
+            if t == 0:
+                self._rebalance_all()
+            loss, k1 = self._evaluate(closure)
+        else:
+            if all(p.grad is None for p in self._params()):
+                raise ValueError(
+                    "ODELoRA.step() found no gradient on any parameter: call loss.backward() before step(), or "
+                    "pass step(closure) with a closure that runs the forward and backward pass and returns the "
+                    "loss (torch.optim's convention). Nothing was changed."
+                )
+            if t == 0:
+                self._rebalance_all(carry_gradients=True)
+            k1 = self._directions()
         ramp = min(1.0, (t + 1) / self.warmup_steps) if self.warmup_steps else 1.0
         h = {p: group["lr"] * ramp for group in self.param_groups for p in group["params"]}
         y0 = {p: _work(p.detach()).clone() for p in self._params()}
-        k1 = self._directions()
-        loss = None
         try:
             if self.scheme == "euler":
                 total = k1
@@ -230,8 +249,7 @@ class ODELoRA(torch.optim.Optimizer):
                     offsets, weights = (0.5, 0.5, 1.0), (1 / 6, 1 / 3, 1 / 3, 1 / 6)
                 for c in offsets:
                     self._assign({p: y0[p] + c * h[p] * stages[-1][p] for p in y0})
-                    loss, k = self._evaluate(closure)
-                    stages.append(k)
+                    stages.append(self._evaluate(stage_closure)[1])
                 total = {p: sum(w * k[p] for w, k in zip(weights, stages, strict=True)) for p in y0}
             self._assign({p: y0[p] + h[p] * total[p] for p in y0})
             self._rebalance_all()

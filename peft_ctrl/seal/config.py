@@ -5,6 +5,8 @@ from dataclasses import InitVar, dataclass, field
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from peft_ctrl._checks import check_bool, check_float, check_int, check_probability
+
 from .keys import check_commitment, commitment, new_salt, resolve_key
 
 
@@ -61,10 +63,10 @@ class SealConfig(PeftConfig):
         self.peft_type = PeftType.SEAL
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
-        if self.r <= 0:
-            raise ValueError(f"SealConfig.r must be a positive integer, got {self.r}.")
-        if not 0 <= self.lora_dropout < 1:
-            raise ValueError(f"SealConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        check_int("SealConfig.r", self.r, low=1)
+        self.lora_alpha = check_float("SealConfig.lora_alpha", self.lora_alpha, 0.0, low_open=True)
+        self.lora_dropout = check_probability("SealConfig.lora_dropout", self.lora_dropout)
+        check_bool("SealConfig.init_weights", self.init_weights)
         if (self.commitment is None) != (self.salt is None):
             raise ValueError("SealConfig needs both commitment and salt, or neither (they are filled together).")
         self._key = resolve_key(key) if key is not None else None

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
+
+from peft_ctrl._checks import check_bool, check_choice, check_float, check_int, check_probability
 
 BLOCKS = ("mlp", "attn", "both")
 CONTROLLERS = ("linear", "attention")
@@ -95,16 +96,16 @@ class StateCtrlConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.STATE_CTRL
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"`r` must be a positive integer (the rank of the control edge), got {self.r!r}.")
-        if not math.isfinite(float(self.alpha)):
-            raise ValueError(f"`alpha` must be a finite number, got {self.alpha!r}.")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout!r}.")
-        if self.controller not in CONTROLLERS:
-            raise ValueError(f"`controller` must be one of {CONTROLLERS}, got {self.controller!r}.")
-        if self.blocks is not None and self.blocks not in BLOCKS:
-            raise ValueError(f"`blocks` must be one of {BLOCKS}, got {self.blocks!r}.")
+        check_int("StateCtrlConfig.r", self.r, low=1)
+        self.alpha = check_float("StateCtrlConfig.alpha", self.alpha)
+        self.dropout = check_probability("StateCtrlConfig.dropout", self.dropout)
+        check_choice("StateCtrlConfig.controller", self.controller, CONTROLLERS)
+        if self.blocks is not None:
+            check_choice("StateCtrlConfig.blocks", self.blocks, BLOCKS)
+        if self.causal is not None:
+            check_bool("StateCtrlConfig.causal", self.causal)
+        check_bool("StateCtrlConfig.fused", self.fused)
+        check_bool("StateCtrlConfig.init_weights", self.init_weights)
         if self.bridges is not None:
             if self.blocks is not None:
                 raise ValueError(
@@ -116,6 +117,9 @@ class StateCtrlConfig(PeftConfig):
                 raise ValueError("`bridges` is empty; give at least one (head, tail) pair or leave it unset.")
         if isinstance(self.layers_to_transform, list) and not self.layers_to_transform:
             raise ValueError("`layers_to_transform` is empty; leave it unset to bridge every layer.")
+        layers = self.layers_to_transform
+        for index in [layers] if layers is not None and not isinstance(layers, list) else layers or []:
+            check_int("StateCtrlConfig.layers_to_transform", index, low=0)
         if self.modules_to_save is not None:
             self.modules_to_save = list(self.modules_to_save)
 

@@ -29,6 +29,56 @@ class ForwardContext:
         self.attention_mask: torch.Tensor | None = None
         self.has_past: bool = False
 
+    def record(self, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Read one top-level forward call's arguments."""
+        mask = kwargs.get("attention_mask")
+        self.attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        self.has_past = continues_a_cache(args, kwargs)
+
+
+def _cache_length(value: Any) -> int | None:
+    """Tokens held by a KV cache object (transformers ``Cache`` or anything with ``get_seq_length``), a legacy
+    tuple-of-tensors cache, or ``None`` when ``value`` is not a cache."""
+    if hasattr(value, "get_seq_length"):
+        return int(value.get_seq_length())
+    if isinstance(value, (tuple, list)) and value:
+        first = value[0]
+        while isinstance(first, (tuple, list)) and first:
+            first = first[0]
+        if isinstance(first, torch.Tensor) and first.dim() == 4:  # (batch, heads, tokens, head_dim)
+            return first.shape[-2]
+    return None
+
+
+def _token_count(args: tuple, kwargs: dict[str, Any]) -> int | None:
+    for name in ("input_ids", "inputs_embeds"):
+        value = kwargs.get(name)
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            return value.shape[1]
+    if args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2:
+        return args[0].shape[1]
+    return None
+
+
+def continues_a_cache(args: tuple, kwargs: dict[str, Any]) -> bool:
+    """Whether a forward call decodes incrementally, i.e. its tokens extend a KV cache filled by earlier calls.
+
+    Independent of the name under which transformers passes the cache (``past_key_values`` up to 5.23, ``cache``
+    from 5.24): any argument that is a non-empty cache counts, and so does a ``cache_position`` starting after 0
+    or a 2-D attention mask covering more tokens than the call feeds.
+    """
+    for key, value in (*enumerate(args), *kwargs.items()):
+        if key in ("input_ids", "inputs_embeds", "attention_mask"):
+            continue
+        length = _cache_length(value)
+        if length:
+            return True
+    position = kwargs.get("cache_position")
+    if isinstance(position, torch.Tensor) and position.numel() and int(position.reshape(-1)[0]) > 0:
+        return True
+    mask, tokens = kwargs.get("attention_mask"), _token_count(args, kwargs)
+    return isinstance(mask, torch.Tensor) and mask.dim() == 2 and tokens is not None and mask.shape[-1] > tokens
+
 
 def first_tensor(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
     """The residual state passed to a head module: its first positional tensor or ``hidden_states``."""

@@ -138,16 +138,7 @@ class StateCtrlModel(BaseTuner):
             self.__dict__["_call_hook"] = model.register_forward_pre_hook(self._record_call, with_kwargs=True)
 
     def _record_call(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        context = self.__dict__["_context"]
-        mask = kwargs.get("attention_mask")
-        context.attention_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        past = kwargs.get("past_key_values")
-        if past is None:
-            context.has_past = False
-        elif hasattr(past, "get_seq_length"):
-            context.has_past = past.get_seq_length() > 0
-        else:
-            context.has_past = bool(past)
+        self.__dict__["_context"].record(args, kwargs)
 
     def _check_target_module_exists(self, peft_config: StateCtrlConfig, key: str) -> bool:
         return key in self.__dict__["_plan"]

@@ -6,6 +6,8 @@ from typing import Literal
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from peft_ctrl._checks import check_bool, check_choice, check_float, check_int, check_probability
+
 HESSIANS = ("exact", "block", "fisher", "diag")
 
 
@@ -48,6 +50,9 @@ class SubLoRAConfig(PeftConfig):
             step, whatever the model returns. Off by default: ``exact_svd`` makes the components exactly
             orthogonal where it matters (at each selection); at 0.01 the regulariser raised the planted-rank
             benchmark's final loss on every problem (docs/sublora.md), at 0.1 a hundredfold.
+        init_weights (`bool`): ``True`` (default): lambda = 0 (AdaLoRA's initialisation), so the adapted model
+            starts as the base model. ``False``: lambda drawn from N(0, 1), so the adapter changes the output from
+            the start (for tests, as with peft's ``init_lora_weights=False``).
         rank_pattern (`dict[str, int]`, *optional*): Kept components per module after truncation (filled
             automatically; used when loading).
         modules_to_save (`list[str]`, *optional*): Extra modules trained and saved in full.
@@ -73,6 +78,10 @@ class SubLoRAConfig(PeftConfig):
         default=True, metadata={"help": "Rewrite kept components as exact singular triplets at each allocation."}
     )
     orth_reg_weight: float = field(default=0.0, metadata={"help": "Weight of the orthogonality regulariser."})
+    init_weights: bool = field(
+        default=True,
+        metadata={"help": "True: lambda = 0, so the model starts as the base model. False: random lambda (tests)."},
+    )
     rank_pattern: dict[str, int] | None = field(
         default=None, metadata={"help": "Kept components per module after truncation (filled automatically)."}
     )
@@ -85,18 +94,27 @@ class SubLoRAConfig(PeftConfig):
         self.peft_type = PeftType.SUBLORA
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
-        if self.r <= 0:
-            raise ValueError(f"SubLoRAConfig.r must be positive, got {self.r}.")
+        check_int("SubLoRAConfig.r", self.r, low=1)
         if (self.target_r is None) == (self.budget is None):
             raise ValueError("Give exactly one of target_r (kept components per module) or budget (total).")
-        if self.target_r is not None and not 0 < self.target_r <= self.r:
-            raise ValueError(f"target_r must be in (0, r={self.r}], got {self.target_r}.")
-        if self.budget is not None and self.budget <= 0:
-            raise ValueError(f"budget must be positive, got {self.budget}.")
-        if self.hessian not in HESSIANS:
-            raise ValueError(f"Unknown hessian {self.hessian!r}; choose one of {HESSIANS}.")
-        if self.delta_t <= 0 or self.t_init < 0 or self.t_final < 0 or self.curvature_samples <= 0:
-            raise ValueError("delta_t and curvature_samples must be positive, t_init and t_final non-negative.")
+        if self.target_r is not None:
+            check_int("SubLoRAConfig.target_r", self.target_r, low=1, high=self.r)
+        if self.budget is not None:
+            check_int("SubLoRAConfig.budget", self.budget, low=1)
+        self.lora_alpha = check_float("SubLoRAConfig.lora_alpha", self.lora_alpha, 0.0, low_open=True)
+        self.lora_dropout = check_probability("SubLoRAConfig.lora_dropout", self.lora_dropout)
+        check_choice("SubLoRAConfig.hessian", self.hessian, HESSIANS)
+        check_int("SubLoRAConfig.t_init", self.t_init, low=0)
+        check_int("SubLoRAConfig.t_final", self.t_final, low=0)
+        check_int("SubLoRAConfig.delta_t", self.delta_t, low=1)
+        check_int("SubLoRAConfig.curvature_samples", self.curvature_samples, low=1)
+        if self.total_step is not None:
+            check_int("SubLoRAConfig.total_step", self.total_step, low=1)
+        check_bool("SubLoRAConfig.exact_svd", self.exact_svd)
+        check_bool("SubLoRAConfig.init_weights", self.init_weights)
+        self.orth_reg_weight = check_float("SubLoRAConfig.orth_reg_weight", self.orth_reg_weight, 0.0)
+        for module, rank in (self.rank_pattern or {}).items():
+            check_int(f"SubLoRAConfig.rank_pattern[{module!r}]", rank, low=0, high=self.r)
         if self.total_step is not None:
             self.check_schedule(self.total_step)
 

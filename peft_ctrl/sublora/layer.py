@@ -34,12 +34,21 @@ class SubLoRALayer(nn.Module, BaseTunerLayer):
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.update_layer(adapter_name, **kwargs)
 
-    def update_layer(self, adapter_name: str, r: int, scaling: float, dropout: float, inference_mode: bool = False):
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        scaling: float,
+        dropout: float,
+        init_weights: bool = True,
+        inference_mode: bool = False,
+    ) -> None:
         weight = self.base_layer.weight
         # AdaLoRA's initialisation: P, Q small random, lambda = 0, so the adapted model starts as the base.
         self.sublora_P[adapter_name] = nn.Parameter(torch.randn(self.out_features, r, device=weight.device) * 0.02)
         self.sublora_Q[adapter_name] = nn.Parameter(torch.randn(r, self.in_features, device=weight.device) * 0.02)
-        self.sublora_lambda[adapter_name] = nn.Parameter(torch.zeros(r, device=weight.device))
+        lam = torch.zeros(r, device=weight.device) if init_weights else torch.randn(r, device=weight.device)
+        self.sublora_lambda[adapter_name] = nn.Parameter(lam)
         self.sublora_mask[adapter_name] = nn.Parameter(torch.ones(r, device=weight.device), requires_grad=False)
         self.sublora_scaling[adapter_name] = scaling
         self.sublora_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

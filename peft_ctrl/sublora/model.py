@@ -34,7 +34,13 @@ class SubLoRAModel(BaseTuner):
                 "target_modules to Linear layers."
             )
         rank = (config.rank_pattern or {}).get(current_key, config.r)
-        kwargs = {"r": rank, "scaling": config.lora_alpha / config.r, "dropout": config.lora_dropout}
+        kwargs = {
+            "r": rank,
+            "scaling": config.lora_alpha / config.r,
+            "dropout": config.lora_dropout,
+            "init_weights": config.init_weights,
+            "inference_mode": config.inference_mode,
+        }
         if isinstance(target, SubLoRALayer):
             target.update_layer(adapter_name, **kwargs)
             return
