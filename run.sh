@@ -1,40 +1,72 @@
 #!/usr/bin/env bash
-# One entry point for a fresh machine: installs what is missing into .venv, then runs a task.
+# One entry point for a fresh machine: installs what is missing into a virtual environment, then runs a task.
 #   bash run.sh finetune [peft-ctrl finetune flags]   the main job (state-ctrl vs PEFT LoRA on MiniLM)
-#   bash run.sh test [pytest flags]                    the test suite
-#   bash run.sh <any command>                          runs the command inside the environment
+#   bash run.sh test [pytest flags]                    the test suite, in the tested environment
+#   bash run.sh compat newest|oldest [pytest flags]    the compatibility subset against the newest releases
+#                                                      of transformers/peft/accelerate, or pyproject's lower bounds
+#   bash run.sh <any command>                          runs the command inside the tested environment
+#
+# The tested environment (.venv) is installed with constraints/tested.txt, so a fresh clone gets the same
+# versions every time; it is reinstalled only when pyproject.toml, run.sh or the constraints change.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-VENV=.venv
-STAMP="$VENV/.peft-ctrl-installed"
-want="$(cat pyproject.toml run.sh | sha256sum | cut -d' ' -f1)"
+# The unit tests plus the single-process Trainer runs: what an upstream release is most likely to break.
+COMPAT_TESTS=(
+    tests
+    integration_tests/test_trainer.py
+    integration_tests/test_odelora_trainer.py
+    integration_tests/test_seal_trainer.py
+    integration_tests/test_sublora_trainer.py
+)
 
-if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
-    echo "[run.sh] installing into $VENV ..." >&2
-    [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-    "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
-        torch_spec="torch>=2.4"          # a GPU machine: the default (CUDA) build
-    else
-        torch_spec="torch==2.13.0"       # no GPU: the CPU build (an unpinned torch pulls a multi-GB CUDA build)
+# install VENV CONSTRAINTS [more pip install arguments]
+# torch is pinned in every constraints file: on a machine without a GPU pip takes the local CPU wheel (an
+# unpinned torch would pull a multi-GB CUDA build); on a GPU machine the same version's default build.
+install() {
+    local venv=$1 constraints=$2
+    shift 2
+    local stamp="$venv/.peft-ctrl-installed" want
+    want="$(cat pyproject.toml run.sh "$constraints" | sha256sum | cut -d' ' -f1)"
+    if [ -x "$venv/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ] && [ $# -eq 0 ]; then
+        return
     fi
-    "$VENV/bin/python" -m pip install -q "$torch_spec" -e ".[dev]"
-    echo "$want" > "$STAMP"
-fi
+    echo "[run.sh] installing into $venv with $constraints ..." >&2
+    [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
+    "$venv/bin/python" -m pip install -q -c "$constraints" torch -e ".[dev]" "$@"
+    echo "$want" > "$stamp"
+}
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 # DeepSpeed compiles its CPU ops (shared-memory comm, Adam) once; keep them in the ignored cache folder.
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions}"
-# shellcheck disable=SC1091
-source "$VENV/bin/activate"
 
 task="${1:-}"
 [ $# -gt 0 ] && shift
+if [ "$task" = compat ]; then
+    which="${1:-}"
+    [ $# -gt 0 ] && shift
+    case "$which" in
+        # --upgrade every time: a kept environment must still follow new releases.
+        newest) install .venv-newest constraints/newest.txt --upgrade transformers peft accelerate ;;
+        oldest) install .venv-oldest constraints/oldest.txt ;;
+        *) echo "usage: bash run.sh compat newest|oldest [pytest flags]" >&2; exit 2 ;;
+    esac
+    # shellcheck disable=SC1090
+    source ".venv-$which/bin/activate"
+    python -c "import peft, torch, transformers; print(f'[run.sh] compat $which: transformers \
+{transformers.__version__}, peft {peft.__version__}, torch {torch.__version__}')"
+    exec python -m pytest -q "${COMPAT_TESTS[@]}" "$@"
+fi
+
+install .venv constraints/tested.txt
+# shellcheck disable=SC1091
+source .venv/bin/activate
 case "$task" in
     finetune) exec peft-ctrl finetune "$@" ;;
     test) exec python -m pytest -q "$@" ;;
-    "") echo "usage: bash run.sh finetune|test|<command> [args]" >&2; exit 2 ;;
+    "") echo "usage: bash run.sh finetune|test|compat newest|oldest|<command> [args]" >&2; exit 2 ;;
     *) exec "$task" "$@" ;;
 esac

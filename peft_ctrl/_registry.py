@@ -7,14 +7,34 @@ round-trips work like for built-in members), then calls the public ``register_pe
 
 ``tests/test_registry.py`` checks every assumption made here, so a peft release that changes them
 fails loudly in CI instead of silently mis-registering a method.
+
+``PeftModel.save_pretrained`` writes files in place, so a failure midway (disk full) would leave a broken or
+mixed adapter where a good one was. ``register`` therefore also wraps it (once) so that adapters of our
+methods are written to a temporary directory and moved into place only when complete (``peft_ctrl.atomic``);
+models holding only upstream methods are saved by peft's own code, unchanged.
+
+peft loads adapter tensors leniently: tensors the model has no place for are skipped, missing ones keep their
+initial values. ``StrictLoadMixin`` (a base of our tuners) hooks the per-method remapping step that peft runs
+on every checkpoint and refuses both, naming the tensors.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
+import inspect
+import os
+from typing import Any
 
+import torch
+from peft import PeftModel, get_peft_model_state_dict
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import PeftType, register_peft_method
+
+from .atomic import atomic_directory
+
+# The PeftTypes registered by this package: their adapters are saved atomically.
+OWN_TYPES: set[PeftType] = set()
 
 
 def add_peft_type(name: str) -> PeftType:
@@ -51,6 +71,8 @@ def register(name: str, config_cls: type, model_cls: type, prefix: str) -> PeftT
     class under an existing name is an error, because it would silently change how saved adapters load.
     """
     peft_type = add_peft_type(name.upper())
+    OWN_TYPES.add(peft_type)
+    install_atomic_save()
     registered = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)
     if registered is not None:
         same = registered.__qualname__ == config_cls.__qualname__ and registered.__module__ == config_cls.__module__
@@ -66,3 +88,97 @@ def register(name: str, config_cls: type, model_cls: type, prefix: str) -> PeftT
         return peft_type
     register_peft_method(name=name, config_cls=config_cls, model_cls=model_cls, prefix=prefix)
     return peft_type
+
+
+def holds_own_adapter(model: PeftModel) -> bool:
+    """Whether ``model`` carries an adapter of one of this package's methods."""
+    return any(config.peft_type in OWN_TYPES for config in model.peft_config.values())
+
+
+def install_atomic_save() -> None:
+    """Make ``PeftModel.save_pretrained`` atomic for models holding our adapters (idempotent).
+
+    peft writes every file (weights, config, model card) under ``save_directory``; the wrapper hands it an
+    empty temporary directory beside the target instead and moves the finished files in afterwards. Ranks
+    other than the main one (``is_main_process=False``) write nothing and go straight to peft.
+    """
+    original = PeftModel.save_pretrained
+    if getattr(original, "_peft_ctrl_atomic", False):
+        return
+    parameters = list(inspect.signature(original).parameters)
+    if parameters[:2] != ["self", "save_directory"] or "is_main_process" not in parameters:
+        raise RuntimeError(
+            "peft.PeftModel.save_pretrained no longer takes (save_directory, ..., is_main_process=...); "
+            "peft_ctrl/_registry.py must be updated for this peft release."
+        )
+
+    @functools.wraps(original)
+    def save_pretrained(self: PeftModel, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        if not kwargs.get("is_main_process", True) or os.path.isfile(save_directory) or not holds_own_adapter(self):
+            return original(self, save_directory, *args, **kwargs)
+        with atomic_directory(save_directory, keep=("README.md",)) as tmp:
+            original(self, str(tmp), *args, **kwargs)
+
+    save_pretrained._peft_ctrl_atomic = True
+    PeftModel.save_pretrained = save_pretrained
+
+
+class StrictLoadMixin:
+    """Refuses an adapter checkpoint whose adapter tensors do not match the model's exactly.
+
+    Put it before ``BaseTuner`` in a tuner's bases and set ``method_name``. peft calls
+    ``_remap_adapter_state_dict_for_load`` on every load (``PeftModel.from_pretrained``, ``load_adapter``,
+    ``set_peft_model_state_dict``); the checkpoint is compared with what ``get_peft_model_state_dict`` would
+    save for the adapter. On a mismatch the half-loaded adapter is removed again and a ``ValueError`` lists
+    the missing, unexpected and mis-shaped tensors.
+    """
+
+    prefix: str
+    method_name: str
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: torch.nn.Module, config: Any, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        problems = cls._state_problems(model, adapter_name, state_dict)
+        if problems:
+            _drop_adapter(model, adapter_name)
+            listed = "\n  ".join(problems[:12]) + ("\n  ..." if len(problems) > 12 else "")
+            raise ValueError(
+                f"The {cls.method_name} adapter {adapter_name!r} does not fit this base model ({len(problems)} "
+                f"problem(s)):\n  {listed}\nLoad it onto the base model it was trained with (same architecture "
+                "and sizes) with the config saved beside it. The model was left without this adapter."
+            )
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
+    @classmethod
+    def _state_problems(
+        cls, model: torch.nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> list[str]:
+        marker = "." + cls.prefix
+        expected = {
+            k: v for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items() if marker in k
+        }
+        given = {k: v for k, v in state_dict.items() if marker in k}
+        problems = [f"{k}: missing from the checkpoint" for k in expected if k not in given]
+        problems += [
+            f"{k}: in the checkpoint, but this model has no such adapter tensor" for k in given if k not in expected
+        ]
+        problems += [
+            f"{k}: checkpoint {tuple(given[k].shape)} vs model {tuple(v.shape)}"
+            for k, v in expected.items()
+            if k in given and tuple(given[k].shape) != tuple(v.shape)
+        ]
+        return problems
+
+
+def _drop_adapter(model: torch.nn.Module, adapter_name: str) -> None:
+    """Undo a half-loaded adapter so a failed load leaves the model as it was."""
+    tuner = getattr(model, "base_model", model)
+    configs = getattr(tuner, "peft_config", {})
+    if adapter_name not in configs:
+        return
+    if list(configs) == [adapter_name]:
+        tuner.unload()
+    else:
+        tuner.delete_adapter(adapter_name)

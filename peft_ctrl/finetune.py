@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import shutil
 import statistics
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,6 +21,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from tqdm.auto import tqdm
 
+from .atomic import atomic_directory
 from .datasets import TextDataset, stdlib_topics
 from .metrics import SavedTensorMeter
 from .seal import SealConfig
@@ -154,21 +152,9 @@ def accuracy(model: nn.Module, data: dict[str, torch.Tensor], batch_size: int = 
 
 
 def save_adapter(model: PeftModel, path: Path) -> None:
-    """Write the adapter to a temporary folder next to ``path`` and move it into place only when complete."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    """``model.save_pretrained(path)``, atomically for every method (PEFT LoRA included)."""
+    with atomic_directory(path) as tmp:
         model.save_pretrained(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def length_bucketed_batches(lengths: torch.Tensor, batch_size: int, steps: int, seed: int) -> list[torch.Tensor]:

@@ -6,12 +6,14 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
+from peft_ctrl._registry import StrictLoadMixin
+
 from .config import SealConfig
 from .keys import initial_a, passport
 from .layer import SealLayer
 
 
-class SealModel(BaseTuner):
+class SealModel(StrictLoadMixin, BaseTuner):
     """Adds SEAL adapters (LoRA with a key-derived passport, DESIGN.md section 9) to the target Linear modules.
 
     Module names are the keys of the PRF: the passport and initial A of ``model.layers.0.self_attn.q_proj``
@@ -19,6 +21,7 @@ class SealModel(BaseTuner):
     """
 
     prefix: str = "seal_"
+    method_name = "SEAL"
     tuner_layer_cls = SealLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 

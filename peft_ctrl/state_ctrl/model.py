@@ -8,6 +8,8 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_mod
 from peft.utils import TaskType
 from torch import nn
 
+from peft_ctrl._registry import StrictLoadMixin
+
 from .architectures import bridges_for
 from .config import StateCtrlConfig
 from .layer import MERGE_ERROR, ForwardContext, StateCtrlLayer
@@ -109,7 +111,7 @@ def resolve_bridges(model: nn.Module, config: StateCtrlConfig) -> tuple[dict[str
     return plan, _is_causal(model, config, table_causal)
 
 
-class StateCtrlModel(BaseTuner):
+class StateCtrlModel(StrictLoadMixin, BaseTuner):
     """Tuner that adds state-based parallel control edges to a model (see ``StateCtrlConfig``).
 
     Each bridged sub-block's tail module is wrapped in a ``StateCtrlLayer``; the head module gets a forward
@@ -118,6 +120,7 @@ class StateCtrlModel(BaseTuner):
     """
 
     prefix: str = "state_ctrl_"
+    method_name = "state-ctrl"
     tuner_layer_cls = StateCtrlLayer
     target_module_mapping: dict[str, list[str]] = {}
 
@@ -203,39 +206,3 @@ class StateCtrlModel(BaseTuner):
         if hasattr(self.model, "peft_config"):
             del self.model.peft_config
         return self.model
-
-    @classmethod
-    def _remap_adapter_state_dict_for_load(
-        cls, model: nn.Module, config: StateCtrlConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        params = dict(model.named_parameters())
-        expected = {
-            k: p for k, p in params.items() if f".{cls.prefix}" in k and (k.endswith(f".{adapter_name}.weight"))
-        }
-        problems = [f"{k}: missing from the checkpoint" for k in expected if k not in remapped]
-        problems += [
-            f"{k}: checkpoint {tuple(remapped[k].shape)} vs model {tuple(p.shape)}"
-            for k, p in expected.items()
-            if k in remapped and remapped[k].shape != p.shape
-        ]
-        if problems:
-            _drop_adapter(model, adapter_name)
-            listed = "\n  ".join(problems[:8])
-            raise ValueError(
-                f"The state-ctrl adapter {adapter_name!r} does not fit this base model ({len(problems)} problem(s)):"
-                f"\n  {listed}\nLoad it onto the base model it was trained with (same architecture and hidden size,"
-                " same bridges/blocks/layers_to_transform). The model was left without this adapter."
-            )
-        return remapped
-
-
-def _drop_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Undo a half-loaded adapter so a failed load leaves the model as it was."""
-    tuner = getattr(model, "base_model", None)
-    if not isinstance(tuner, StateCtrlModel):
-        return
-    if list(tuner.peft_config) == [adapter_name]:
-        tuner.unload()
-    else:
-        tuner.delete_adapter(adapter_name)

@@ -6,14 +6,17 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING
 from torch import nn
 
+from peft_ctrl._registry import StrictLoadMixin
+
 from .config import SubLoRAConfig
 from .layer import SubLoRALayer
 
 
-class SubLoRAModel(BaseTuner):
+class SubLoRAModel(StrictLoadMixin, BaseTuner):
     """Adds SubLoRA adapters to the target Linear modules; ``rank_pattern`` sets each module's size on load."""
 
     prefix: str = "sublora_"
+    method_name = "SubLoRA"
     tuner_layer_cls = SubLoRALayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..atomic import atomic_file
 from ..distributed.zero import rank_and_world
 from .allocator import curvature_model, greedy_select, project_submodular
 from .config import SubLoRAConfig
@@ -291,7 +292,8 @@ class RankAllocator:
         self.history = list(state["history"])
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.state_dict()))
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(self.state_dict()))
 
 
 def _comm_device(t: torch.Tensor) -> torch.device:
