@@ -175,7 +175,8 @@ class StateCtrlLayer(nn.Module, BaseTunerLayer):
                 functools.partial(self._capture, head_name), with_kwargs=True
             )
         weight = next(self.base_layer.parameters(), None)
-        if weight is not None:
+        created_on_meta = self.state_ctrl_A[adapter_name].weight.is_meta  # peft's low_cpu_mem_usage=True
+        if weight is not None and not created_on_meta:
             for container in (self.state_ctrl_A, self.state_ctrl_B):
                 container[adapter_name].to(weight.device, dtype=weight.dtype if weight.is_floating_point() else None)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
