@@ -6,9 +6,43 @@ import argparse
 import os
 import sys
 import warnings
+from collections.abc import Callable
+from typing import Any, NoReturn
 
+from ._checks import check_float, check_int
 from .finetune import DEFAULT_LR, DEFAULT_METHODS, METHODS, MODELS, FinetuneArgs, run_finetune, summary_table
 from .seal import cli as seal_cli
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with whole option names only (no prefix matching) and one-line usage errors (exit code 2)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_from(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            return check_int("the value", int(text), low=low)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        return check_float("the value", float(text), 0.0, low_open=True)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}") from None
 
 
 def _finetune_parser(sub: argparse._SubParsersAction) -> None:
@@ -30,15 +64,15 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
         default="minilm",
         help="minilm: pretrained all-MiniLM-L6-v2; tiny-llama: random-init LLaMA from a config",
     )
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps per run")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per seed and method")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-length", type=int, default=64, help="tokens per sentence (padded/truncated)")
-    p.add_argument("--rank-state-ctrl", type=int, default=8)
+    p.add_argument("--steps", type=_int_from(1), default=200, help="optimizer steps per run")
+    p.add_argument("--seeds", type=_int_from(0), nargs="+", default=[0, 1, 2], help="one run per seed and method")
+    p.add_argument("--batch-size", type=_int_from(1), default=32)
+    p.add_argument("--max-length", type=_int_from(9), default=64, help="tokens per sentence (padded/truncated)")
+    p.add_argument("--rank-state-ctrl", type=_int_from(1), default=8)
     p.add_argument("--blocks", choices=["mlp", "attn", "both"], default="both", help="state-ctrl blocks to bridge")
-    p.add_argument("--rank-lora", type=int, default=8)
-    p.add_argument("--lr-state-ctrl", type=float, default=DEFAULT_LR["state-ctrl"])
-    p.add_argument("--lr-lora", type=float, default=DEFAULT_LR["lora"], help="lr of lora and seal")
+    p.add_argument("--rank-lora", type=_int_from(1), default=8)
+    p.add_argument("--lr-state-ctrl", type=_positive_float, default=DEFAULT_LR["state-ctrl"])
+    p.add_argument("--lr-lora", type=_positive_float, default=DEFAULT_LR["lora"], help="lr of lora and seal")
     p.add_argument("--output-dir", default="runs/finetune", help="adapters and results.json go here")
     p.add_argument("--no-save", action="store_true", help="do not write adapters")
 
@@ -51,7 +85,7 @@ def _zero_config_parser(sub: argparse._SubParsersAction) -> None:
         "`accelerate launch --config_file $(peft-ctrl zero-config --accelerate) train.py` or "
         "`--deepspeed $(peft-ctrl zero-config --stage 3)`.",
     )
-    p.add_argument("--stage", type=int, default=2, help="ZeRO stage: 2 or 3")
+    p.add_argument("--stage", type=int, choices=[2, 3], default=2, help="ZeRO stage: 2 or 3")
     p.add_argument("--offload", action="store_true", help="stage 3 with parameters and optimizer on the CPU")
     p.add_argument("--accelerate", action="store_true", help="the accelerate launch YAML instead")
 
@@ -68,7 +102,7 @@ def _zero_config(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="peft-ctrl", description=__doc__)
+    parser = Parser(prog="peft-ctrl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _finetune_parser(sub)
     seal_cli.add_parser(sub)

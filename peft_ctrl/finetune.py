@@ -21,11 +21,13 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._checks import check_choice, check_float, check_int
 from .atomic import atomic_directory
 from .datasets import TextDataset, stdlib_topics
 from .metrics import SavedTensorMeter
 from .seal import SealConfig
 from .state_ctrl import StateCtrlConfig
+from .state_ctrl.config import BLOCKS
 
 MODELS = ("minilm", "tiny-llama")
 METHODS = ("state-ctrl", "lora", "seal")
@@ -51,15 +53,23 @@ class FinetuneArgs:
     save_adapters: bool = True
 
     def __post_init__(self) -> None:
-        if self.model not in MODELS:
-            raise ValueError(f"Unknown model {self.model!r}; choose one of {MODELS}.")
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown or not self.methods:
-            raise ValueError(f"Unknown method(s) {unknown}; choose from {METHODS}.")
-        if self.steps <= 0 or self.batch_size <= 0 or self.max_length <= 8:
-            raise ValueError("steps and batch_size must be positive and max_length larger than 8.")
+        check_choice("model", self.model, MODELS)
+        if not self.methods:
+            raise ValueError(f"methods is empty; choose from {METHODS}.")
+        for method in self.methods:
+            check_choice("method", method, METHODS)
+        check_int("steps", self.steps, low=1)
         if not self.seeds:
             raise ValueError("Give at least one seed.")
+        for seed in self.seeds:
+            check_int("seed", seed, low=0)
+        check_int("batch_size", self.batch_size, low=1)
+        check_int("max_length", self.max_length, low=9)
+        check_int("rank_state_ctrl", self.rank_state_ctrl, low=1)
+        check_int("rank_lora", self.rank_lora, low=1)
+        check_choice("blocks", self.blocks, BLOCKS)
+        for method, lr in self.lr.items():
+            check_float(f"lr[{method!r}]", lr, 0.0, low_open=True)
 
 
 @dataclass
