@@ -85,7 +85,7 @@ def _zero_config_parser(sub: argparse._SubParsersAction) -> None:
         "`accelerate launch --config_file $(peft-ctrl zero-config --accelerate) train.py` or "
         "`--deepspeed $(peft-ctrl zero-config --stage 3)`.",
     )
-    p.add_argument("--stage", type=int, choices=[2, 3], default=2, help="ZeRO stage: 2 or 3")
+    p.add_argument("--stage", type=int, default=2, help="ZeRO stage: 2 or 3")
     p.add_argument("--offload", action="store_true", help="stage 3 with parameters and optimizer on the CPU")
     p.add_argument("--accelerate", action="store_true", help="the accelerate launch YAML instead")
 

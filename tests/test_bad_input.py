@@ -79,7 +79,6 @@ CLI_CASES = [
     (["finetune", "--steps", "2.5"], "argument --steps: must be an integer >= 1, got '2.5'"),
     (["finetune", "--max-length", "8"], "argument --max-length: must be an integer >= 9, got '8'"),
     (["finetune", "--step", "3"], "unrecognized arguments: --step 3"),  # no prefix matching
-    (["zero-config", "--stage", "1"], "argument --stage: invalid choice: 1"),
 ]
 
 
