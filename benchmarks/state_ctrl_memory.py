@@ -53,21 +53,36 @@ class Method:
     build: Callable[[nn.Module], nn.Module]
 
 
-def lora(targets: list[str], dora: bool = False, lean: bool = False) -> Callable[[nn.Module], nn.Module]:
+def checkpointed(model: nn.Module) -> nn.Module:
+    """Gradient checkpointing on every decoder layer (transformers' non-reentrant default)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def lora(
+    targets: list[str], dora: bool = False, lean: bool = False, checkpointing: bool = False
+) -> Callable[[nn.Module], nn.Module]:
     config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=targets, use_dora=dora)
 
     def build(base: nn.Module) -> nn.Module:
         model = get_peft_model(base, config)
         if lean:
             lean_lora(model)
-        return model
+        return checkpointed(model) if checkpointing else model
 
     return build
 
 
-def state_ctrl(r: int, blocks: str, dropout: float = 0.0, fused: bool = True) -> Callable[[nn.Module], nn.Module]:
+def state_ctrl(
+    r: int, blocks: str, dropout: float = 0.0, fused: bool = True, checkpointing: bool = False
+) -> Callable[[nn.Module], nn.Module]:
     config = StateCtrlConfig(r=r, blocks=blocks, dropout=dropout, fused=fused)
-    return lambda base: get_peft_model(base, config)
+
+    def build(base: nn.Module) -> nn.Module:
+        model = get_peft_model(base, config)
+        return checkpointed(model) if checkpointing else model
+
+    return build
 
 
 def full(base: nn.Module) -> nn.Module:
@@ -87,6 +102,10 @@ METHODS = [
     Method("state-ctrl mlp r=64 dropout 0.1 unfused", "mlp", state_ctrl(64, "mlp", dropout=0.1, fused=False)),
     # The same op applied to ordinary PEFT LoRA layers (peft_ctrl.ops.lean_lora).
     Method("PEFT LoRA all-linear r=16 + lean_lora", "attn", lora(ALL_LINEAR, lean=True)),
+    # Gradient checkpointing, what a memory-pressed user picks today: the meter reports the peak (everything kept
+    # between layers plus the largest layer's recomputation, peft_ctrl.metrics).
+    Method("PEFT LoRA all-linear r=16 + gradient checkpointing", "attn", lora(ALL_LINEAR, checkpointing=True)),
+    Method("state-ctrl mlp r=64 + gradient checkpointing", "mlp", state_ctrl(64, "mlp", checkpointing=True)),
 ]
 
 
