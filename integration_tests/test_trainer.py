@@ -37,3 +37,37 @@ def test_trainer_trains_saves_and_reports_memory(tmp_path):
     batch = {k: v[None] for k, v in batch.items() if k != "labels"}
     model.eval()
     torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)
+
+
+def test_a_failed_checkpoint_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """Trainer checkpoints go through save_pretrained, so they are written atomically too."""
+    import peft.peft_model
+
+    model = get_peft_model(build("bert"), StateCtrlConfig(r=4, task_type="SEQ_CLS"))
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=Topics(32))
+    trainer.train()
+    target = tmp_path / "best"
+    trainer.save_model(str(target))
+    before = {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()}
+    trainer.train()  # the weights move on
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", disk_full)
+    try:
+        trainer.save_model(str(target))
+    except OSError as err:
+        assert "No space" in str(err)
+    else:
+        raise AssertionError("the save should have failed")
+    assert {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()} == before
