@@ -126,6 +126,12 @@ def _llama_step_bytes(config, checkpointing: str | None) -> int:
         if reentrant:
             model.enable_input_require_grads()
     batch = inputs("llama", seq=16)
+    from peft_ctrl.metrics.memory import checkpointed_layers
+
+    # the meter finds transformers' checkpointed layers by their `gradient_checkpointing` flag
+    assert len(checkpointed_layers(model)) == (
+        0 if checkpointing is None else len(model.base_model.model.model.layers)
+    )
     return saved_activation_bytes(lambda: model(**batch, labels=batch["input_ids"]).loss.backward(), exclude=model)
 
 
