@@ -2,6 +2,7 @@ import torch
 from torch import nn
 
 from peft_ctrl.metrics import SavedTensorMeter, saved_activation_bytes
+from peft_ctrl.metrics.memory import checkpointed_layers
 
 
 def test_counts_exact_bytes_of_a_known_op():
@@ -126,8 +127,6 @@ def _llama_step_bytes(config, checkpointing: str | None) -> int:
         if reentrant:
             model.enable_input_require_grads()
     batch = inputs("llama", seq=16)
-    from peft_ctrl.metrics.memory import checkpointed_layers
-
     # the meter finds transformers' checkpointed layers by their `gradient_checkpointing` flag
     assert len(checkpointed_layers(model)) == (
         0 if checkpointing is None else len(model.base_model.model.model.layers)
