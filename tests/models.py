@@ -9,12 +9,12 @@ from torch import nn
 VOCAB = 64
 
 
-def _lm(config_cls, model_cls, **kw):
+def _lm(config_cls, model_cls, layers=2, **kw):
     cfg = config_cls(
         vocab_size=VOCAB,
         hidden_size=32,
         intermediate_size=48,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         **kw,
@@ -22,12 +22,12 @@ def _lm(config_cls, model_cls, **kw):
     return model_cls(cfg)
 
 
-def build(family: str, seed: int = 0) -> nn.Module:
-    """A tiny model of ``family``; the same seed gives the same weights."""
+def build(family: str, seed: int = 0, layers: int = 2) -> nn.Module:
+    """A tiny model of ``family``; the same seed gives the same weights. ``layers`` applies to LLaMA."""
     torch.manual_seed(seed)
     t = transformers
     if family == "llama":
-        model = _lm(t.LlamaConfig, t.LlamaForCausalLM)
+        model = _lm(t.LlamaConfig, t.LlamaForCausalLM, layers=layers)
     elif family == "mistral":
         model = _lm(t.MistralConfig, t.MistralForCausalLM)
     elif family == "qwen2":
@@ -88,6 +88,16 @@ def inputs(family: str, batch: int = 2, seq: int = 7, seed: int = 1) -> dict[str
         return {"x": torch.randn(batch, seq, 16, generator=g)}
     ids = torch.randint(2, VOCAB, (batch, seq), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def enable_checkpointing(model: nn.Module, mode: str | None) -> None:
+    """Gradient checkpointing on every layer: ``"reentrant"``, ``"non-reentrant"`` or ``None`` (off)."""
+    if mode is None:
+        return
+    reentrant = mode == "reentrant"
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if reentrant:  # the reentrant mode needs an input that requires grad to backpropagate at all
+        model.enable_input_require_grads()
 
 
 def output(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

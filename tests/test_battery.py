@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import build, inputs, output
+from models import build, enable_checkpointing, inputs, output
 from peft import PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
@@ -240,11 +240,7 @@ def test_generation_with_and_without_kv_cache(row):
 def _gradients(row: str, checkpointing: str | None) -> dict[str, torch.Tensor]:
     model, batch = make(row)
     model.train()
-    if checkpointing is not None:
-        reentrant = checkpointing == "reentrant"
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-        if reentrant:
-            model.enable_input_require_grads()
+    enable_checkpointing(model, checkpointing)
     torch.manual_seed(3)  # the same dropout masks in every run
     output(model, batch).pow(2).mean().backward()
     return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}

@@ -1,4 +1,6 @@
 import torch
+from models import build, enable_checkpointing, inputs
+from peft import get_peft_model
 from torch import nn
 
 from peft_ctrl.metrics import SavedTensorMeter, saved_activation_bytes
@@ -116,16 +118,9 @@ def test_in_backward_pass_tells_forward_from_backward():
 
 
 def _llama_step_bytes(config, checkpointing: str | None) -> int:
-    from models import build, inputs
-    from peft import get_peft_model
-
     model = get_peft_model(build("llama"), config)
     model.train()
-    if checkpointing is not None:
-        reentrant = checkpointing == "reentrant"
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-        if reentrant:
-            model.enable_input_require_grads()
+    enable_checkpointing(model, checkpointing)
     batch = inputs("llama", seq=16)
     # the meter finds transformers' checkpointed layers by their `gradient_checkpointing` flag
     assert len(checkpointed_layers(model)) == (

@@ -482,24 +482,9 @@ def test_fused_bridge_with_dropout_keeps_no_mask_and_no_dropped_copy():
     assert saved[False] - saved[True] == (layers - 1) * 2 * tokens * d * 4
 
 
-def _llama(layers: int) -> nn.Module:
-    import transformers
-
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return transformers.LlamaForCausalLM(config)
-
-
 def test_an_adapter_for_more_layers_is_refused(tmp_path):
-    get_peft_model(_llama(3), StateCtrlConfig(r=4)).save_pretrained(tmp_path)
-    base = _llama(2)
+    get_peft_model(build("llama", layers=3), StateCtrlConfig(r=4)).save_pretrained(tmp_path)
+    base = build("llama", layers=2)
     with pytest.raises(ValueError, match=r"(?s)2 problem.*layers\.2\.mlp\.state_ctrl_A\.weight: in the checkpoint"):
         PeftModel.from_pretrained(base, tmp_path)
     assert n_bridges(base) == 0
