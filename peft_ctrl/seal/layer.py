@@ -3,14 +3,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ..distributed.zero import require_gathered
+from ..linear_adapter import LinearAdapterLayer
+from ..ops import dropout_probability, lowrank
 
 
-class SealLayer(nn.Module, BaseTunerLayer):
+class SealLayer(LinearAdapterLayer):
     """An ``nn.Linear`` with SEAL adapters: ``h = W x + s * B C A x`` per active adapter.
 
     ``seal_A``/``seal_B`` hold the trainable factors keyed by adapter name; ``seal_passport`` holds each
@@ -20,23 +19,16 @@ class SealLayer(nn.Module, BaseTunerLayer):
     adapter_layer_names = ("seal_A", "seal_B")
     other_param_names = ("seal_r", "seal_scaling", "seal_dropout", "seal_passport")
 
+    method_name = "SEAL"
+
     def __init__(self, base_layer: nn.Linear, adapter_name: str, **kwargs: Any) -> None:
-        super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(
-                f"SEAL adapts torch.nn.Linear modules only, got {type(base_layer).__name__}; choose Linear "
-                "target_modules."
-            )
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.seal_A = nn.ModuleDict()
         self.seal_B = nn.ModuleDict()
         self.seal_dropout = nn.ModuleDict()
         self.seal_r: dict[str, int] = {}
         self.seal_scaling: dict[str, float] = {}
         self.seal_passport: dict[str, torch.Tensor] = {}
-        self._disable_adapters = False
-        self.merged_adapters: list[str] = []
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.update_layer(adapter_name, **kwargs)
 
     def update_layer(
@@ -76,40 +68,13 @@ class SealLayer(nn.Module, BaseTunerLayer):
         A, B = self.seal_A[adapter].weight, self.seal_B[adapter].weight
         return self.seal_scaling[adapter] * (B @ self._passport(adapter, A) @ A)
 
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        for adapter in check_adapters_to_merge(self, adapter_names):
-            if adapter not in self.seal_A:
-                continue
-            weight = self.base_layer.weight
-            require_gathered([weight, *self.parameters()], f"merge SEAL adapter {adapter!r}")
-            merged = weight.data + self.get_delta_weight(adapter).to(weight.dtype)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"Merging SEAL adapter {adapter!r} gives non-finite weights; the model is unchanged.")
-            weight.data = merged
-            self.merged_adapters.append(adapter)
-
-    def unmerge(self) -> None:
-        while self.merged_adapters:
-            adapter = self.merged_adapters.pop()
-            weight = self.base_layer.weight
-            weight.data -= self.get_delta_weight(adapter).to(weight.dtype)
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        for adapter in self.active_adapters:
-            if adapter not in self.seal_A:
-                continue
-            A = self.seal_A[adapter]
-            z = A(self.seal_dropout[adapter](x.to(A.weight.dtype)))
-            z = F.linear(z, self._passport(adapter, z))
-            result = result + self.seal_scaling[adapter] * self.seal_B[adapter](z).to(result.dtype)
-        return result
+    def delta(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
+        """s * B C A dropout(x), through the fused low-rank op with C A as its first factor."""
+        A, B = self.seal_A[adapter].weight, self.seal_B[adapter].weight
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(A.dtype)
+        p = dropout_probability(self.seal_dropout[adapter])
+        return lowrank(x, self._passport(adapter, A) @ A, B, self.seal_scaling[adapter], p, training=self.training)
 
     def __repr__(self) -> str:
         return "seal." + super().__repr__()

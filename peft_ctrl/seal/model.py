@@ -7,6 +7,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
 from peft_ctrl._registry import StrictLoadMixin
+from peft_ctrl.linear_adapter import install_linear_adapter, linear_base
 
 from .config import SealConfig
 from .keys import initial_a, passport
@@ -36,12 +37,7 @@ class SealModel(StrictLoadMixin, BaseTuner):
         **optional_kwargs: Any,
     ) -> None:
         key = config.secret_key()
-        base = target.get_base_layer() if isinstance(target, SealLayer) else target
-        if not isinstance(base, nn.Linear):
-            raise ValueError(
-                f"SEAL adapts torch.nn.Linear modules only; {current_key!r} is a {type(base).__name__}. Narrow "
-                "target_modules to Linear layers."
-            )
+        base = linear_base(target, "SEAL", current_key)
         kwargs = {
             "r": config.r,
             "scaling": config.scaling,
@@ -50,10 +46,4 @@ class SealModel(StrictLoadMixin, BaseTuner):
             "initial_a": initial_a(key, current_key, config.r, base.in_features),
             "init_weights": config.init_weights,
         }
-        if isinstance(target, SealLayer):
-            target.update_layer(adapter_name, **kwargs)
-            return
-        new_module = SealLayer(target, adapter_name, **kwargs)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+        install_linear_adapter(self, SealLayer, adapter_name, target, target_name, parent, current_key, **kwargs)

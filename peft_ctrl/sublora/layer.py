@@ -3,13 +3,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from ..distributed.zero import require_gathered
+from ..linear_adapter import LinearAdapterLayer
+from ..ops import dropout_probability, lowrank
 
 
-class SubLoRALayer(nn.Module, BaseTunerLayer):
+class SubLoRALayer(LinearAdapterLayer):
     """An ``nn.Linear`` with SVD-form adapters: ``h = W x + s * P diag(lambda * mask) Q x``.
 
     ``mask`` (0/1, not trainable, saved with the adapter) removes components; ``truncate`` drops them.
@@ -18,20 +18,16 @@ class SubLoRALayer(nn.Module, BaseTunerLayer):
     adapter_layer_names = ("sublora_P", "sublora_lambda", "sublora_Q")
     other_param_names = ("sublora_mask", "sublora_scaling", "sublora_dropout")
 
+    method_name = "SubLoRA"
+
     def __init__(self, base_layer: nn.Linear, adapter_name: str, **kwargs: Any) -> None:
-        super().__init__()
-        if not isinstance(base_layer, nn.Linear):
-            raise TypeError(f"SubLoRA adapts torch.nn.Linear modules only, got {type(base_layer).__name__}.")
-        self.base_layer = base_layer
+        super().__init__(base_layer)
         self.sublora_P = nn.ParameterDict()
         self.sublora_lambda = nn.ParameterDict()
         self.sublora_Q = nn.ParameterDict()
         self.sublora_mask = nn.ParameterDict()
         self.sublora_dropout = nn.ModuleDict()
         self.sublora_scaling: dict[str, float] = {}
-        self._disable_adapters = False
-        self.merged_adapters: list[str] = []
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.update_layer(adapter_name, **kwargs)
 
     def update_layer(
@@ -108,39 +104,14 @@ class SubLoRALayer(nn.Module, BaseTunerLayer):
             store[adapter] = nn.Parameter(store[adapter][keep].clone(), requires_grad=store[adapter].requires_grad)
         return int(keep.sum())
 
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        for adapter in check_adapters_to_merge(self, adapter_names):
-            if adapter not in self.sublora_P:
-                continue
-            weight = self.base_layer.weight
-            require_gathered([weight, *self.parameters()], f"merge SubLoRA adapter {adapter!r}")
-            merged = weight.data + self.get_delta_weight(adapter).to(weight.dtype)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"Merging SubLoRA adapter {adapter!r} gives non-finite weights; nothing changed.")
-            weight.data = merged
-            self.merged_adapters.append(adapter)
-
-    def unmerge(self) -> None:
-        while self.merged_adapters:
-            adapter = self.merged_adapters.pop()
-            self.base_layer.weight.data -= self.get_delta_weight(adapter).to(self.base_layer.weight.dtype)
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
-        for adapter in self.active_adapters:
-            if adapter not in self.sublora_P:
-                continue
-            P, Q = self.sublora_P[adapter], self.sublora_Q[adapter]
-            z = self.sublora_dropout[adapter](x.to(Q.dtype)) @ Q.T
-            update = (z * self.effective_lambda(adapter)) @ P.T
-            result = result + self.sublora_scaling[adapter] * update.to(result.dtype)
-        return result
+    def delta(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
+        """s * P diag(lambda * mask) Q dropout(x), through the fused low-rank op."""
+        P, Q = self.sublora_P[adapter], self.sublora_Q[adapter]
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(Q.dtype)
+        p = dropout_probability(self.sublora_dropout[adapter])
+        B = P * self.effective_lambda(adapter)
+        return lowrank(x, Q, B, self.sublora_scaling[adapter], p, training=self.training)
 
     def __repr__(self) -> str:
         return "sublora." + super().__repr__()

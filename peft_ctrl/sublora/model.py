@@ -7,6 +7,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING
 from torch import nn
 
 from peft_ctrl._registry import StrictLoadMixin
+from peft_ctrl.linear_adapter import install_linear_adapter
 
 from .config import SubLoRAConfig
 from .layer import SubLoRALayer
@@ -30,27 +31,14 @@ class SubLoRAModel(StrictLoadMixin, BaseTuner):
         current_key: str,
         **optional_kwargs: Any,
     ) -> None:
-        base = target.get_base_layer() if isinstance(target, SubLoRALayer) else target
-        if not isinstance(base, nn.Linear):
-            raise ValueError(
-                f"SubLoRA adapts torch.nn.Linear modules only; {current_key!r} is a {type(base).__name__}. Narrow "
-                "target_modules to Linear layers."
-            )
-        rank = (config.rank_pattern or {}).get(current_key, config.r)
         kwargs = {
-            "r": rank,
+            "r": (config.rank_pattern or {}).get(current_key, config.r),
             "scaling": config.lora_alpha / config.r,
             "dropout": config.lora_dropout,
             "init_weights": config.init_weights,
             "inference_mode": config.inference_mode,
         }
-        if isinstance(target, SubLoRALayer):
-            target.update_layer(adapter_name, **kwargs)
-            return
-        new_module = SubLoRALayer(target, adapter_name, **kwargs)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
+        install_linear_adapter(self, SubLoRALayer, adapter_name, target, target_name, parent, current_key, **kwargs)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         super()._mark_only_adapters_as_trainable(model)
