@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..factors import balanced_split, product_svd, work_dtype
+
 SCHEMES = {"euler": 1, "heun": 2, "rk4": 4}
 
 
@@ -50,8 +52,8 @@ def find_lora_pairs(model: nn.Module) -> list[LoraPair]:
 
 
 def _work(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in the dtype the r x r algebra runs in: fp32 at least (bf16/fp16 are upcast, fp64 stays fp64)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+    """``t`` in the dtype the r x r algebra runs in (``peft_ctrl.factors.work_dtype``)."""
+    return t.to(work_dtype(t))
 
 
 def damped_inverse(M: torch.Tensor, eps: float) -> torch.Tensor:
@@ -89,14 +91,10 @@ def ode_direction(
 
 @torch.no_grad()
 def rebalance(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Balanced factors of the same product: B' = U S^1/2, A' = S^1/2 V^T from the SVD of B A, computed through
-    QR of the thin factors and an r x r SVD (O((m + n) r^2 + r^3)); B' A' = B A and B'^T B' = A' A'^T."""
-    dtype = B.dtype
-    QB, RB = torch.linalg.qr(_work(B))
-    QA, RA = torch.linalg.qr(_work(A).T)
-    U, S, Vh = torch.linalg.svd(RB @ RA.T)
-    root = S.sqrt()
-    return (QB @ (U * root)).to(dtype), ((root[:, None] * Vh) @ QA.T).to(dtype)
+    """Balanced factors of the same product: B' = U S^1/2, A' = S^1/2 V^T from the SVD of B A
+    (``peft_ctrl.factors``: QR of the thin factors and an r x r SVD); B' A' = B A and B'^T B' = A' A'^T."""
+    new_B, new_A = balanced_split(*product_svd(B, A))
+    return new_B.to(B.dtype), new_A.to(A.dtype)
 
 
 @torch.no_grad()

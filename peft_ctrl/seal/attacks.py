@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from ..factors import balanced_split, product_svd
 from .io import LoraFactors, Proof
 from .keys import commitment, new_salt, passport, resolve_key
 
@@ -78,10 +79,8 @@ def refactorize(adapter: LoraFactors) -> LoraFactors:
     """Balanced re-factorisation through the SVD of B'A': U S^1/2, S^1/2 V^T (the product is unchanged)."""
 
     def svd(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        r = A.shape[0]
-        U, S, Vh = torch.linalg.svd(B @ A, full_matrices=False)
-        root = S[:r].sqrt()
-        return U[:, :r] * root, root[:, None] * Vh[:r]
+        new_B, new_A = balanced_split(*product_svd(B, A))
+        return new_B.to(B.dtype), new_A.to(A.dtype)
 
     return _map(adapter, svd)
 

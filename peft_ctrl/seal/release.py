@@ -7,15 +7,14 @@ from pathlib import Path
 
 import torch
 
+from ..factors import balanced_split
 from .io import LoraFactors, Proof, read_adapter, write_lora, write_proof
 from .keys import check_commitment, passport, resolve_key
 
 
 def split_passport(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """C = C1 C2 with C1 = U S^1/2, C2 = S^1/2 V^T from the SVD of C (computed in float64)."""
-    U, S, Vh = torch.linalg.svd(C.double())
-    root = S.sqrt()
-    return U * root, root[:, None] * Vh
+    return balanced_split(*torch.linalg.svd(C.double()))
 
 
 def release(

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from scipy import stats
 
+from ..factors import product_svd
 from .io import LoraFactors, Proof, read_adapter, read_proof
 from .keys import check_commitment, initial_a, passport, resolve_key
 
@@ -115,13 +116,11 @@ class Suspect:
     def row_space(self, module: str, k: int) -> torch.Tensor:
         """Orthonormal basis (n x k') of the top-k row space of delta W; k' <= k drops null directions."""
         if module in self.factors:
-            # B A = Q_B R_B R_A^T Q_A^T: the row space is Q_A times the right singular vectors of an r x r core.
+            # The right singular vectors of B A, from an r x r core (peft_ctrl.factors.product_svd).
             B, A = self.factors[module]
-            R_B = torch.linalg.qr(B).R.double()
-            Q_A, R_A = torch.linalg.qr(A.T)
-            _, S, Vh = torch.linalg.svd(R_B @ R_A.T.double())
+            _, S, Vh = product_svd(B.double(), A.double())
             keep = int((S[:k] > S[0] * 1e-7).sum()) if S[0] > 0 else 0
-            return Q_A.double() @ Vh[:keep].T
+            return Vh[:keep].T
         else:
             d = self.deltas[module]
             if min(d.shape) > 4 * k + 64:

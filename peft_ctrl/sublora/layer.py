@@ -5,6 +5,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..factors import product_svd
 from ..linear_adapter import LinearAdapterLayer
 from ..ops import dropout_probability, lowrank
 
@@ -73,22 +74,20 @@ class SubLoRALayer(LinearAdapterLayer):
         the removed ones): outputs are unchanged, P's columns and Q's rows become orthonormal, and masking the
         last kept components is then the best truncation of delta W in Frobenius norm.
 
-        Costs two thin QR factorisations and the SVD of a k x k matrix (k kept components), never an SVD of W.
+        ``peft_ctrl.factors.product_svd``: two thin QRs and the SVD of a k x k matrix (k kept components), never
+        an SVD of W.
         """
         P, lam, Q, mask = self.components(adapter)
         kept = mask > 0
         k = int(kept.sum())
         if k == 0:
             return
-        work = torch.float64 if P.dtype == torch.float64 else torch.float32
-        left_q, left_r = torch.linalg.qr((P[:, kept] * lam[kept]).to(work))
-        right_q, right_r = torch.linalg.qr(Q[kept].T.to(work))
-        u, s, vh = torch.linalg.svd(left_r @ right_r.T)
+        U, S, Vh = product_svd(P[:, kept] * lam[kept], Q[kept])
         order = torch.cat([torch.nonzero(kept).flatten(), torch.nonzero(~kept).flatten()])
         new_P, new_Q, new_lam = P[:, order].clone(), Q[order].clone(), lam[order].clone()
-        new_P[:, :k] = (left_q @ u).to(P.dtype)
-        new_Q[:k] = (vh @ right_q.T).to(Q.dtype)
-        new_lam[:k] = s.to(lam.dtype)
+        new_P[:, :k] = U.to(P.dtype)
+        new_Q[:k] = Vh.to(Q.dtype)
+        new_lam[:k] = S.to(lam.dtype)
         P.copy_(new_P)
         Q.copy_(new_Q)
         lam.copy_(new_lam)
