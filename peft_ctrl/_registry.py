@@ -24,11 +24,13 @@ import enum
 import functools
 import inspect
 import os
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from peft import PeftModel, get_peft_model_state_dict
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from peft.utils import PeftType, register_peft_method
 
 from .atomic import atomic_directory
@@ -182,3 +184,41 @@ def _drop_adapter(model: torch.nn.Module, adapter_name: str) -> None:
         tuner.unload()
     else:
         tuner.delete_adapter(adapter_name)
+
+
+# ---------------------------------------------------------------- small wrappers over peft internals
+# Each is used by the methods instead of the private name itself; tests/test_registry.py exercises each one.
+
+
+def matches_target(key: str, target: str, config: Any) -> bool:
+    """Whether module ``key`` is ``target`` (a name or path suffix) under ``config``'s ``layers_to_transform``,
+    ``layers_pattern`` and ``modules_to_save`` filters, decided by peft's own matcher."""
+    matcher = SimpleNamespace(
+        target_modules=[target],
+        target_parameters=None,
+        exclude_modules=None,
+        modules_to_save=getattr(config, "modules_to_save", None),
+        layers_to_transform=getattr(config, "layers_to_transform", None),
+        layers_pattern=getattr(config, "layers_pattern", None),
+    )
+    return bool(check_target_module_exists(matcher, key))
+
+
+def set_active_adapter(layer: BaseTunerLayer, adapter: str | list[str]) -> None:
+    """Set a freshly built layer's active adapter(s) before it is attached (what peft's layers do in __init__)."""
+    layer._active_adapter = adapter
+
+
+def move_adapter_to_base_device(layer: BaseTunerLayer, adapter: str) -> None:
+    """Put ``adapter``'s weights on the base layer's device and float dtype (skipped for meta tensors)."""
+    layer._move_adapter_to_device_of_base_layer(adapter)
+
+
+def lora_uses_variant(layer: Any, adapter: str) -> bool:
+    """Whether a peft LoRA layer runs ``adapter`` through a variant (DoRA and others) instead of plain LoRA."""
+    return adapter in layer.lora_variant
+
+
+def cast_lora_input(layer: Any, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` cast the way a peft LoRA layer casts its input for the adapter weights (respects autocast)."""
+    return layer._cast_input_dtype(x, dtype)

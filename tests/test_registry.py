@@ -65,3 +65,35 @@ def test_config_round_trips_through_json(tmp_path):
     loaded = PeftConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, StateCtrlConfig)
     assert loaded.bridges == [("ln", "ff")] and loaded.r == 8 and loaded.layers_to_transform == [0, 2]
+
+
+# ---------------------------------------------------------------- the wrappers over peft internals
+
+
+def test_matches_target_applies_peft_layer_filters():
+    config = StateCtrlConfig(r=2, layers_to_transform=[1])
+    assert _registry.matches_target("model.layers.1.mlp", "mlp", config)
+    assert not _registry.matches_target("model.layers.0.mlp", "mlp", config)
+    assert not _registry.matches_target("model.layers.1.self_attn", "mlp", config)
+
+
+def test_layer_wrappers_reach_the_peft_attributes_they_name():
+    import torch
+    from models import build
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import Linear as LoraLinear
+
+    lora = get_peft_model(build("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
+    layer = next(m for m in lora.modules() if isinstance(m, LoraLinear))
+    assert not _registry.lora_uses_variant(layer, "default")
+    dora = get_peft_model(build("llama"), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    assert _registry.lora_uses_variant(next(m for m in dora.modules() if isinstance(m, LoraLinear)), "default")
+    x = torch.ones(2, 32, dtype=torch.float64)
+    assert _registry.cast_lora_input(layer, x, torch.float32).dtype == torch.float32
+
+    _registry.set_active_adapter(layer, "other")
+    assert layer.active_adapters == ["other"]
+    _registry.set_active_adapter(layer, "default")
+    layer.lora_A["default"].to(torch.float64)
+    _registry.move_adapter_to_base_device(layer, "default")
+    assert layer.lora_A["default"].weight.dtype == layer.base_layer.weight.dtype == torch.float32

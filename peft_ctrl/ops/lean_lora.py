@@ -17,19 +17,20 @@ import torch
 from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
+from .._registry import cast_lora_input, lora_uses_variant
 from .lowrank import dropout_probability, lowrank
 
 
 def _lean_forward(self: LoraLinear, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     active = [name for name in self.active_adapters if name in self.lora_A]
-    if args or kwargs or self.disable_adapters or self.merged or any(n in self.lora_variant for n in active):
+    if args or kwargs or self.disable_adapters or self.merged or any(lora_uses_variant(self, n) for n in active):
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
     result_dtype = result.dtype
     for name in active:
         A = self.lora_A[name].weight
         p = dropout_probability(self.lora_dropout[name])
-        x = self._cast_input_dtype(x, A.dtype)
+        x = cast_lora_input(self, x, A.dtype)
         delta = lowrank(x, A, self.lora_B[name].weight, scale=self.scaling[name], dropout=p, training=self.training)
         result = result + delta
     return result.to(result_dtype)

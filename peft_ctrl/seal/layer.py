@@ -5,6 +5,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._registry import move_adapter_to_base_device
 from ..linear_adapter import LinearAdapterLayer
 from ..ops import dropout_probability, lowrank
 
@@ -57,7 +58,7 @@ class SealLayer(LinearAdapterLayer):
             else:
                 nn.init.normal_(self.seal_B[adapter_name].weight, std=0.02)
         self.seal_passport[adapter_name] = passport.to(torch.float32)
-        self._move_adapter_to_device_of_base_layer(adapter_name)
+        move_adapter_to_base_device(self, adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def _passport(self, adapter: str, like: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from peft_ctrl._registry import set_active_adapter
 from peft_ctrl.ops import dropout_probability, lowrank
 
 MERGE_ERROR = (
@@ -138,7 +139,7 @@ class StateCtrlLayer(nn.Module, BaseTunerLayer):
         self.causal: dict[str, bool] = {}
         self.head_name: dict[str, str] = {}
         self.fused: dict[str, bool] = {}
-        self._active_adapter: str | list[str] = []
+        set_active_adapter(self, [])
         self.merged_adapters: list[str] = []
         self._disable_adapters = False
         self._context = context

@@ -1,14 +1,13 @@
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TaskType
 from torch import nn
 
-from peft_ctrl._registry import StrictLoadMixin
+from peft_ctrl._registry import StrictLoadMixin, matches_target, set_active_adapter
 
 from .architectures import bridges_for
 from .config import StateCtrlConfig
@@ -82,15 +81,7 @@ def resolve_bridges(model: nn.Module, config: StateCtrlConfig) -> tuple[dict[str
             head_key = key[: len(key) - len(tail)] + head
             if head_key not in modules:
                 continue
-            matcher = SimpleNamespace(
-                target_modules=[tail],
-                target_parameters=None,
-                exclude_modules=None,
-                modules_to_save=config.modules_to_save,
-                layers_to_transform=config.layers_to_transform,
-                layers_pattern=config.layers_pattern,
-            )
-            if not check_target_module_exists(matcher, key):
+            if not matches_target(key, tail, config):
                 continue
             if key in plan and plan[key] != head_key:
                 raise ValueError(f"Module {key!r} is the tail of two bridges (heads {plan[key]!r} and {head_key!r}).")
@@ -121,6 +112,11 @@ class StateCtrlModel(StrictLoadMixin, BaseTuner):
 
     prefix: str = "state_ctrl_"
     method_name = "state-ctrl"
+    # Set by _prepare_model: the bridge plan, causality, and the per-call context shared with the layers.
+    _plan: dict[str, str] = {}
+    _causal: bool = False
+    _context: ForwardContext | None = None
+    _call_hook: torch.utils.hooks.RemovableHandle | None = None
     tuner_layer_cls = StateCtrlLayer
     target_module_mapping: dict[str, list[str]] = {}
 
@@ -134,17 +130,17 @@ class StateCtrlModel(StrictLoadMixin, BaseTuner):
                 "controller='attention' mixes tokens, so it must know whether the model is causal; this model is "
                 "not in the architecture table. Set StateCtrlConfig(causal=True) for a decoder, False otherwise."
             )
-        self.__dict__["_plan"] = plan
-        self.__dict__["_causal"] = bool(causal)
-        if "_context" not in self.__dict__:
-            self.__dict__["_context"] = ForwardContext()
-            self.__dict__["_call_hook"] = model.register_forward_pre_hook(self._record_call, with_kwargs=True)
+        self._plan = plan
+        self._causal = bool(causal)
+        if self._context is None:
+            self._context = ForwardContext()
+            self._call_hook = model.register_forward_pre_hook(self._record_call, with_kwargs=True)
 
     def _record_call(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        self.__dict__["_context"].record(args, kwargs)
+        self._context.record(args, kwargs)
 
     def _check_target_module_exists(self, peft_config: StateCtrlConfig, key: str) -> bool:
-        return key in self.__dict__["_plan"]
+        return key in self._plan
 
     def _create_and_replace(
         self,
@@ -156,7 +152,7 @@ class StateCtrlModel(StrictLoadMixin, BaseTuner):
         current_key: str,
         **kwargs: Any,
     ) -> None:
-        head_name = self.__dict__["_plan"][current_key]
+        head_name = self._plan[current_key]
         head = self.model.get_submodule(head_name)
         if isinstance(target, StateCtrlLayer):
             layer = target
@@ -167,8 +163,8 @@ class StateCtrlModel(StrictLoadMixin, BaseTuner):
                     f"Cannot infer the state width of bridge {head_name!r} -> {current_key!r}: the head should be a "
                     "norm or contain a linear layer, and the tail should contain a linear layer."
                 )
-            layer = StateCtrlLayer(target, in_features, out_features, self.__dict__["_context"])
-            layer._active_adapter = adapter_name
+            layer = StateCtrlLayer(target, in_features, out_features, self._context)
+            set_active_adapter(layer, adapter_name)
         layer.update_layer(
             adapter_name,
             head_name=head_name,
@@ -177,7 +173,7 @@ class StateCtrlModel(StrictLoadMixin, BaseTuner):
             alpha=float(peft_config.alpha),
             dropout=float(peft_config.dropout),
             controller=peft_config.controller,
-            causal=self.__dict__["_causal"],
+            causal=self._causal,
             init_weights=peft_config.init_weights,
             fused=peft_config.fused,
             inference_mode=peft_config.inference_mode,
@@ -199,10 +195,9 @@ class StateCtrlModel(StrictLoadMixin, BaseTuner):
             parent_name, _, child_name = name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
             setattr(parent, child_name, layer.get_base_layer())
-        hook = self.__dict__.pop("_call_hook", None)
-        if hook is not None:
-            hook.remove()
-            del self.__dict__["_context"]
+        if self._call_hook is not None:
+            self._call_hook.remove()
+            self._call_hook = self._context = None
         if hasattr(self.model, "peft_config"):
             del self.model.peft_config
         return self.model

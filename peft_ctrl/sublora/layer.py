@@ -5,6 +5,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._registry import move_adapter_to_base_device
 from ..factors import product_svd
 from ..linear_adapter import LinearAdapterLayer
 from ..ops import dropout_probability, lowrank
@@ -49,7 +50,7 @@ class SubLoRALayer(LinearAdapterLayer):
         self.sublora_mask[adapter_name] = nn.Parameter(torch.ones(r, device=weight.device), requires_grad=False)
         self.sublora_scaling[adapter_name] = scaling
         self.sublora_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self._move_adapter_to_device_of_base_layer(adapter_name)
+        move_adapter_to_base_device(self, adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
         self.sublora_mask[adapter_name].requires_grad_(False)
 
