@@ -1,4 +1,4 @@
-"""PINN transfer (DESIGN.md section 6) with ODELoRA against AdamW, SGD and Riemannian-preconditioned LoRA.
+"""PINN transfer (docs/odelora.md, "PINN transfer") with ODELoRA against AdamW, SGD and Riemannian-preconditioned LoRA.
 
     python benchmarks/odelora_pinn.py        # a few minutes on 2 CPU cores
 

@@ -1,6 +1,6 @@
 """Activation memory and step time of state-ctrl against PEFT LoRA / DoRA / full fine-tuning.
 
-Memory is the bytes saved for backward in one training step (peft_ctrl.metrics, DESIGN.md section 7),
+Memory is the bytes saved for backward in one training step (peft_ctrl.metrics; docs/state_ctrl.md),
 exact and device independent. Each method is also quoted against its *floor*: what the frozen model
 alone saves when gradients must flow back to the output of the method's first adapted block.
 Step time (forward + backward + AdamW step) is the median over rounds in which every method runs once

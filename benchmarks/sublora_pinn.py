@@ -1,4 +1,4 @@
-"""PINN transfer (DESIGN.md section 6) with rank allocation: SubLoRA against AdaLoRA and fixed-rank LoRA.
+"""PINN transfer (docs/sublora.md) with rank allocation: SubLoRA against AdaLoRA and fixed-rank LoRA.
 
     python benchmarks/sublora_pinn.py        # about 10 minutes on 2 CPU cores
 

@@ -4,7 +4,7 @@ Measured on the LLaMA-shaped benchmark model (hidden 512, MLP 1376, 4 layers, 8 
 PEFT LoRA on all linears (r=16) and state-ctrl (mlp bridges, r=64):
 - parameter bytes each rank holds between steps: a ZeRO-3 rank keeps its shard of every parameter
   (``ds_tensor``) plus the parameters small enough to stay whole (``stage3_param_persistence_threshold``);
-- bytes saved for backward in one training step on each rank (DESIGN.md section 7), at the same
+- bytes saved for backward in one training step on each rank (peft_ctrl.metrics), at the same
   per-device batch as the single process (ZeRO shards parameters, not activations).
 The single process and the two ZeRO-3 ranks (torchrun, gloo, the shipped zero3.json) run in the same call,
 and the ZeRO-3 ranks once more with DeepSpeed's default ``memory_efficient_linear: true``, which the

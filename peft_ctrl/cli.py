@@ -10,8 +10,9 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from ._checks import check_float, check_int
-from .finetune import DEFAULT_LR, DEFAULT_METHODS, METHODS, MODELS, FinetuneArgs, run_finetune, summary_table
+from .finetune import DEFAULT_METHODS, METHODS, MODELS, FinetuneArgs, run_finetune, summary_table
 from .seal import cli as seal_cli
+from .state_ctrl.config import BLOCKS
 
 
 class Parser(argparse.ArgumentParser):
@@ -58,22 +59,27 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
         default="both",
         help="which method to run; both: state-ctrl and lora; seal needs PEFT_CTRL_SEAL_KEY",
     )
+    default = FinetuneArgs()  # every default below comes from the dataclass
     p.add_argument(
         "--model",
         choices=MODELS,
-        default="minilm",
+        default=default.model,
         help="minilm: pretrained all-MiniLM-L6-v2; tiny-llama: random-init LLaMA from a config",
     )
-    p.add_argument("--steps", type=_int_from(1), default=200, help="optimizer steps per run")
-    p.add_argument("--seeds", type=_int_from(0), nargs="+", default=[0, 1, 2], help="one run per seed and method")
-    p.add_argument("--batch-size", type=_int_from(1), default=32)
-    p.add_argument("--max-length", type=_int_from(9), default=64, help="tokens per sentence (padded/truncated)")
-    p.add_argument("--rank-state-ctrl", type=_int_from(1), default=8)
-    p.add_argument("--blocks", choices=["mlp", "attn", "both"], default="both", help="state-ctrl blocks to bridge")
-    p.add_argument("--rank-lora", type=_int_from(1), default=8)
-    p.add_argument("--lr-state-ctrl", type=_positive_float, default=DEFAULT_LR["state-ctrl"])
-    p.add_argument("--lr-lora", type=_positive_float, default=DEFAULT_LR["lora"], help="lr of lora and seal")
-    p.add_argument("--output-dir", default="runs/finetune", help="adapters and results.json go here")
+    p.add_argument("--steps", type=_int_from(1), default=default.steps, help="optimizer steps per run")
+    p.add_argument(
+        "--seeds", type=_int_from(0), nargs="+", default=list(default.seeds), help="one run per seed and method"
+    )
+    p.add_argument("--batch-size", type=_int_from(1), default=default.batch_size)
+    p.add_argument(
+        "--max-length", type=_int_from(9), default=default.max_length, help="tokens per sentence (padded/truncated)"
+    )
+    p.add_argument("--rank-state-ctrl", type=_int_from(1), default=default.rank_state_ctrl)
+    p.add_argument("--blocks", choices=BLOCKS, default=default.blocks, help="state-ctrl blocks to bridge")
+    p.add_argument("--rank-lora", type=_int_from(1), default=default.rank_lora)
+    p.add_argument("--lr-state-ctrl", type=_positive_float, default=default.lr["state-ctrl"])
+    p.add_argument("--lr-lora", type=_positive_float, default=default.lr["lora"], help="lr of lora and seal")
+    p.add_argument("--output-dir", default=default.output_dir, help="adapters and results.json go here")
     p.add_argument("--no-save", action="store_true", help="do not write adapters")
 
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -161,12 +161,6 @@ def accuracy(model: nn.Module, data: dict[str, torch.Tensor], batch_size: int = 
     return correct / len(data["labels"])
 
 
-def save_adapter(model: PeftModel, path: Path) -> None:
-    """``model.save_pretrained(path)``, atomically for every method (PEFT LoRA included)."""
-    with atomic_directory(path) as tmp:
-        model.save_pretrained(tmp)
-
-
 def length_bucketed_batches(lengths: torch.Tensor, batch_size: int, steps: int, seed: int) -> list[torch.Tensor]:
     """``steps`` batches of indices: each epoch is shuffled, cut into pools of 50 batches, each pool sorted by
     length (so a batch holds sentences of similar length and little padding), and the batch order shuffled."""
@@ -220,7 +214,8 @@ def train_one(method: str, seed: int, args: FinetuneArgs, train: dict, test: dic
         bar.set_postfix(loss=f"{statistics.fmean(losses[-20:]):.3f}")
     acc = accuracy(model, test)
     if args.save_adapters:
-        save_adapter(model, Path(args.output_dir) / args.model / method / f"seed{seed}")
+        with atomic_directory(Path(args.output_dir) / args.model / method / f"seed{seed}") as folder:
+            model.save_pretrained(folder)  # atomic for PEFT LoRA too
     steady = times[5:] if len(times) > 10 else times
     return RunResult(method, seed, trainable, acc, saved, statistics.median(steady), statistics.fmean(losses[-20:]))
 

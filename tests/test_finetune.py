@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from peft_ctrl import cli
+from peft_ctrl.atomic import atomic_directory
 from peft_ctrl.datasets import _sentences, stdlib_topics
-from peft_ctrl.finetune import FinetuneArgs, length_bucketed_batches, save_adapter, trim
+from peft_ctrl.finetune import FinetuneArgs, length_bucketed_batches, trim
 
 
 @pytest.fixture(scope="module")
@@ -58,13 +59,18 @@ class _Saver:
         (path / "adapter_model.safetensors").write_text("weights")
 
 
-def test_save_adapter_is_all_or_nothing(tmp_path):
+def save(saver: _Saver, target) -> None:
+    with atomic_directory(target) as folder:
+        saver.save_pretrained(folder)
+
+
+def test_atomic_directory_is_all_or_nothing(tmp_path):
     target = tmp_path / "adapter"
-    save_adapter(_Saver(fail=False), target)
+    save(_Saver(fail=False), target)
     assert sorted(p.name for p in target.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     (target / "adapter_model.safetensors").write_text("old weights")
     with pytest.raises(OSError, match="disk full"):
-        save_adapter(_Saver(fail=True), target)
+        save(_Saver(fail=True), target)
     assert (target / "adapter_model.safetensors").read_text() == "old weights"
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temporary folder left behind
 

@@ -1,4 +1,4 @@
-"""Measurement helpers shared by every method (DESIGN.md section 7)."""
+"""Measurement helpers shared by every method (docs/state_ctrl.md, "Measuring activation memory")."""
 
 from .memory import SavedTensorMeter, saved_activation_bytes
 

@@ -1,4 +1,4 @@
-"""Fused low-rank op shared by the methods (DESIGN.md section 8)."""
+"""Fused low-rank op shared by the methods (docs/ops.md)."""
 
 from ._dispatch import force_triton, triton_available
 from .lean_lora import lean_lora

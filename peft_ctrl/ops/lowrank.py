@@ -21,8 +21,6 @@ import torch.nn.functional as F
 
 from . import _dispatch
 
-MAX_RANK = 256  # the Triton kernels keep a whole rank-r row in one block
-
 
 def _check(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, base: torch.Tensor | None, dropout: float) -> None:
     if not 0.0 <= dropout < 1.0:
@@ -86,7 +84,7 @@ class _LowRank(torch.autograd.Function):
     def forward(ctx, x, A, B, base, scale, p, seed):  # noqa: D401 - autograd signature
         x2 = x.reshape(-1, x.shape[-1])
         # Decided once here: the backward must regenerate the mask with the scheme the forward used.
-        ctx.triton = A.shape[0] <= MAX_RANK and _dispatch.use_triton(x)
+        ctx.triton = A.shape[0] <= _dispatch.MAX_RANK and _dispatch.use_triton(x)
         if ctx.triton:
             z = _dispatch.triton_ops().dropout_matmul(x2, A, seed, p)
         else:

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lowrank import MAX_RANK
+from ._dispatch import MAX_RANK
 
 
 @triton.jit

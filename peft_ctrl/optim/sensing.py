@@ -1,8 +1,11 @@
-"""Matrix sensing with LoRA factors: the benchmark problem of ODELoRA (DESIGN.md section 4).
+"""Matrix sensing with LoRA factors: the benchmark problem of ODELoRA (docs/odelora.md).
 
 y_i = <X_i, W*> with Gaussian X_i and W* of rank r* and condition number kappa; a peft LoRA layer on a
-frozen zero matrix learns W = s B A from the loss 1/2 ||X vec(W) / sqrt(M) - y||^2. Shared by the tests
-and ``benchmarks/odelora_sensing.py``.
+frozen zero matrix learns W = s B A from the loss 1/2 ||X vec(W) / sqrt(M) - y||^2.
+
+Public on purpose: it is the smallest problem on which a LoRA optimizer's convergence rate can be read off
+(the exact solution is known and the conditioning is set by kappa), so users can check any optimizer on it
+the way ``examples/odelora_sensing.py``, the tests and ``benchmarks/odelora_sensing.py`` check ODELoRA.
 """
 
 from __future__ import annotations

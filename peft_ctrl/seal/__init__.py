@@ -1,4 +1,4 @@
-"""SEAL: passport watermarks for LoRA, released as plain LoRA, verified with exact statistics (DESIGN.md §9)."""
+"""SEAL: passport watermarks for LoRA, released as plain LoRA, verified with exact statistics (docs/seal.md)."""
 
 from peft_ctrl._registry import register
 

@@ -12,7 +12,7 @@ from .keys import check_commitment, commitment, new_salt, resolve_key
 
 @dataclass
 class SealConfig(PeftConfig):
-    """Configuration of SEAL passport watermarks for LoRA (DESIGN.md section 9).
+    """Configuration of SEAL passport watermarks for LoRA (docs/seal.md).
 
     Each target ``nn.Linear`` gets ``h = W x + s * B C A x`` with trainable LoRA factors B (out x r, zero at
     start) and A (r x in, drawn from the key), a frozen r x r passport C drawn from the key, and

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
+
+from ..atomic import atomic_directory, atomic_file
 
 PREFIX = "base_model.model."
 PROOF_FORMAT = "peft-ctrl-seal-proof"
@@ -100,20 +99,13 @@ def read_adapter(path: str | Path, expect: tuple[str, ...] = ("LORA",)) -> LoraF
 
 @contextlib.contextmanager
 def atomic_output(path: str | Path, is_dir: bool) -> Iterator[Path]:
-    """Yield a temporary path to fill; on success it is renamed to ``path``, on error it is removed."""
+    """A new file or directory at ``path``, written atomically (``peft_ctrl.atomic``); an existing file or
+    non-empty directory is refused before anything is written, so a release never overwrites one."""
     path = Path(path)
     if path.exists() and (not is_dir or any(path.iterdir())):
         raise FileExistsError(f"{path} already exists; choose a new path (nothing was written).")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    target = tmp if is_dir else tmp / path.name
-    try:
-        yield target
-        if is_dir and path.exists():
-            path.rmdir()  # the empty directory checked above
-        os.replace(target, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_directory(path) if is_dir else atomic_file(path) as tmp:
+        yield tmp
 
 
 def write_lora(path: str | Path, adapter: LoraFactors, config: dict | None = None) -> Path:

@@ -15,7 +15,7 @@ from .layer import SealLayer
 
 
 class SealModel(StrictLoadMixin, BaseTuner):
-    """Adds SEAL adapters (LoRA with a key-derived passport, DESIGN.md section 9) to the target Linear modules.
+    """Adds SEAL adapters (LoRA with a key-derived passport, docs/seal.md) to the target Linear modules.
 
     Module names are the keys of the PRF: the passport and initial A of ``model.layers.0.self_attn.q_proj``
     depend only on the key and that name, so release and verification re-derive them without storing them.

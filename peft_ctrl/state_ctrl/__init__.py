@@ -1,4 +1,4 @@
-"""State-based parallel control: one low-rank edge per residual sub-block (DESIGN.md section 3)."""
+"""State-based parallel control: one low-rank edge per residual sub-block (docs/state_ctrl.md)."""
 
 from peft_ctrl._registry import register
 

@@ -15,18 +15,19 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Architecture:
-    """Bridge placement for one model family."""
+    """Bridge placement for one model family: (head, tail) per block kind, and whether the family is causal.
+
+    Post-norm families (BERT, RoBERTa) need no flag: their tail module ends with the block's LayerNorm, so
+    the control is added after it, ``out = LN(h + F(h)) + alpha * B A h``.
+    """
 
     mlp: tuple[str, str]
     attn: tuple[str, str]
     causal: bool
-    post_norm: bool = False
 
 
 _LLAMA_LIKE = Architecture(mlp=("post_attention_layernorm", "mlp"), attn=("input_layernorm", "self_attn"), causal=True)
-_BERT_LIKE = Architecture(
-    mlp=("intermediate", "output"), attn=("attention", "attention.output"), causal=False, post_norm=True
-)
+_BERT_LIKE = Architecture(mlp=("intermediate", "output"), attn=("attention", "attention.output"), causal=False)
 
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": _LLAMA_LIKE,

@@ -1,4 +1,4 @@
-"""SubLoRA: second-order, submodular rank allocation for SVD-form adapters (DESIGN.md section 5)."""
+"""SubLoRA: second-order, submodular rank allocation for SVD-form adapters (docs/sublora.md)."""
 
 from peft_ctrl._registry import register
 

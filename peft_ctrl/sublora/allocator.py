@@ -1,4 +1,4 @@
-"""Rank allocation as submodular maximisation of a second-order model of the loss (DESIGN.md section 5).
+"""Rank allocation as submodular maximisation of a second-order model of the loss (docs/sublora.md).
 
 Components (one singular triplet of one layer each) are kept (x_i = 1) or removed (x_i = 0). Around the
 current singular values lambda the loss of the kept set is modelled as

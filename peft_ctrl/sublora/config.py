@@ -14,7 +14,7 @@ HESSIANS = ("exact", "block", "fisher", "diag")
 @dataclass
 class SubLoRAConfig(PeftConfig):
     """Configuration of SubLoRA: SVD-form adapters whose ranks are allocated by submodular selection on a
-    second-order loss model (DESIGN.md section 5), run by ``trainer_callbacks.SubLoRACallback``.
+    second-order loss model (docs/sublora.md), run by ``trainer_callbacks.SubLoRACallback``.
 
     Each target ``nn.Linear`` gets ``delta W = P diag(lambda * mask) Q * lora_alpha / r`` with ``r``
     components; the callback masks components down to the global budget on AdaLoRA's cubic schedule and
