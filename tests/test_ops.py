@@ -142,7 +142,7 @@ def test_triton_kernels_match_the_reference(r, contiguous):
     with force_triton():
         fused = lowrank(x, A, B, scale=1.5, dropout=p, base=base)
         fused_grads = grads(fused, (x, A, B, base))
-    keep = triton_lowrank.keep_mask(seed, 33, 40, p, x.device).view(x.shape)
+    keep = triton_lowrank.philox_keep_mask(seed, 33, 40, p, x.device).view(x.shape)
     plain = base + 1.5 * ((x * keep / (1 - p)) @ A.t() @ B.t())
     torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
     for a, b in zip(fused_grads, grads(plain, (x, A, B, base)), strict=True):
@@ -153,8 +153,8 @@ def test_triton_kernels_match_the_reference(r, contiguous):
 def test_triton_mask_is_regenerated_identically_and_rank_limit_falls_back():
     from peft_ctrl.ops import triton_lowrank
 
-    m1 = triton_lowrank.keep_mask(99, 7, 33, 0.4, torch.device("cpu"))
-    m2 = triton_lowrank.keep_mask(99, 7, 33, 0.4, torch.device("cpu"))
+    m1 = triton_lowrank.philox_keep_mask(99, 7, 33, 0.4, torch.device("cpu"))
+    m2 = triton_lowrank.philox_keep_mask(99, 7, 33, 0.4, torch.device("cpu"))
     assert torch.equal(m1, m2) and 0.4 < m1.float().mean() < 0.8
     with pytest.raises(ValueError, match="ranks up to 256"):
         triton_lowrank.dropout_matmul(torch.randn(4, 8), torch.randn(300, 8), 0, 0.1)

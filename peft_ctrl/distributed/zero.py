@@ -79,13 +79,19 @@ def check_stage(method: str, stage: int | None) -> None:
     """Raise ``ValueError`` when ``method`` cannot run under ZeRO ``stage`` (``None``: no DeepSpeed, always fine)."""
     if method not in SUPPORTED_STAGES:
         raise ValueError(f"Unknown method {method!r}; known: {sorted(SUPPORTED_STAGES)}.")
-    supported = SUPPORTED_STAGES[method]
-    if stage is None or stage in supported:
+    if stage is None or stage in SUPPORTED_STAGES[method]:
         return
+    raise ValueError(f"{method} does not run under DeepSpeed ZeRO stage {stage}: {deepspeed_limit(method)}")
+
+
+def deepspeed_limit(method: str) -> str:
+    """Why ``method`` does not run under the ZeRO stages it does not support, and where it does run: the one
+    statement of each limit, used by every check that enforces it."""
+    supported = SUPPORTED_STAGES[method]
     where = f"ZeRO stages {', '.join(map(str, supported))}" if supported else "no DeepSpeed stage"
-    raise ValueError(
-        f"{method} does not run under DeepSpeed ZeRO stage {stage}: {_WHY_NOT[method]}. It runs under {where}, "
-        "and without DeepSpeed in a single process or plain data parallel."
+    return (
+        f"{_WHY_NOT[method]}. It runs under {where}, and without DeepSpeed in a single process or plain data "
+        "parallel."
     )
 
 

@@ -201,7 +201,7 @@ def dropout_grad_a(gz: torch.Tensor, x: torch.Tensor, seed: int, p: float) -> to
     return _launch(_dropout_grad_a_kernel, lambda bm, bk: (triton.cdiv(K, bk),), gz, x, ga, M, K, R, seed, p)
 
 
-def keep_mask(seed: int, M: int, K: int, p: float, device: torch.device) -> torch.Tensor:
+def philox_keep_mask(seed: int, M: int, K: int, p: float, device: torch.device) -> torch.Tensor:
     """The Triton-path dropout mask (bool, True = kept) for x of shape (M, K)."""
     _check_size(M, K)
     out = torch.empty(M * K, dtype=torch.int8, device=device)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..distributed.zero import check_stage, deepspeed_limit
 from ..factors import balanced_split, product_svd, work_dtype
 
 SCHEMES = {"euler": 1, "heun": 2, "rk4": 4}
@@ -108,12 +109,6 @@ def imbalance(B: torch.Tensor, A: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(MB - A @ A.T) / norm)
 
 
-SUPPORTED_SETUPS = (
-    "Supported setups: a single process, or data parallel with full parameters on every rank (torchrun or "
-    "accelerate launch without DeepSpeed); fp16/bf16 through autocast (Trainer's fp16=True / bf16=True)."
-)
-
-
 class ODELoRA(torch.optim.Optimizer):
     """Integrates the ODELoRA flow on every LoRA pair; other trainable parameters follow plain gradient flow.
 
@@ -139,11 +134,8 @@ class ODELoRA(torch.optim.Optimizer):
             raise ValueError(f"lr must be positive, got {lr!r}.")
         if eps <= 0 or warmup_steps < 0:
             raise ValueError("eps must be positive and warmup_steps non-negative.")
-        if any(hasattr(p, "ds_id") for pair in pairs for p in (pair.A, pair.B)):
-            raise ValueError(
-                "ODELoRA needs every LoRA factor whole on each process, and DeepSpeed ZeRO stage 3 partitions "
-                f"them. {SUPPORTED_SETUPS}"
-            )
+        if any(hasattr(p, "ds_id") for pair in pairs for p in (pair.A, pair.B)):  # ZeRO-3 partitioned them
+            check_stage("odelora", 3)
         self.pairs = pairs
         groups = [{"params": [p for pair in pairs for p in (pair.A, pair.B)], "lr": lr, "kind": "lora"}]
         if other_params:
@@ -162,7 +154,8 @@ class ODELoRA(torch.optim.Optimizer):
         if len(stepped) != len(expected) or any(a is not b for a, b in zip(stepped, expected, strict=False)):
             raise RuntimeError(
                 "ODELoRA's parameter groups were replaced (DeepSpeed's ZeRO or mixed-precision optimizer wraps "
-                f"flatten and partition them), so it cannot see the LoRA factors it integrates. {SUPPORTED_SETUPS}"
+                f"flatten and partition them), so it cannot see the LoRA factors it integrates: "
+                f"{deepspeed_limit('odelora')}"
             )
 
     def set_closure(self, closure: Callable[[], torch.Tensor]) -> None:
