@@ -9,12 +9,12 @@ forward+backward, the fused/unfused ratio, and the bytes each keeps for backward
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from _common import parser, pyplot, write_results
 
 from peft_ctrl.metrics import SavedTensorMeter
 from peft_ctrl.ops import lowrank
@@ -54,14 +54,13 @@ def time_one(fn, x, A, B, p, device, reps):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cpu", action="store_true", help="time the torch path on CPU instead of CUDA")
-    parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
-    parser.add_argument("--out", type=Path, default=Path("docs/results"))
-    args = parser.parse_args()
+    cli = parser(__doc__)
+    cli.add_argument("--cpu", action="store_true", help="time the torch path on CPU instead of CUDA")
+    cli.add_argument("--reps", type=int, default=20)
+    cli.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    args = cli.parse_args()
     if not args.cpu and not torch.cuda.is_available():
-        parser.error("no CUDA device here: run on a GPU machine, or pass --cpu for the torch path")
+        cli.error("no CUDA device here: run on a GPU machine, or pass --cpu for the torch path")
     device = "cpu" if args.cpu else "cuda"
     dtype = torch.float32 if args.cpu else getattr(torch, args.dtype)
     lines = [
@@ -85,18 +84,11 @@ def main() -> None:
                 f"{bf / 2**20:.1f} | {bu / 2**20:.1f} |"
             )
     table = "\n".join(lines)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"lowrank_kernels_{device}.md").write_text(table + "\n")
-    plot(records, args.out / f"lowrank_kernels_{device}.png", lines[0])
+    write_results(args.out, f"lowrank_kernels_{device}", table, plot=lambda path: plot(records, path, lines[0]))
 
 
 def plot(records: list[tuple[str, float, float, float]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     labels = [r[0] for r in records]
     xs = range(len(records))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))

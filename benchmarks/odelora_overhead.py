@@ -10,26 +10,21 @@ alone and of a whole training step (forward, backward, step), each as a ratio to
 
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from _common import ALL_LINEAR, Shape, build_base, make_batch, parser, pyplot, write_results
+from peft import LoraConfig, get_peft_model
 
-sys.path.insert(0, str(Path(__file__).parent))
-from peft import LoraConfig, get_peft_model  # noqa: E402
-from state_ctrl_memory import ALL_LINEAR, Shape, build_base, make_batch  # noqa: E402
-
-from peft_ctrl.optim import create_odelora_optimizer  # noqa: E402
+from peft_ctrl.optim import create_odelora_optimizer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--out", type=Path, default=Path("docs/results"))
-    args = parser.parse_args()
+    cli = parser(__doc__)
+    cli.add_argument("--rounds", type=int, default=7)
+    args = cli.parse_args()
     shape = Shape()
     batch = make_batch(shape)
     setups = {}
@@ -61,15 +56,11 @@ def main() -> None:
     for name, (step, total) in med.items():
         lines.append(f"| {name} | {1e3 * step:.1f} | {step / ref_step:.2f} | {total:.3f} | {total / ref_total:.3f} |")
     table = "\n".join(lines)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "odelora_overhead.md").write_text(table + "\n")
+    write_results(args.out, "odelora_overhead", table, plot=lambda path: plot(med, path))
 
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(med: dict[str, tuple[float, float]], path: Path) -> None:
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3))
     names = list(med)
     ax.barh(names, [med[n][1] - med[n][0] for n in names], label="forward + backward", color="tab:gray")
@@ -83,7 +74,7 @@ def main() -> None:
     ax.set_xlabel("median seconds per training step")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(args.out / "odelora_overhead.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

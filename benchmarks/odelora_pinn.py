@@ -12,92 +12,18 @@ Writes docs/results/odelora_pinn.{md,json,png}.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import statistics
 from pathlib import Path
 
 import torch
+from _common import MLP, parser, pinn_loss, points, pretrain, pyplot, rel_l2, write_results
 from peft import LoraConfig, get_peft_model
 from peft.optimizers import create_riemannian_optimizer
-from torch import nn
 
 from peft_ctrl.optim import ODELoRA, create_odelora_optimizer
 
 BUDGET = 600
-PI = math.pi
-
-
-def exact(xy: torch.Tensor, shifted: bool) -> torch.Tensor:
-    x, y = xy[:, :1], xy[:, 1:]
-    u = torch.sin(PI * x) * torch.sin(PI * y)
-    return u + 0.5 * torch.sin(2 * PI * x) * torch.sin(PI * y) if shifted else u
-
-
-def source(xy: torch.Tensor, shifted: bool) -> torch.Tensor:
-    """f = -Laplace(u) for the exact solution."""
-    x, y = xy[:, :1], xy[:, 1:]
-    f = 2 * PI**2 * torch.sin(PI * x) * torch.sin(PI * y)
-    return f + 0.5 * 5 * PI**2 * torch.sin(2 * PI * x) * torch.sin(PI * y) if shifted else f
-
-
-class MLP(nn.Module):
-    def __init__(self, width: int = 64) -> None:
-        super().__init__()
-        self.inp = nn.Linear(2, width)
-        self.h1 = nn.Linear(width, width)
-        self.h2 = nn.Linear(width, width)
-        self.h3 = nn.Linear(width, width)
-        self.out = nn.Linear(width, 1)
-
-    def forward(self, xy: torch.Tensor) -> torch.Tensor:
-        z = torch.tanh(self.inp(xy))
-        for layer in (self.h1, self.h2, self.h3):
-            z = torch.tanh(layer(z))
-        return self.out(z)
-
-
-def pinn_loss(model: nn.Module, interior: torch.Tensor, boundary: torch.Tensor, shifted: bool) -> torch.Tensor:
-    xy = interior.clone().requires_grad_(True)
-    u = model(xy)
-    (grad,) = torch.autograd.grad(u.sum(), xy, create_graph=True)
-    lap = sum(torch.autograd.grad(grad[:, i].sum(), xy, create_graph=True)[0][:, i] for i in range(2))
-    residual = -lap.unsqueeze(1) - source(interior, shifted)
-    return residual.pow(2).mean() + 10 * model(boundary).pow(2).mean()
-
-
-def points(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    interior = torch.rand(500, 2, generator=g)
-    t = torch.rand(100, 1, generator=g)
-    zeros, ones = torch.zeros_like(t), torch.ones_like(t)
-    boundary = torch.cat([torch.cat(p, 1) for p in ((t, zeros), (t, ones), (zeros, t), (ones, t))])
-    return interior, boundary
-
-
-def grid() -> torch.Tensor:
-    s = torch.linspace(0, 1, 50)
-    return torch.cartesian_prod(s, s)
-
-
-def rel_l2(model: nn.Module, shifted: bool) -> float:
-    xy = grid()
-    with torch.no_grad():
-        return float((model(xy) - exact(xy, shifted)).norm() / exact(xy, shifted).norm())
-
-
-def pretrain(seed: int = 0, model_cls: type[nn.Module] = MLP) -> nn.Module:
-    """A ``model_cls()`` PINN trained on the unshifted instance u1."""
-    torch.manual_seed(seed)
-    model = model_cls()
-    interior, boundary = points(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    for _ in range(1500):
-        opt.zero_grad()
-        pinn_loss(model, interior, boundary, shifted=False).backward()
-        opt.step()
-    return model
 
 
 def finetune(base: MLP, method: str, lr: float, seed: int) -> tuple[float, list[float]]:
@@ -150,10 +76,9 @@ GRIDS = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("docs/results"))
-    parser.add_argument("--seeds", type=int, default=3)
-    args = parser.parse_args()
+    cli = parser(__doc__)
+    cli.add_argument("--seeds", type=int, default=3)
+    args = cli.parse_args()
     torch.set_num_threads(1)  # tiny matrices: one thread is faster than two
     base = pretrain()
     start_error = rel_l2(base, True)
@@ -181,16 +106,12 @@ def main() -> None:
         mean = f"{statistics.fmean(finite):.4f}" if len(finite) == len(row["errors"]) else "diverged"
         lines.append(f"| {method} | {row['lr']:g} | {mean} | {', '.join(f'{e:.4f}' for e in row['errors'])} |")
     table = "\n".join(lines)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "odelora_pinn.md").write_text(table + "\n")
-    (args.out / "odelora_pinn.json").write_text(json.dumps({"start_error": start_error, "rows": rows}, indent=1))
+    data = {"start_error": start_error, "rows": rows}
+    write_results(args.out, "odelora_pinn", table, data, lambda path: plot(curves, rows, path))
 
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(curves: dict[str, list[float]], rows: dict, path: Path) -> None:
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for method, curve in curves.items():
         per = 4 if method == "odelora-rk4" else 1
@@ -200,7 +121,7 @@ def main() -> None:
     ax.set_title("PINN transfer: Poisson, LoRA r=4 on 3 hidden layers (seed 0)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(args.out / "odelora_pinn.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

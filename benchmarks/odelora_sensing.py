@@ -14,13 +14,12 @@ Writes docs/results/odelora_sensing.{md,json,png}.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import time
 from pathlib import Path
 
 import torch
+from _common import parser, pyplot, write_results
 from peft.optimizers import create_loraplus_optimizer, create_riemannian_optimizer
 
 from peft_ctrl.optim import ODELoRA, create_odelora_optimizer, find_lora_pairs, imbalance
@@ -150,9 +149,7 @@ def best(results: list[dict]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("docs/results"))
-    args = parser.parse_args()
+    args = parser(__doc__).parse_args()
     torch.set_default_dtype(torch.float64)
     problems = {k: SensingProblem.make(100, 100, 4, k, 2000) for k in (1, 10, 100, 1000)}
 
@@ -179,12 +176,8 @@ def main() -> None:
         }
 
     result = {"tuning": tuning, "sweep": sweep, "width": width}
-    args.out.mkdir(parents=True, exist_ok=True)
     table = write_tables(result)
-    print(table)
-    (args.out / "odelora_sensing.md").write_text(table + "\n")
-    (args.out / "odelora_sensing.json").write_text(json.dumps(strip_errors(result), indent=1))
-    plot(result, args.out / "odelora_sensing.png")
+    write_results(args.out, "odelora_sensing", table, strip_errors(result), lambda path: plot(result, path))
 
 
 def strip_errors(result: dict) -> dict:
@@ -258,11 +251,7 @@ def write_tables(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, kappa in zip(axes, (1, 1000), strict=True):
         for method, runs in result["sweep"].items():

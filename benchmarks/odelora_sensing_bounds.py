@@ -16,13 +16,12 @@ writes docs/results/odelora_sensing_bounds.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
+from _common import parser, write_results
 
 from peft_ctrl.optim.sensing import SensingProblem
 
@@ -74,10 +73,8 @@ def evaluations(rate: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results", type=Path, default=Path("docs/results"))
-    args = parser.parse_args()
-    measured = json.loads((args.results / "odelora_sensing.json").read_text())
+    args = parser(__doc__).parse_args()
+    measured = json.loads((args.out / "odelora_sensing.json").read_text())
     problem = SensingProblem.make(100, 100, 4, 100, 2000)  # the benchmark's kappa = 100 problem
     lo, hi = tangent_spectrum(problem, 4)
     c = hi / lo
@@ -115,9 +112,7 @@ def main() -> None:
         f"quadratic, whatever the problem: the ratio of the polynomials' stability limits.",
         f"Chebyshev (accelerated) rate per evaluation: {chebyshev:.4f}, {evaluations(chebyshev):.0f} evaluations.",
     ]
-    table = "\n".join(lines)
-    print(table)
-    (args.results / "odelora_sensing_bounds.md").write_text(table + "\n")
+    write_results(args.out, "odelora_sensing_bounds", "\n".join(lines))
 
 
 if __name__ == "__main__":

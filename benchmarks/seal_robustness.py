@@ -22,8 +22,6 @@ Writes docs/results/seal_robustness.{md,json,png}.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import tempfile
@@ -32,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import parser, pyplot, write_results
 from peft import PeftModel
 
 from peft_ctrl.datasets import stdlib_topics
@@ -259,11 +258,7 @@ def write_tables(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
     rows = result["attacks"]
     labels = [f"{r['attack']}\n{r['strength']}" for r in rows]
@@ -290,10 +285,9 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("docs/results"))
-    parser.add_argument("--only", choices=["timing"], help="run one part only (results are not written)")
-    args = parser.parse_args()
+    cli = parser(__doc__)
+    cli.add_argument("--only", choices=["timing"], help="run one part only (results are not written)")
+    args = cli.parse_args()
     torch.set_num_threads(2)
     if args.only == "timing":
         print(write_tables({"timing": llama7b_timing()}))
@@ -311,12 +305,7 @@ def main() -> None:
         result["attacks"] = attack_table(root, attacker, evaluation, num_labels)
         result["false_positives"] = false_positives(root)
     result["timing"] = llama7b_timing()
-    table = write_tables(result)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "seal_robustness.md").write_text(table + "\n")
-    (args.out / "seal_robustness.json").write_text(json.dumps(result, indent=1))
-    plot(result, args.out / "seal_robustness.png")
+    write_results(args.out, "seal_robustness", write_tables(result), result, lambda path: plot(result, path))
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ Writes docs/results/state_ctrl_memory.{md,json,png}.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import time
 from collections.abc import Callable
@@ -23,27 +21,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
+from _common import (
+    ALL_LINEAR,
+    LLAMA2_7B,
+    MiB,
+    Shape,
+    build_base,
+    lora,
+    make_batch,
+    parser,
+    projected_bytes,
+    pyplot,
+    state_ctrl,
+    write_results,
+)
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from peft_ctrl import StateCtrlConfig
 from peft_ctrl.metrics import saved_activation_bytes
-from peft_ctrl.ops import lean_lora
-
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-MiB = 2**20
-
-
-@dataclass(frozen=True)
-class Shape:
-    hidden: int = 512
-    intermediate: int = 1376
-    layers: int = 4
-    heads: int = 8
-    vocab: int = 1024
-    batch: int = 4
-    seq: int = 256
 
 
 @dataclass(frozen=True)
@@ -51,38 +45,6 @@ class Method:
     name: str
     first_block: str  # "attn" or "mlp": where gradients must start flowing (defines the floor)
     build: Callable[[nn.Module], nn.Module]
-
-
-def checkpointed(model: nn.Module) -> nn.Module:
-    """Gradient checkpointing on every decoder layer (transformers' non-reentrant default)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
-
-
-def lora(
-    targets: list[str], dora: bool = False, lean: bool = False, checkpointing: bool = False
-) -> Callable[[nn.Module], nn.Module]:
-    config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=targets, use_dora=dora)
-
-    def build(base: nn.Module) -> nn.Module:
-        model = get_peft_model(base, config)
-        if lean:
-            lean_lora(model)
-        return checkpointed(model) if checkpointing else model
-
-    return build
-
-
-def state_ctrl(
-    r: int, blocks: str, dropout: float = 0.0, fused: bool = True, checkpointing: bool = False
-) -> Callable[[nn.Module], nn.Module]:
-    config = StateCtrlConfig(r=r, blocks=blocks, dropout=dropout, fused=fused)
-
-    def build(base: nn.Module) -> nn.Module:
-        model = get_peft_model(base, config)
-        return checkpointed(model) if checkpointing else model
-
-    return build
 
 
 def full(base: nn.Module) -> nn.Module:
@@ -109,22 +71,6 @@ METHODS = [
 ]
 
 
-def build_base(shape: Shape, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=shape.vocab,
-        hidden_size=shape.hidden,
-        intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        num_key_value_heads=shape.heads,
-        max_position_embeddings=max(shape.seq, 64),
-    )
-    model = LlamaForCausalLM(config).requires_grad_(False)
-    model.train()
-    return model
-
-
 def floor_model(shape: Shape, first_block: str) -> nn.Module:
     """The frozen model with the residual stream leaving layer 0's ``first_block`` made to require grad."""
     model = build_base(shape)
@@ -138,12 +84,6 @@ def floor_model(shape: Shape, first_block: str) -> nn.Module:
 
     module.register_forward_hook(require_grad)
     return model
-
-
-def make_batch(shape: Shape) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq), generator=g)
-    return {"input_ids": ids, "labels": ids}
 
 
 def step_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
@@ -205,54 +145,6 @@ def run(shape: Shape, rounds: int, warmup: int) -> dict:
     }
 
 
-def projected_bytes(method: str, s: Shape, elem: int = 4, mask: int = 4) -> int:
-    """Bytes saved for backward predicted from the shapes alone (LLaMA decoder, fp32 by default).
-
-    Counts in elements per token (d = hidden, f = intermediate, H = heads, r = rank), from what each op keeps:
-      frozen decoder layer that gradients flow through:  LAYER = 6d + 3f + H + 2
-          (two RMSNorms keep h and 1/rms: 2(d + 1); attention keeps q, k, v, out and a log-sum-exp per head:
-           4d + H; the SwiGLU MLP keeps gate, silu(gate) and up: 3f; frozen linears keep no activation)
-      head: final norm d + 1, log-softmax output V, plus an int64 target and the rotary cos/sin (2 d/H) once
-      state-ctrl bridge: + r (A h); h is the tensor the norm already keeps, except in layer 0 (+ d once)
-      PEFT LoRA on a linear of input width w (dropout > 0): + w (dropped x) + r (A x) + the dropout mask,
-          w elements of `mask` bytes (4 on CPU, where dropout keeps a float mask; 1 on CUDA, a bool mask),
-          except where the linear's input needs no gradient (layer 0's q, k, v)
-      full fine-tuning adds the linears' inputs and norms' normalised states: + 5d + f per layer (+ 2d head,
-      + an int64 index for the embedding)
-    Layer 0 is partial: with LoRA its attention internals need gradients but its input norm does not
-    (5d + 3f + H + 1); a floor or bridge that starts at the MLP output saves nothing there.
-    """
-    d, f, H, L, V, T = s.hidden, s.intermediate, s.heads, s.layers, s.vocab, s.batch * s.seq
-    layer = 6 * d + 3 * f + H + 2
-    head = (d + 1 + V) * elem + 8
-    after_attn0 = d + 1 + 3 * f  # layer 0 from its attention output on
-    lora_layer0 = 5 * d + 3 * f + H + 1
-    rest = (L - 1) * layer
-    if method == "floor mlp":
-        per_token = rest * elem + head
-    elif method == "floor attn":
-        per_token = (rest + after_attn0) * elem + head
-    elif method.startswith("state-ctrl mlp"):
-        r = int(method.rsplit("r=", 1)[1])
-        per_token = (rest + L * r + d) * elem + head
-    elif method.startswith("state-ctrl both"):
-        r = int(method.rsplit("r=", 1)[1])
-        per_token = (rest + after_attn0 + 2 * L * r + d) * elem + head
-    elif method == "PEFT LoRA all-linear r=16":
-        adapters = (6 * d + f + 7 * 16) * elem + (6 * d + f) * mask
-        # layer 0's q, k, v inputs need no gradient, so their dropout masks are not kept
-        per_token = (rest + lora_layer0) * elem + L * adapters - 3 * d * mask + head
-    elif method == "PEFT LoRA q,v r=16":
-        adapters = 2 * (d + 16) * elem + 2 * d * mask
-        per_token = (rest + lora_layer0) * elem + L * adapters - 2 * d * mask + head
-    elif method == "full fine-tuning":
-        per_token = (L * (layer + 4 * d + f) + 2 * d) * elem + head + 8
-    else:
-        raise KeyError(f"no projection formula for {method!r}")
-    rotary = 2 * s.seq * (d // H) * elem  # cos and sin, computed once and shared by every layer
-    return T * per_token + rotary
-
-
 PROJECTED = [
     "floor attn",
     "floor mlp",
@@ -267,7 +159,6 @@ VALIDATION_SHAPES = [
     Shape(hidden=256, intermediate=688, layers=3, heads=4, vocab=256, batch=2, seq=128),
     Shape(hidden=384, intermediate=1024, layers=2, heads=6, vocab=1000, batch=1, seq=96),
 ]
-LLAMA2_7B = Shape(hidden=4096, intermediate=11008, layers=32, heads=32, vocab=32000, batch=1, seq=4096)
 
 
 def measured_bytes(method: str, shape: Shape) -> int:
@@ -290,8 +181,7 @@ def validate() -> list[dict]:
     return rows
 
 
-def write_outputs(result: dict, out_dir: Path) -> str:
-    out_dir.mkdir(parents=True, exist_ok=True)
+def results_table(result: dict) -> str:
     rows = result["rows"]
     ref_all = rows["PEFT LoRA all-linear r=16"]
     ref_qv = rows["PEFT LoRA q,v r=16"]
@@ -343,9 +233,6 @@ def write_outputs(result: dict, out_dir: Path) -> str:
     table = "\n".join(lines)
     if "validation" in result:
         table += "\n\n" + projection_tables(result)
-    (out_dir / "state_ctrl_memory.json").write_text(json.dumps(result, indent=2))
-    (out_dir / "state_ctrl_memory.md").write_text(table + "\n")
-    plot(result, out_dir / "state_ctrl_memory.png")
     return table
 
 
@@ -385,11 +272,7 @@ def projection_tables(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = result["rows"]
     names = list(rows)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -416,12 +299,11 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=7, help="timed rounds (median is reported)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path("docs/results"))
-    parser.add_argument("--validate-only", action="store_true", help="only check the projection formula")
-    args = parser.parse_args()
+    cli = parser(__doc__)
+    cli.add_argument("--rounds", type=int, default=7, help="timed rounds (median is reported)")
+    cli.add_argument("--warmup", type=int, default=2)
+    cli.add_argument("--validate-only", action="store_true", help="only check the projection formula")
+    args = cli.parse_args()
     if args.validate_only:
         for row in validate():
             print(row["method"], row["shape"], row["measured"], row["predicted"])
@@ -438,7 +320,7 @@ def main() -> None:
     ]
     result["benchmark_cuda_masks"] = {m: projected_bytes(m, Shape(), mask=1) for m in PROJECTED}
     result["llama2_7b"] = {m: projected_bytes(m, LLAMA2_7B, mask=1) for m in PROJECTED}
-    print(write_outputs(result, args.out))
+    write_results(args.out, "state_ctrl_memory", results_table(result), result, lambda path: plot(result, path))
 
 
 def _measured_from(result: dict, method: str) -> int:

@@ -18,15 +18,13 @@ is SubLoRA with exact_svd=False: the ablation of rewriting components as exact s
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from odelora_pinn import pinn_loss, points, pretrain, rel_l2
+from _common import parser, pinn_loss, points, pretrain, pyplot, rel_l2, write_results
 from peft import AdaLoraConfig, LoraConfig, get_peft_model
 from torch import nn
 
@@ -149,11 +147,7 @@ def write_table(results: list[dict], start_errors: list[float]) -> str:
 
 
 def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in dict.fromkeys(r["method"] for r in results):
         curves = [r["curve"] for r in results if r["method"] == method]
@@ -170,11 +164,10 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--out", type=Path, default=Path("docs/results"))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + DIAGNOSTICS)
-    args = parser.parse_args()
+    cli = parser(__doc__)
+    cli.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    cli.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + DIAGNOSTICS)
+    args = cli.parse_args()
     torch.set_num_threads(2)
     results, start_errors = [], []
     for seed in args.seeds:
@@ -185,11 +178,7 @@ def main() -> None:
             print(f"seed {seed} {method}: error {r['error']:.4f} ranks {r['ranks']} {r['seconds']:.0f} s", flush=True)
             results.append(r)
     table = write_table(results, start_errors)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sublora_pinn.md").write_text(table + "\n")
-    (args.out / "sublora_pinn.json").write_text(json.dumps(results, indent=1))
-    plot(results, args.out / "sublora_pinn.png")
+    write_results(args.out, "sublora_pinn", table, results, lambda path: plot(results, path))
 
 
 if __name__ == "__main__":

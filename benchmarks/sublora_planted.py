@@ -24,15 +24,14 @@ Writes docs/results/sublora_planted.{md,json,png}.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from _common import parser, pyplot, write_results
 from peft import AdaLoraConfig, LoraConfig, get_peft_model
 from torch import nn
 
@@ -286,11 +285,7 @@ def write_tables(results: list[dict]) -> str:
 
 
 def plot(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     problems = list(dict.fromkeys(r["problem"] for r in results))
     fig, axes = plt.subplots(1, len(problems), figsize=(6 * len(problems), 4), squeeze=False)
     for ax, problem in zip(axes[0], problems, strict=True):
@@ -308,12 +303,11 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
-    parser.add_argument("--methods", nargs="+", help="default: every method on the MLPs; on llama the default")
-    parser.add_argument("--out", type=Path, default=Path("docs/results"))
-    args = parser.parse_args()
+    cli = parser(__doc__)
+    cli.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    cli.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
+    cli.add_argument("--methods", nargs="+", help="default: every method on the MLPs; on llama the default")
+    args = cli.parse_args()
     torch.set_num_threads(2)
     results = []
     for problem in args.problems:
@@ -326,12 +320,7 @@ def main() -> None:
                     flush=True,
                 )
                 results.append(r)
-    table = write_tables(results)
-    print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sublora_planted.md").write_text(table + "\n")
-    (args.out / "sublora_planted.json").write_text(json.dumps(results, indent=1))
-    plot(results, args.out / "sublora_planted.png")
+    write_results(args.out, "sublora_planted", write_tables(results), results, lambda path: plot(results, path))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 import torch
-from state_ctrl_memory import (
+from _common import (
     ALL_LINEAR,
     LLAMA2_7B,
     MiB,
@@ -33,8 +33,11 @@ from state_ctrl_memory import (
     build_base,
     lora,
     make_batch,
+    parser,
     projected_bytes,
+    pyplot,
     state_ctrl,
+    write_results,
 )
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -115,7 +118,9 @@ def launch(method: str, out: Path, deepspeed_linear: bool = False) -> list[dict]
         f"--nproc_per_node={WORLD}",
         f"--master_port={free_port()}",
     ]
-    command += [__file__, "--worker", method, "--out", str(out)] + (["--deepspeed-linear"] if deepspeed_linear else [])
+    command += [__file__, "--worker", method, "--runs", str(out)] + (
+        ["--deepspeed-linear"] if deepspeed_linear else []
+    )
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"ZeRO-3 run of {method} failed:\n{result.stderr[-5000:]}")
@@ -228,11 +233,7 @@ def projection_table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     methods = list(result["methods"])
     width = 0.25
@@ -254,19 +255,15 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--deepspeed-linear", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--out", default="runs/zero_memory")
-    parser.add_argument("--results", default="docs/results")
-    options, _ = parser.parse_known_args()
+    cli = parser(__doc__)
+    cli.add_argument("--runs", default="runs/zero_memory", help="folder for the processes' own outputs")
+    cli.add_argument("--worker", help=argparse.SUPPRESS)
+    cli.add_argument("--deepspeed-linear", action="store_true", help=argparse.SUPPRESS)
+    options, _ = cli.parse_known_args()
     if options.worker:
-        worker(options.worker, Path(options.out), options.deepspeed_linear)
+        worker(options.worker, Path(options.runs), options.deepspeed_linear)
         return
-    result = run(Path(options.out))
-    results = Path(options.results)
-    results.mkdir(parents=True, exist_ok=True)
-    (results / "zero_memory.json").write_text(json.dumps(result, indent=1))
+    result = run(Path(options.runs))
     threshold = result["methods"][next(iter(METHODS))]["zero3"][0]["threshold"]
     text = (
         "# ZeRO-3 memory per rank\n\n"
@@ -278,12 +275,9 @@ def main() -> None:
         f"{table(result)}\n\n"
         "Projected to LLaMA2-7B (bf16 weights and activations, 1 x 4096 tokens per GPU; adapter states are "
         "bf16 copy + fp32 master, gradient and Adam moments; formula in `projection()`):\n\n"
-        f"{projection_table(result)}\n"
+        f"{projection_table(result)}"
     )
-    (results / "zero_memory.md").write_text(text)
-    plot(result, results / "zero_memory.png")
-    print(table(result))
-    print(projection_table(result))
+    write_results(options.out, "zero_memory", text, result, lambda path: plot(result, path))
 
 
 if __name__ == "__main__":
