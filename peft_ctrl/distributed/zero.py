@@ -90,8 +90,7 @@ def deepspeed_limit(method: str) -> str:
     supported = SUPPORTED_STAGES[method]
     where = f"ZeRO stages {', '.join(map(str, supported))}" if supported else "no DeepSpeed stage"
     return (
-        f"{_WHY_NOT[method]}. It runs under {where}, and without DeepSpeed in a single process or plain data "
-        "parallel."
+        f"{_WHY_NOT[method]}. It runs under {where}, and without DeepSpeed in a single process or plain data parallel."
     )
 
 
