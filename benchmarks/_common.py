@@ -57,6 +57,19 @@ def pyplot() -> Any:
     return plt
 
 
+def training_step(opt: torch.optim.Optimizer, closure: Callable[[], torch.Tensor]) -> None:
+    """One optimizer step on ``closure``'s loss: ODELoRA evaluates the closure itself (torch.optim's convention,
+    and Heun/RK4 need it again); the other optimizers get one backward first (peft's Riemannian optimizer
+    refuses closures)."""
+    from peft_ctrl.optim import ODELoRA
+
+    if isinstance(opt, ODELoRA):
+        opt.step(closure)
+    else:
+        closure()
+        opt.step()
+
+
 # ---------------------------------------------------------------- the LLaMA-shaped benchmark model
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -17,7 +17,7 @@ import statistics
 from pathlib import Path
 
 import torch
-from _common import MLP, parser, pinn_loss, points, pretrain, pyplot, rel_l2, write_results
+from _common import MLP, parser, pinn_loss, points, pretrain, pyplot, rel_l2, training_step, write_results
 from peft import LoraConfig, get_peft_model
 from peft.optimizers import create_riemannian_optimizer
 
@@ -52,11 +52,7 @@ def finetune(base: MLP, method: str, lr: float, seed: int) -> tuple[float, list[
     while evals + per_step <= BUDGET:
         opt.zero_grad()
         try:
-            if isinstance(opt, ODELoRA):
-                opt.step(closure)  # evaluates the closure first, like torch.optim
-            else:  # peft's Riemannian optimizer refuses closures
-                closure()
-                opt.step()
+            training_step(opt, closure)
         except FloatingPointError:
             return math.inf, curve
         evals += per_step

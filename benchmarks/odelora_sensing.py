@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import parser, pyplot, write_results
+from _common import parser, pyplot, training_step, write_results
 from peft.optimizers import create_loraplus_optimizer, create_riemannian_optimizer
 
 from peft_ctrl.optim import ODELoRA, create_odelora_optimizer, find_lora_pairs, imbalance
@@ -85,11 +85,7 @@ def run(problem: SensingProblem, method: str, lr: float, reg: float = 1e-2, r: i
     while evals < BUDGET and errors[-1] > TARGET:
         opt.zero_grad()
         try:
-            if isinstance(opt, ODELoRA):
-                opt.step(closure)  # evaluates the closure first, like torch.optim
-            else:  # peft's Riemannian optimizer refuses closures
-                closure()
-                opt.step()
+            training_step(opt, closure)
         except FloatingPointError:
             errors.append(math.inf)
             break
