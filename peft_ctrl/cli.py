@@ -6,13 +6,14 @@ import argparse
 import os
 import sys
 import warnings
-from collections.abc import Callable
 from typing import Any, NoReturn
 
-from ._checks import check_float, check_int
+from ._checks import float_arg, int_arg
 from .finetune import DEFAULT_METHODS, METHODS, MODELS, FinetuneArgs, run_finetune, summary_table
 from .seal import cli as seal_cli
 from .state_ctrl.config import BLOCKS
+
+POSITIVE = float_arg(0.0, low_open=True)
 
 
 class Parser(argparse.ArgumentParser):
@@ -23,27 +24,11 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            # Name the unknown options but never echo their values: one may be a secret (a mistyped key option).
+            options = [word for word in message.split()[2:] if word.startswith("-")]
+            message = f"unrecognized arguments: {' '.join(options) or '(values not shown)'}"
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _int_from(low: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``low``."""
-
-    def parse(text: str) -> int:
-        try:
-            return check_int("the value", int(text), low=low)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
-
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    """An argparse type: a finite number > 0."""
-    try:
-        return check_float("the value", float(text), 0.0, low_open=True)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}") from None
 
 
 def _finetune_parser(sub: argparse._SubParsersAction) -> None:
@@ -66,19 +51,19 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
         default=default.model,
         help="minilm: pretrained all-MiniLM-L6-v2; tiny-llama: random-init LLaMA from a config",
     )
-    p.add_argument("--steps", type=_int_from(1), default=default.steps, help="optimizer steps per run")
+    p.add_argument("--steps", type=int_arg(1), default=default.steps, help="optimizer steps per run")
     p.add_argument(
-        "--seeds", type=_int_from(0), nargs="+", default=list(default.seeds), help="one run per seed and method"
+        "--seeds", type=int_arg(0), nargs="+", default=list(default.seeds), help="one run per seed and method"
     )
-    p.add_argument("--batch-size", type=_int_from(1), default=default.batch_size)
+    p.add_argument("--batch-size", type=int_arg(1), default=default.batch_size)
     p.add_argument(
-        "--max-length", type=_int_from(9), default=default.max_length, help="tokens per sentence (padded/truncated)"
+        "--max-length", type=int_arg(9), default=default.max_length, help="tokens per sentence (padded/truncated)"
     )
-    p.add_argument("--rank-state-ctrl", type=_int_from(1), default=default.rank_state_ctrl)
+    p.add_argument("--rank-state-ctrl", type=int_arg(1), default=default.rank_state_ctrl)
     p.add_argument("--blocks", choices=BLOCKS, default=default.blocks, help="state-ctrl blocks to bridge")
-    p.add_argument("--rank-lora", type=_int_from(1), default=default.rank_lora)
-    p.add_argument("--lr-state-ctrl", type=_positive_float, default=default.lr["state-ctrl"])
-    p.add_argument("--lr-lora", type=_positive_float, default=default.lr["lora"], help="lr of lora and seal")
+    p.add_argument("--rank-lora", type=int_arg(1), default=default.rank_lora)
+    p.add_argument("--lr-state-ctrl", type=POSITIVE, default=default.lr["state-ctrl"])
+    p.add_argument("--lr-lora", type=POSITIVE, default=default.lr["lora"], help="lr of lora and seal")
     p.add_argument("--output-dir", default=default.output_dir, help="adapters and results.json go here")
     p.add_argument("--no-save", action="store_true", help="do not write adapters")
 

@@ -78,7 +78,10 @@ CLI_CASES = [
     (["finetune", "--lr-state-ctrl", "nan"], "argument --lr-state-ctrl: must be a finite number > 0, got 'nan'"),
     (["finetune", "--steps", "2.5"], "argument --steps: must be an integer >= 1, got '2.5'"),
     (["finetune", "--max-length", "8"], "argument --max-length: must be an integer >= 9, got '8'"),
-    (["finetune", "--step", "3"], "unrecognized arguments: --step 3"),  # no prefix matching
+    (["finetune", "--step", "3"], "unrecognized arguments: --step (see"),  # no prefix matching
+    (["seal", "verify", "x", "--r", "-1"], "argument --r: must be an integer >= 1, got '-1'"),
+    (["seal", "verify", "x", "--threshold", "2"], "argument --threshold: must be a finite number in (0, 1), got '2'"),
+    (["seal", "attack", "a", "b", "--kind", "noise", "--strength", "-1"], "argument --strength: must be a finite"),
 ]
 
 
@@ -104,3 +107,12 @@ def test_a_bad_flag_in_a_real_process_exits_2_without_a_traceback():
         "peft-ctrl finetune: error: argument --rank-state-ctrl: must be an integer >= 1, got '0' "
         "(see peft-ctrl finetune --help)"
     )
+
+
+def test_an_unknown_option_never_echoes_its_value(capsys):
+    """``--key SECRET`` is not taken as ``--key-file`` (no prefix matching) and the secret is not printed."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["seal", "verify", "suspect", "--key", "hunter2-very-secret-value"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --key" in err and "hunter2" not in err

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from .._checks import float_arg, int_arg
 from . import attacks
 from .io import atomic_output, read_adapter, write_lora, write_proof
 from .keys import KEY_ENV, generate_key
@@ -35,8 +36,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=["owner", "key"], default="owner", help="owner: needs --proof; key: key only")
     p.add_argument("--proof", type=Path, help="the proof file written by release (owner mode)")
     p.add_argument("--base", type=Path, help="base model weights (.safetensors) when the suspect is a merged model")
-    p.add_argument("--r", type=int, help="the owner's LoRA rank (key mode on a merged model)")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="verified when p < threshold")
+    p.add_argument("--r", type=int_arg(1), help="the owner's LoRA rank (key mode on a merged model)")
+    p.add_argument(
+        "--threshold",
+        type=float_arg(0.0, 1.0, low_open=True, high_open=True),
+        default=DEFAULT_THRESHOLD,
+        help="verified when p < threshold",
+    )
     p.add_argument("--json", action="store_true", help="print the whole result as JSON")
     key_option(p)
 
@@ -48,8 +54,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("adapter_dir", type=Path)
     p.add_argument("out", type=Path, help="adapter directory; merge: a .safetensors file; forge: a proof file")
     p.add_argument("--kind", choices=[*attacks.WEIGHT_ATTACKS, "merge", "forge"], required=True)
-    p.add_argument("--strength", type=float, default=0.5, help="prune: fraction; noise: std relative to RMS")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strength", type=float_arg(0.0), default=0.5, help="prune: fraction; noise: std relative to RMS")
+    p.add_argument("--seed", type=int_arg(0), default=0)
     p.add_argument("--base", type=Path, help="merge: the base model's weights (.safetensors or a directory)")
     p.add_argument("--forged-key-file", type=Path, help="forge: the forger's key (a file)")
 
