@@ -85,6 +85,7 @@ class Shape:
     vocab: int = 1024
     batch: int = 4
     seq: int = 256
+    kv_heads: int = 0  # grouped-query attention: key/value heads (0: as many as heads)
 
 
 def build_base(shape: Shape, seed: int = 0) -> LlamaForCausalLM:
@@ -95,7 +96,7 @@ def build_base(shape: Shape, seed: int = 0) -> LlamaForCausalLM:
         intermediate_size=shape.intermediate,
         num_hidden_layers=shape.layers,
         num_attention_heads=shape.heads,
-        num_key_value_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads or shape.heads,
         max_position_embeddings=max(shape.seq, 64),
     )
     model = LlamaForCausalLM(config).requires_grad_(False)
@@ -142,15 +143,20 @@ def state_ctrl(
 
 
 LLAMA2_7B = Shape(hidden=4096, intermediate=11008, layers=32, heads=32, vocab=32000, batch=1, seq=4096)
+LLAMA3_8B = Shape(hidden=4096, intermediate=14336, layers=32, heads=32, vocab=128256, batch=1, seq=4096, kv_heads=8)
+# The real SmolLM2-135M-Instruct (peft_ctrl.models.load_smollm2) at 1 x 512 tokens.
+SMOLLM2 = Shape(hidden=576, intermediate=1536, layers=30, heads=9, vocab=49152, batch=1, seq=512, kv_heads=3)
 
 
 def projected_bytes(method: str, s: Shape, elem: int = 4, mask: int = 4) -> int:
     """Bytes saved for backward predicted from the shapes alone (LLaMA decoder, fp32 by default).
 
-    Counts in elements per token (d = hidden, f = intermediate, H = heads, r = rank), from what each op keeps:
-      frozen decoder layer that gradients flow through:  LAYER = 6d + 3f + H + 2
+    Counts in elements per token (d = hidden, f = intermediate, H = heads, r = rank, d_kv = key/value width,
+    d for multi-head attention, kv_heads x head_dim for grouped-query attention), from what each op keeps:
+      frozen decoder layer that gradients flow through:  LAYER = 4d + 2 d_kv + 3f + H + 2
           (two RMSNorms keep h and 1/rms: 2(d + 1); attention keeps q, k, v, out and a log-sum-exp per head:
-           4d + H; the SwiGLU MLP keeps gate, silu(gate) and up: 3f; frozen linears keep no activation)
+           2d + 2 d_kv + H, k and v unexpanded when SDPA runs grouped-query attention itself; the SwiGLU MLP keeps
+           gate, silu(gate) and up: 3f; frozen linears keep no activation)
       head: final norm d + 1, log-softmax output V, plus an int64 target and the rotary cos/sin (2 d/H) once
       state-ctrl bridge: + r (A h); h is the tensor the norm already keeps, except in layer 0 (+ d once)
       PEFT LoRA on a linear of input width w (dropout > 0): + w (dropped x) + r (A x) + the dropout mask,
@@ -159,13 +165,14 @@ def projected_bytes(method: str, s: Shape, elem: int = 4, mask: int = 4) -> int:
       full fine-tuning adds the linears' inputs and norms' normalised states: + 5d + f per layer (+ 2d head,
       + an int64 index for the embedding)
     Layer 0 is partial: with LoRA its attention internals need gradients but its input norm does not
-    (5d + 3f + H + 1); a floor or bridge that starts at the MLP output saves nothing there.
+    (LAYER - d - 1); a floor or bridge that starts at the MLP output saves nothing there.
     """
     d, f, H, L, V, T = s.hidden, s.intermediate, s.heads, s.layers, s.vocab, s.batch * s.seq
-    layer = 6 * d + 3 * f + H + 2
+    d_kv = (s.kv_heads or H) * (d // H)
+    layer = 4 * d + 2 * d_kv + 3 * f + H + 2
     head = (d + 1 + V) * elem + 8
     after_attn0 = d + 1 + 3 * f  # layer 0 from its attention output on
-    lora_layer0 = 5 * d + 3 * f + H + 1
+    lora_layer0 = layer - d - 1
     rest = (L - 1) * layer
     if method == "floor mlp":
         per_token = rest * elem + head

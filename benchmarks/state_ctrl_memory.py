@@ -24,6 +24,8 @@ import torch
 from _common import (
     ALL_LINEAR,
     LLAMA2_7B,
+    LLAMA3_8B,
+    SMOLLM2,
     MiB,
     Shape,
     build_base,
@@ -71,9 +73,23 @@ METHODS = [
 ]
 
 
+def real_smollm2() -> nn.Module:
+    """The pretrained SmolLM2-135M-Instruct, frozen, in training mode (``peft_ctrl.models``)."""
+    from peft_ctrl.models import load_smollm2
+
+    model = load_smollm2()[0].requires_grad_(False)
+    model.train()
+    return model
+
+
+def base_model(shape: Shape) -> nn.Module:
+    """The real SmolLM2 for its shape, else a random-init LLaMA of ``shape``."""
+    return real_smollm2() if shape == SMOLLM2 else build_base(shape)
+
+
 def floor_model(shape: Shape, first_block: str) -> nn.Module:
     """The frozen model with the residual stream leaving layer 0's ``first_block`` made to require grad."""
-    model = build_base(shape)
+    model = base_model(shape)
     layer = model.model.layers[0]
     module = layer.self_attn if first_block == "attn" else layer.mlp
 
@@ -104,7 +120,7 @@ def run(shape: Shape, rounds: int, warmup: int) -> dict:
     floors = {blk: measure_bytes(floor_model(shape, blk), batch) for blk in ("attn", "mlp")}
     models, optimizers, rows = {}, {}, {}
     for method in METHODS:
-        model = method.build(build_base(shape))
+        model = method.build(base_model(shape))
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         rows[method.name] = {
@@ -156,6 +172,7 @@ PROJECTED = [
 ]
 VALIDATION_SHAPES = [
     Shape(hidden=128, intermediate=352, layers=2, heads=4, vocab=512, batch=2, seq=64),
+    Shape(hidden=192, intermediate=512, layers=2, heads=6, vocab=512, batch=1, seq=64, kv_heads=2),
     Shape(hidden=256, intermediate=688, layers=3, heads=4, vocab=256, batch=2, seq=128),
     Shape(hidden=384, intermediate=1024, layers=2, heads=6, vocab=1000, batch=1, seq=96),
 ]
@@ -240,13 +257,14 @@ def projection_tables(result: dict) -> str:
     lines = [
         "Projection formula (`projected_bytes`) against measurement:",
         "",
-        "| shape (d, f, L, H, V, b x s) | method | measured bytes | predicted bytes | predicted / measured |",
+        "| shape (d, f, L, H[/KV], V, b x s) | method | measured bytes | predicted bytes | predicted / measured |",
         "|---|---|---:|---:|---:|",
     ]
     for row in result["validation"]:
         s = row["shape"]
         label = (
-            f"{s['hidden']}, {s['intermediate']}, {s['layers']}, {s['heads']}, {s['vocab']}, {s['batch']}x{s['seq']}"
+            f"{s['hidden']}, {s['intermediate']}, {s['layers']}, {s['heads']}"
+            f"{'/' + str(s['kv_heads']) if s.get('kv_heads') else ''}, {s['vocab']}, {s['batch']}x{s['seq']}"
         )
         lines.append(
             f"| {label} | {row['method']} | {row['measured']:,} | {row['predicted']:,} | "
@@ -257,10 +275,14 @@ def projection_tables(result: dict) -> str:
         "the 4-byte float masks CPU dropout keeps):",
         "llama2_7b": "Projected to LLaMA2-7B shapes (d 4096, f 11008, 32 layers, 32 heads, vocab 32000, 1 x 4096 "
         "tokens, fp32 activations, 1-byte dropout masks as on CUDA):",
+        "llama3_8b": "Projected to LLaMA3-8B shapes (d 4096, f 14336, 32 layers, 32 heads with 8 key/value heads, "
+        "vocab 128256, 1 x 4096 tokens, fp32 activations, 1-byte dropout masks as on CUDA):",
     }
     for key, title in titles.items():
         lines += ["", title, "", "| method | MiB saved for backward | x own floor | x LoRA all-linear | x LoRA q,v |"]
         lines.append("|---|---:|---:|---:|---:|")
+        if key not in result:  # results written before this projection existed
+            continue
         proj = result[key]
         for method, value in proj.items():
             own = "floor mlp" if method.startswith("state-ctrl mlp") or method == "floor mlp" else "floor attn"
@@ -300,6 +322,7 @@ def plot(result: dict, path: Path) -> None:
 
 def main() -> None:
     cli = parser(__doc__)
+    cli.add_argument("--model", choices=["llama-shaped", "smollm2"], default="llama-shaped")
     cli.add_argument("--rounds", type=int, default=7, help="timed rounds (median is reported)")
     cli.add_argument("--warmup", type=int, default=2)
     cli.add_argument("--validate-only", action="store_true", help="only check the projection formula")
@@ -308,19 +331,23 @@ def main() -> None:
         for row in validate():
             print(row["method"], row["shape"], row["measured"], row["predicted"])
         return
-    result = run(Shape(), args.rounds, args.warmup)
-    result["validation"] = validate() + [
+    shape = SMOLLM2 if args.model == "smollm2" else Shape()
+    result = run(shape, args.rounds, args.warmup)
+    measured_here = [
         {
-            "shape": Shape().__dict__,
+            "shape": shape.__dict__,
             "method": m,
             "measured": _measured_from(result, m),
-            "predicted": projected_bytes(m, Shape()),
+            "predicted": projected_bytes(m, shape),
         }
         for m in PROJECTED
     ]
-    result["benchmark_cuda_masks"] = {m: projected_bytes(m, Shape(), mask=1) for m in PROJECTED}
+    result["validation"] = measured_here if args.model == "smollm2" else validate() + measured_here
+    result["benchmark_cuda_masks"] = {m: projected_bytes(m, shape, mask=1) for m in PROJECTED}
     result["llama2_7b"] = {m: projected_bytes(m, LLAMA2_7B, mask=1) for m in PROJECTED}
-    write_results(args.out, "state_ctrl_memory", results_table(result), result, lambda path: plot(result, path))
+    result["llama3_8b"] = {m: projected_bytes(m, LLAMA3_8B, mask=1) for m in PROJECTED}
+    name = "state_ctrl_memory_smollm2" if args.model == "smollm2" else "state_ctrl_memory"
+    write_results(args.out, name, results_table(result), result, lambda path: plot(result, path))
 
 
 def _measured_from(result: dict, method: str) -> int:
