@@ -97,3 +97,15 @@ def test_layer_wrappers_reach_the_peft_attributes_they_name():
     layer.lora_A["default"].to(torch.float64)
     _registry.move_adapter_to_base_device(layer, "default")
     assert layer.lora_A["default"].weight.dtype == layer.base_layer.weight.dtype == torch.float32
+
+
+def test_save_pretrained_is_wrapped_once_and_only_for_our_adapters(tmp_path):
+    from models import build
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    assert PeftModel.save_pretrained._peft_ctrl_atomic
+    _registry.install_atomic_save()  # idempotent: no second wrapper
+    assert not getattr(PeftModel.save_pretrained.__wrapped__, "_peft_ctrl_atomic", False)
+    lora = get_peft_model(build("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
+    ours = get_peft_model(build("llama"), StateCtrlConfig(r=2))
+    assert not _registry.holds_own_adapter(lora) and _registry.holds_own_adapter(ours)
