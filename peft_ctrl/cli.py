@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "seal":
         try:
             return seal_cli.run(args)
-        except (ValueError, FileNotFoundError, FileExistsError) as err:
+        except (ValueError, OSError, RuntimeError) as err:  # exit 2 = error, never 1 (= "not verified")
             print(f"peft-ctrl seal {args.seal_command}: error: {err}", file=sys.stderr)
             return 2
     if args.command == "finetune":

@@ -272,3 +272,28 @@ def test_cli_release_verify_attack(released, tmp_path, monkeypatch, capsys):
     assert cli(["seal", "verify", str(tmp_path / "pruned"), "--proof", proof]) == 2
     assert cli(["seal", "release", str(released / "sealed"), str(tmp_path / "rel2")]) == 2
     assert not (tmp_path / "rel2").exists()
+
+
+@pytest.mark.parametrize("damage", ["nan", "rank"])
+def test_damaged_factors_are_an_error_with_its_own_exit_code(released, tmp_path, capsys, monkeypatch, damage):
+    """Exit status 2 (error) with one line naming the module, never 1 (not verified) or a traceback."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    suspect = tmp_path / "suspect"
+    shutil.copytree(released / "release", suspect)
+    tensors = load_file(suspect / "adapter_model.safetensors")
+    name = next(k for k in tensors if k.endswith("lora_A.weight"))
+    if damage == "nan":
+        tensors[name] = tensors[name].clone()
+        tensors[name][0, 0] = float("nan")
+    else:
+        tensors[name] = tensors[name][:-1].clone()
+    save_file(tensors, suspect / "adapter_model.safetensors")
+    monkeypatch.setenv(KEY_ENV, KEY)
+    assert cli(["seal", "verify", str(suspect), "--mode", "key"]) == 2
+    err = capsys.readouterr().err.strip()
+    module = name.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+    assert len(err.splitlines()) == 1 and module in err
+    assert ("NaN" in err) if damage == "nan" else ("do not form a LoRA pair" in err)

@@ -31,7 +31,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--proof", type=Path, help="private proof file (default: ADAPTER_DIR/seal_proof.safetensors)")
     key_option(p)
 
-    p = cmds.add_parser("verify", help="test a suspect LoRA adapter or merged model for the watermark")
+    p = cmds.add_parser(
+        "verify",
+        help="test a suspect LoRA adapter or merged model for the watermark",
+        description="Exit status: 0 verified, 1 not verified, 2 error (bad input, unreadable files).",
+    )
     p.add_argument("suspect", type=Path, help="LoRA adapter directory, or merged weights (.safetensors)")
     p.add_argument("--mode", choices=["owner", "key"], default="owner", help="owner: needs --proof; key: key only")
     p.add_argument("--proof", type=Path, help="the proof file written by release (owner mode)")

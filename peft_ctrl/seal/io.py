@@ -66,7 +66,20 @@ def _split(tensors: dict[str, torch.Tensor], a_name: str, b_name: str) -> tuple[
     broken = [m for m, pair in factors.items() if pair[0] is None or pair[1] is None]
     if broken:
         raise ValueError(f"The adapter misses the A or B factor of {broken[:3]}; the file is incomplete.")
+    for module, (B, A) in factors.items():
+        _check_pair(module, B, A)
     return {m: (b, a) for m, (b, a) in factors.items()}, extra
+
+
+def _check_pair(module: str, B: torch.Tensor, A: torch.Tensor) -> None:
+    """A LoRA pair must be matrices B (out x r), A (r x in) of one rank, with finite entries."""
+    if B.dim() != 2 or A.dim() != 2 or B.shape[1] != A.shape[0]:
+        raise ValueError(
+            f"The factors of {module} do not form a LoRA pair: B {tuple(B.shape)}, A {tuple(A.shape)} (need "
+            "B: out x r, A: r x in); the file is damaged or not a LoRA adapter."
+        )
+    if not (torch.isfinite(B).all() and torch.isfinite(A).all()):
+        raise ValueError(f"The factors of {module} contain NaN or infinite values; the file is damaged.")
 
 
 def read_adapter(path: str | Path, expect: tuple[str, ...] = ("LORA",)) -> LoraFactors:
@@ -94,7 +107,11 @@ def read_adapter(path: str | Path, expect: tuple[str, ...] = ("LORA",)) -> LoraF
     factors, extra = _split(tensors, *names)
     if not factors:
         raise ValueError(f"{path} contains no LoRA factors.")
-    return LoraFactors(factors, float(config["lora_alpha"]) / int(config["r"]), config, extra)
+    try:
+        scaling = float(config["lora_alpha"]) / int(config["r"])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        raise ValueError(f"{config_file} has no usable r and lora_alpha; the adapter config is damaged.") from None
+    return LoraFactors(factors, scaling, config, extra)
 
 
 @contextlib.contextmanager
