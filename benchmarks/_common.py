@@ -70,6 +70,54 @@ def training_step(opt: torch.optim.Optimizer, closure: Callable[[], torch.Tensor
         opt.step()
 
 
+# ---------------------------------------------------------------- rank allocation runs (SubLoRA against AdaLoRA)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """AdaLoRA's cubic budget schedule, shared by SubLoRA: initial rank, warm-up, final phase, interval, steps."""
+
+    init_r: int
+    t_init: int
+    t_final: int
+    delta_t: int
+    steps: int
+
+
+def sublora_config(modules: list[str], budget: int, schedule: Schedule, **options: Any) -> Any:
+    from peft_ctrl import SubLoRAConfig
+
+    s = schedule
+    return SubLoRAConfig(
+        r=s.init_r,
+        budget=budget,
+        lora_alpha=s.init_r,
+        target_modules=modules,
+        t_init=s.t_init,
+        t_final=s.t_final,
+        delta_t=s.delta_t,
+        total_step=s.steps,
+        **options,
+    )
+
+
+def adalora_config(modules: list[str], budget: int, schedule: Schedule, **options: Any) -> Any:
+    from peft import AdaLoraConfig
+
+    s = schedule
+    return AdaLoraConfig(
+        init_r=s.init_r,
+        target_r=budget // len(modules),
+        lora_alpha=s.init_r,
+        target_modules=modules,
+        tinit=s.t_init,
+        tfinal=s.t_final,
+        deltaT=s.delta_t,
+        total_step=s.steps,
+        **options,
+    )
+
+
 # ---------------------------------------------------------------- the LLaMA-shaped benchmark model
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -24,11 +24,21 @@ import time
 from pathlib import Path
 
 import torch
-from _common import parser, pinn_loss, points, pretrain, pyplot, rel_l2, write_results
-from peft import AdaLoraConfig, LoraConfig, get_peft_model
+from _common import (
+    Schedule,
+    adalora_config,
+    parser,
+    pinn_loss,
+    points,
+    pretrain,
+    pyplot,
+    rel_l2,
+    sublora_config,
+    write_results,
+)
+from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from peft_ctrl import SubLoRAConfig
 from peft_ctrl.sublora.runtime import RankAllocator
 
 STEPS, T_INIT, T_FINAL, DELTA_T, LR, INIT_R, BUDGET = 600, 150, 150, 30, 3e-3, 8, 12
@@ -55,31 +65,13 @@ class DeepPINN(nn.Module):
 
 
 def run(base: DeepPINN, method: str, seed: int) -> dict:
-    schedule = {"total_step": STEPS}
+    schedule = Schedule(INIT_R, T_INIT, T_FINAL, DELTA_T, STEPS)
     if method.startswith("sublora"):
-        config = SubLoRAConfig(
-            r=INIT_R,
-            budget=INIT_R * len(HIDDEN) if method == "sublora-unpruned" else BUDGET,
-            lora_alpha=INIT_R,
-            target_modules=HIDDEN,
-            t_init=T_INIT,
-            t_final=T_FINAL,
-            delta_t=DELTA_T,
-            curvature_samples=1,
-            exact_svd=method != "sublora-maskonly",
-            **schedule,
-        )
+        budget = INIT_R * len(HIDDEN) if method == "sublora-unpruned" else BUDGET
+        exact_svd = method != "sublora-maskonly"
+        config = sublora_config(HIDDEN, budget, schedule, curvature_samples=1, exact_svd=exact_svd)
     elif method == "adalora":
-        config = AdaLoraConfig(
-            init_r=INIT_R,
-            target_r=BUDGET // len(HIDDEN),
-            lora_alpha=INIT_R,
-            target_modules=HIDDEN,
-            tinit=T_INIT,
-            tfinal=T_FINAL,
-            deltaT=DELTA_T,
-            **schedule,
-        )
+        config = adalora_config(HIDDEN, BUDGET, schedule)
     else:
         rank = INIT_R if method == "lora-r8" else BUDGET // len(HIDDEN)
         config = LoraConfig(r=rank, lora_alpha=rank, target_modules=HIDDEN)

@@ -31,11 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from _common import parser, pyplot, write_results
-from peft import AdaLoraConfig, LoraConfig, get_peft_model
+from _common import Schedule, adalora_config, parser, pyplot, sublora_config, write_results
+from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from peft_ctrl import SubLoRAConfig
 from peft_ctrl.sublora.runtime import RankAllocator
 
 STEPS, T_INIT, T_FINAL, DELTA_T, LR, INIT_R = 800, 300, 200, 25, 5e-3, 8
@@ -155,35 +154,20 @@ def run(method: str, name: str, seed: int) -> dict:
     base, teacher, planted = make_problem(name, seed)
     modules = list(planted)
     budget = sum(planted.values())
-    schedule = {"total_step": STEPS}
+    schedule = Schedule(INIT_R, T_INIT, T_FINAL, DELTA_T, STEPS)
     if method.startswith("sublora"):
         hessian = method.split("-")[1] if "-" in method else "exact"
-        config = SubLoRAConfig(
-            r=INIT_R,
-            budget=budget,
-            lora_alpha=INIT_R,
-            target_modules=modules,
-            t_init=T_INIT,
-            t_final=T_FINAL,
-            delta_t=DELTA_T,
+        config = sublora_config(
+            modules,
+            budget,
+            schedule,
             hessian=hessian,
             curvature_samples=CURVATURE_SAMPLES[hessian],
             orth_reg_weight=0.01 if method.endswith("-orth") else 0.0,
             exact_svd=not method.endswith("-maskonly"),
-            **schedule,
         )
     elif method == "adalora":
-        config = AdaLoraConfig(
-            init_r=INIT_R,
-            target_r=budget // len(modules),
-            lora_alpha=INIT_R,
-            target_modules=modules,
-            tinit=T_INIT,
-            tfinal=T_FINAL,
-            deltaT=DELTA_T,
-            orth_reg_weight=0.1,
-            **schedule,
-        )
+        config = adalora_config(modules, budget, schedule, orth_reg_weight=0.1)
     elif method == "lora-oracle":  # told the planted ranks: what a perfect allocation reaches in these steps
         planted_ranks = {m: r for m, r in planted.items() if r > 0}
         config = LoraConfig(
