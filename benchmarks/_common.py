@@ -57,6 +57,13 @@ def pyplot() -> Any:
     return plt
 
 
+def save_figure(fig: Any, path: Path, dpi: int = 120) -> None:
+    """Lay out ``fig``, write it to ``path`` and free it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+
+
 def training_step(opt: torch.optim.Optimizer, closure: Callable[[], torch.Tensor]) -> None:
     """One optimizer step on ``closure``'s loss: ODELoRA evaluates the closure itself (torch.optim's convention,
     and Heun/RK4 need it again); the other optimizers get one backward first (peft's Riemannian optimizer

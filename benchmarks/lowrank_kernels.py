@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import parser, pyplot, write_results
+from _common import parser, pyplot, save_figure, write_results
 
 from peft_ctrl.metrics import SavedTensorMeter
 from peft_ctrl.ops import lowrank
@@ -102,9 +102,7 @@ def plot(records: list[tuple[str, float, float, float]], path: Path, title: str)
     for ax in (ax1, ax2):
         ax.set_xticks(list(xs), labels, fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 if __name__ == "__main__":

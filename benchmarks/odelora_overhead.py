@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import ALL_LINEAR, Shape, build_base, make_batch, parser, pyplot, write_results
+from _common import ALL_LINEAR, Shape, build_base, make_batch, parser, pyplot, save_figure, write_results
 from peft import LoraConfig, get_peft_model
 
 from peft_ctrl.optim import create_odelora_optimizer
@@ -73,9 +73,7 @@ def plot(med: dict[str, tuple[float, float]], path: Path) -> None:
     )
     ax.set_xlabel("median seconds per training step")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import statistics
 from pathlib import Path
 
 import torch
-from _common import MLP, parser, pinn_loss, points, pretrain, pyplot, rel_l2, training_step, write_results
+from _common import MLP, parser, pinn_loss, points, pretrain, pyplot, rel_l2, save_figure, training_step, write_results
 from peft import LoraConfig, get_peft_model
 from peft.optimizers import create_riemannian_optimizer
 
@@ -116,9 +116,7 @@ def plot(curves: dict[str, list[float]], rows: dict, path: Path) -> None:
     ax.set_ylabel("relative L2 error vs u2")
     ax.set_title("PINN transfer: Poisson, LoRA r=4 on 3 hidden layers (seed 0)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 if __name__ == "__main__":

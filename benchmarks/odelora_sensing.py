@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import parser, pyplot, training_step, write_results
+from _common import parser, pyplot, save_figure, training_step, write_results
 from peft.optimizers import create_loraplus_optimizer, create_riemannian_optimizer
 
 from peft_ctrl.optim import ODELoRA, create_odelora_optimizer, find_lora_pairs, imbalance
@@ -262,9 +262,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylabel("||W - W*|| / ||W*||")
         ax.set_title(f"matrix sensing 100 x 100, rank 4, kappa {kappa}")
     axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 if __name__ == "__main__":

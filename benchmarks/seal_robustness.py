@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import parser, pyplot, write_results
+from _common import parser, pyplot, save_figure, write_results
 from peft import PeftModel
 
 from peft_ctrl.datasets import stdlib_topics
@@ -280,8 +280,7 @@ def plot(result: dict, path: Path) -> None:
     ax2.set_ylabel("trials")
     ax2.set_title("Null trials: p-values are uniform")
     ax2.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -34,6 +34,7 @@ from _common import (
     parser,
     projected_bytes,
     pyplot,
+    save_figure,
     state_ctrl,
     write_results,
 )
@@ -315,9 +316,7 @@ def plot(result: dict, path: Path) -> None:
         f"LLaMA-shaped model: hidden {s['hidden']}, intermediate {s['intermediate']}, {s['layers']} layers, "
         f"batch {s['batch']} x {s['seq']} tokens, fp32"
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -33,6 +33,7 @@ from _common import (
     pretrain,
     pyplot,
     rel_l2,
+    save_figure,
     sublora_config,
     write_results,
 )
@@ -151,8 +152,7 @@ def plot(results: list[dict], path: Path) -> None:
     ax.set_ylabel("relative L2 error vs u2")
     ax.set_title("PINN transfer, mean over seeds")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def main() -> None:

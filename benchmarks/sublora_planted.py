@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from _common import Schedule, adalora_config, parser, pyplot, sublora_config, write_results
+from _common import Schedule, adalora_config, parser, pyplot, save_figure, sublora_config, write_results
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
@@ -282,8 +282,7 @@ def plot(results: list[dict], path: Path) -> None:
         ax.set_xlabel("step")
         ax.set_ylabel("training loss")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -36,6 +36,7 @@ from _common import (
     parser,
     projected_bytes,
     pyplot,
+    save_figure,
     state_ctrl,
     write_results,
 )
@@ -250,8 +251,7 @@ def plot(result: dict, path: Path) -> None:
     axes[1].set_xticks(range(len(methods)), methods, fontsize=8)
     axes[1].set_ylabel("GiB per GPU")
     axes[1].set_title("LLaMA2-7B projection: 1 / 2 / 8 GPUs")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def main() -> None:
