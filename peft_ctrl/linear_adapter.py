@@ -14,6 +14,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from .distributed.zero import require_gathered
+from .ops import dropout_probability, lowrank
 
 
 def linear_base(target: nn.Module, method: str, key: str) -> nn.Linear:
@@ -57,6 +58,15 @@ class LinearAdapterLayer(nn.Module, BaseTunerLayer):
 
     def delta(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def low_rank(
+        self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, dropout: nn.Module
+    ) -> torch.Tensor:
+        """``scale * dropout(x) A^T B^T`` through ``ops.lowrank``, with x cast to the adapter's dtype outside
+        autocast (the way every ``delta`` feeds its factors)."""
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(A.dtype)
+        return lowrank(x, A, B, scale, dropout_probability(dropout), training=self.training)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         for adapter in check_adapters_to_merge(self, adapter_names):

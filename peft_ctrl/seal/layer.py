@@ -7,7 +7,6 @@ from torch import nn
 
 from .._registry import move_adapter_to_base_device
 from ..linear_adapter import LinearAdapterLayer
-from ..ops import dropout_probability, lowrank
 
 
 class SealLayer(LinearAdapterLayer):
@@ -72,10 +71,8 @@ class SealLayer(LinearAdapterLayer):
     def delta(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
         """s * B C A dropout(x), through the fused low-rank op with C A as its first factor."""
         A, B = self.seal_A[adapter].weight, self.seal_B[adapter].weight
-        if not torch.is_autocast_enabled(x.device.type):
-            x = x.to(A.dtype)
-        p = dropout_probability(self.seal_dropout[adapter])
-        return lowrank(x, self._passport(adapter, A) @ A, B, self.seal_scaling[adapter], p, training=self.training)
+        CA = self._passport(adapter, A) @ A
+        return self.low_rank(x, CA, B, self.seal_scaling[adapter], self.seal_dropout[adapter])
 
     def __repr__(self) -> str:
         return "seal." + super().__repr__()

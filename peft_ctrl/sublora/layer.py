@@ -8,7 +8,6 @@ from torch import nn
 from .._registry import move_adapter_to_base_device
 from ..factors import product_svd
 from ..linear_adapter import LinearAdapterLayer
-from ..ops import dropout_probability, lowrank
 
 
 class SubLoRALayer(LinearAdapterLayer):
@@ -107,11 +106,8 @@ class SubLoRALayer(LinearAdapterLayer):
     def delta(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
         """s * P diag(lambda * mask) Q dropout(x), through the fused low-rank op."""
         P, Q = self.sublora_P[adapter], self.sublora_Q[adapter]
-        if not torch.is_autocast_enabled(x.device.type):
-            x = x.to(Q.dtype)
-        p = dropout_probability(self.sublora_dropout[adapter])
         B = P * self.effective_lambda(adapter)
-        return lowrank(x, Q, B, self.sublora_scaling[adapter], p, training=self.training)
+        return self.low_rank(x, Q, B, self.sublora_scaling[adapter], self.sublora_dropout[adapter])
 
     def __repr__(self) -> str:
         return "sublora." + super().__repr__()
