@@ -40,7 +40,6 @@ from _common import (
     state_ctrl,
     write_results,
 )
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from peft_ctrl.distributed.launch import free_port
 from peft_ctrl.metrics import SavedTensorMeter
@@ -131,16 +130,8 @@ def launch(method: str, out: Path, deepspeed_linear: bool = False) -> list[dict]
 def counts_7b(method: str) -> dict[str, int]:
     """Parameter counts of LLaMA2-7B with the method's adapter, built on the meta device (no memory)."""
     s = LLAMA2_7B
-    config = LlamaConfig(
-        vocab_size=s.vocab,
-        hidden_size=s.hidden,
-        intermediate_size=s.intermediate,
-        num_hidden_layers=s.layers,
-        num_attention_heads=s.heads,
-        num_key_value_heads=s.heads,
-    )
     with torch.device("meta"):
-        model = METHODS[method](LlamaForCausalLM(config).requires_grad_(False))
+        model = METHODS[method](build_base(s))
     return {
         "frozen": sum(p.numel() for p in model.parameters() if not p.requires_grad),
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
