@@ -1,5 +1,6 @@
 """state-ctrl under transformers.Trainer, with the memory callback (CPU, seconds)."""
 
+import pytest
 import torch
 from models import Topics, build
 from peft import PeftModel, get_peft_model
@@ -9,21 +10,17 @@ from peft_ctrl import StateCtrlConfig
 from trainer_callbacks import MemoryReportCallback
 
 
+def arguments(tmp_path, **overrides) -> TrainingArguments:
+    """A short CPU run on a batch of 8 that writes nothing unless asked."""
+    options = {"per_device_train_batch_size": 8, "learning_rate": 1e-2, "report_to": [], "use_cpu": True}
+    return TrainingArguments(output_dir=str(tmp_path / "run"), save_strategy="no", **options | overrides)
+
+
 def test_trainer_trains_saves_and_reports_memory(tmp_path):
     model = get_peft_model(build("bert"), StateCtrlConfig(r=4, task_type="SEQ_CLS"))
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     callback = MemoryReportCallback()
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "run"),
-        max_steps=4,
-        per_device_train_batch_size=8,
-        gradient_accumulation_steps=2,
-        learning_rate=1e-2,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        logging_steps=1,
-    )
+    args = arguments(tmp_path, max_steps=4, gradient_accumulation_steps=2, logging_steps=1)
     trainer = Trainer(model=model, args=args, train_dataset=Topics(32), callbacks=[callback])
     trainer.train()
     assert callback.saved_bytes and callback.saved_bytes > 0
@@ -44,15 +41,7 @@ def test_a_failed_checkpoint_save_keeps_the_previous_checkpoint(tmp_path, monkey
     import peft.peft_model
 
     model = get_peft_model(build("bert"), StateCtrlConfig(r=4, task_type="SEQ_CLS"))
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "run"),
-        max_steps=2,
-        per_device_train_batch_size=8,
-        learning_rate=1e-2,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-    )
+    args = arguments(tmp_path, max_steps=2)
     trainer = Trainer(model=model, args=args, train_dataset=Topics(32))
     trainer.train()
     target = tmp_path / "best"
@@ -64,10 +53,6 @@ def test_a_failed_checkpoint_save_keeps_the_previous_checkpoint(tmp_path, monkey
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(peft.peft_model, "safe_save_file", disk_full)
-    try:
+    with pytest.raises(OSError, match="No space"):
         trainer.save_model(str(target))
-    except OSError as err:
-        assert "No space" in str(err)
-    else:
-        raise AssertionError("the save should have failed")
     assert {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()} == before
