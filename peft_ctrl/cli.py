@@ -9,11 +9,21 @@ import warnings
 from typing import Any, NoReturn
 
 from ._checks import float_arg, int_arg
-from .finetune import DEFAULT_METHODS, METHODS, MODELS, FinetuneArgs, run_finetune, summary_table
+from .chat_finetune import (
+    CHAT_METHODS,
+    DEFAULT_CHAT_LR,
+    ChatFinetuneArgs,
+    answers_table,
+    run_chat_finetune,
+    write_report,
+)
+from .chat_finetune import summary_table as summary_table_chat
+from .finetune import DEFAULT_LR, DEFAULT_METHODS, METHODS, MODELS, FinetuneArgs, run_finetune, summary_table
 from .seal import cli as seal_cli
 from .state_ctrl.config import BLOCKS
 
 POSITIVE = float_arg(0.0, low_open=True)
+ALL_MODELS = ("smollm2", *MODELS)
 
 
 class Parser(argparse.ArgumentParser):
@@ -34,38 +44,104 @@ class Parser(argparse.ArgumentParser):
 def _finetune_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "finetune",
-        help="fine-tune state-ctrl and PEFT LoRA side by side on a built-in model and task (offline)",
-        description="Fine-tune a built-in model on the stdlib-topics task with state-ctrl and PEFT LoRA and print "
-        "trainable parameters, accuracy, saved-activation bytes and step time side by side.",
+        help="fine-tune state-ctrl, PEFT LoRA and DoRA side by side on a built-in pretrained model (offline)",
+        description="The main job. --model smollm2 (default): fine-tune SmolLM2-135M-Instruct on the stdlib-topics "
+        "task as a chat (answer the topic in words, exact match) with 7 methods x 3 seeds and report accuracy, "
+        "saved-activation bytes and step time side by side (about 20 minutes on 2 cores; --quick: about 3). "
+        "--model minilm: classify the same sentences with all-MiniLM-L6-v2. Flags left out take the model's "
+        "defaults (docs/finetune.md).",
     )
+    p.add_argument("--model", choices=ALL_MODELS, default="smollm2", help="the base model and its job")
     p.add_argument(
-        "--method",
-        choices=[*METHODS, "both"],
-        default="both",
-        help="which method to run; both: state-ctrl and lora; seal needs PEFT_CTRL_SEAL_KEY",
+        "--methods",
+        nargs="+",
+        metavar="METHOD",
+        help=f"methods to run; smollm2: {', '.join(CHAT_METHODS)} (default: all); minilm and tiny-llama: "
+        f"{', '.join(METHODS)} (default: {', '.join(DEFAULT_METHODS)}; seal needs PEFT_CTRL_SEAL_KEY)",
     )
-    default = FinetuneArgs()  # every default below comes from the dataclass
+    p.add_argument("--quick", action="store_true", help="a smoke run: one seed, few steps (about 3 minutes)")
+    p.add_argument("--steps", type=int_arg(1), help="optimizer steps per run")
+    p.add_argument("--seeds", type=int_arg(0), nargs="+", help="one run per seed and method")
+    p.add_argument("--batch-size", type=int_arg(1))
+    p.add_argument("--max-length", type=int_arg(4), help="tokens kept of each sentence")
+    p.add_argument("--rank-state-ctrl", type=int_arg(1), help="state-ctrl rank (smollm2: of the mlp bridge)")
+    p.add_argument("--rank-lora", type=int_arg(1), help="rank of LoRA and DoRA")
+    p.add_argument("--lr-state-ctrl", type=POSITIVE, help="peak learning rate of state-ctrl")
+    p.add_argument("--lr-lora", type=POSITIVE, help="peak learning rate of LoRA, DoRA and SEAL")
+    p.add_argument("--blocks", choices=BLOCKS, help="minilm, tiny-llama: the state-ctrl blocks to bridge")
+    p.add_argument("--eval-per-class", type=int_arg(1), help="smollm2: test sentences per topic")
+    p.add_argument("--output-dir", help="adapters go to OUTPUT_DIR/MODEL/METHOD/seedN (default runs/finetune)")
     p.add_argument(
-        "--model",
-        choices=MODELS,
-        default=default.model,
-        help="minilm: pretrained all-MiniLM-L6-v2; tiny-llama: random-init LLaMA from a config",
+        "--results-dir", help="smollm2: where finetune_smollm2.json/.md/.png go (default OUTPUT_DIR/smollm2)"
     )
-    p.add_argument("--steps", type=int_arg(1), default=default.steps, help="optimizer steps per run")
-    p.add_argument(
-        "--seeds", type=int_arg(0), nargs="+", default=list(default.seeds), help="one run per seed and method"
-    )
-    p.add_argument("--batch-size", type=int_arg(1), default=default.batch_size)
-    p.add_argument(
-        "--max-length", type=int_arg(9), default=default.max_length, help="tokens per sentence (padded/truncated)"
-    )
-    p.add_argument("--rank-state-ctrl", type=int_arg(1), default=default.rank_state_ctrl)
-    p.add_argument("--blocks", choices=BLOCKS, default=default.blocks, help="state-ctrl blocks to bridge")
-    p.add_argument("--rank-lora", type=int_arg(1), default=default.rank_lora)
-    p.add_argument("--lr-state-ctrl", type=POSITIVE, default=default.lr["state-ctrl"])
-    p.add_argument("--lr-lora", type=POSITIVE, default=default.lr["lora"], help="lr of lora and seal")
-    p.add_argument("--output-dir", default=default.output_dir, help="adapters and results.json go here")
     p.add_argument("--no-save", action="store_true", help="do not write adapters")
+
+
+# flag -> the field it sets, in each job's settings
+_SHARED_FLAGS = {
+    "methods": "methods",
+    "steps": "steps",
+    "seeds": "seeds",
+    "batch_size": "batch_size",
+    "max_length": "max_length",
+    "rank_state_ctrl": "rank_state_ctrl",
+    "rank_lora": "rank_lora",
+    "output_dir": "output_dir",
+}
+_ONLY = {"blocks": ("minilm", "tiny-llama"), "eval_per_class": ("smollm2",), "results_dir": ("smollm2",)}
+
+
+def _finetune_settings(args: argparse.Namespace) -> FinetuneArgs | ChatFinetuneArgs:
+    """The job's settings from the flags given; the rest keep the model's defaults. Raises ValueError."""
+    for flag, models in _ONLY.items():
+        if getattr(args, flag) is not None and args.model not in models:
+            raise ValueError(f"--{flag.replace('_', '-')} applies to --model {' / '.join(models)} only")
+    given = {field: getattr(args, flag) for flag, field in _SHARED_FLAGS.items() if getattr(args, flag) is not None}
+    for key in ("methods", "seeds"):
+        if key in given:
+            given[key] = tuple(given[key])
+    if args.no_save:
+        given["save_adapters"] = False
+    if args.model == "smollm2":
+        lr = dict(DEFAULT_CHAT_LR)
+        for key, value in (("state-ctrl", args.lr_state_ctrl), ("lora", args.lr_lora)):
+            if value is not None:
+                lr[key] = value
+        given["lr"] = lr
+        if args.eval_per_class is not None:
+            given["eval_per_class"] = args.eval_per_class
+        if args.results_dir is not None:
+            given["results_dir"] = args.results_dir
+        return ChatFinetuneArgs.quick(**given) if args.quick else ChatFinetuneArgs(**given)
+    lr = dict(DEFAULT_LR)
+    if args.lr_state_ctrl is not None:
+        lr["state-ctrl"] = args.lr_state_ctrl
+    if args.lr_lora is not None:
+        lr["lora"] = lr["seal"] = args.lr_lora
+    given["lr"] = lr
+    if args.blocks is not None:
+        given["blocks"] = args.blocks
+    if args.quick:
+        given = {"steps": 50, "seeds": (0,), **given}
+    return FinetuneArgs(model=args.model, **given)
+
+
+def _finetune(settings: FinetuneArgs | ChatFinetuneArgs) -> int:
+    if isinstance(settings, ChatFinetuneArgs):
+        report = run_chat_finetune(settings)
+        print(summary_table_chat(report))
+        print()
+        print(answers_table(report))
+        folder = settings.results_dir or f"{settings.output_dir}/smollm2"
+        written = write_report(report, folder)
+        print(f"report: {', '.join(map(str, written))}")
+        if settings.save_adapters:
+            print(f"adapters: {settings.output_dir}/smollm2/METHOD/seedN")
+        return 0
+    results = run_finetune(settings)
+    print(summary_table(results))
+    print(f"adapters and results.json: {settings.output_dir}/{settings.model}")
+    return 0
 
 
 def _zero_config_parser(sub: argparse._SubParsersAction) -> None:
@@ -112,25 +188,14 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     if args.command == "finetune":
         try:
-            config = FinetuneArgs(
-                model=args.model,
-                methods=DEFAULT_METHODS if args.method == "both" else (args.method,),
-                steps=args.steps,
-                seeds=tuple(args.seeds),
-                batch_size=args.batch_size,
-                max_length=args.max_length,
-                rank_state_ctrl=args.rank_state_ctrl,
-                blocks=args.blocks,
-                rank_lora=args.rank_lora,
-                lr={"state-ctrl": args.lr_state_ctrl, "lora": args.lr_lora, "seal": args.lr_lora},
-                output_dir=args.output_dir,
-                save_adapters=not args.no_save,
-            )
+            settings = _finetune_settings(args)
         except ValueError as err:
-            parser.error(str(err))
-        results = run_finetune(config)
-        print(summary_table(results))
-        print(f"adapters and results.json: {config.output_dir}/{config.model}")
+            parser.error(f"finetune: {err}")
+        try:
+            return _finetune(settings)
+        except ImportError as err:  # a model's package is missing: say which one to install
+            print(f"peft-ctrl finetune: error: {err}", file=sys.stderr)
+            return 2
     return 0
 
 

