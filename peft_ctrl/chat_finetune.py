@@ -56,7 +56,7 @@ CHAT_METHODS: dict[str, tuple[str, bool]] = {
 REFERENCE = "lora-all"  # the ratios' denominator
 REFERENCE_CKPT = "lora-all-ckpt"
 # Peak learning rates from the grid in docs/finetune.md (seed 0); DoRA and every LoRA row share LoRA's.
-DEFAULT_CHAT_LR = {"state-ctrl": 2e-3, "lora": 2e-3}
+DEFAULT_CHAT_LR = {"state-ctrl": 2e-4, "lora": 2e-3}
 SYSTEM = "Topic of this Python doc sentence: networking, files and OS, numbers, text, concurrency, or dates and time?"
 SHOWN = 4  # sentences whose generated answers the report shows, before and after fine-tuning
 
@@ -66,11 +66,11 @@ class ChatFinetuneArgs:
     """Settings of the SmolLM2 job (``peft-ctrl finetune``; ``quick()`` gives the smoke-run settings)."""
 
     methods: Sequence[str] = tuple(CHAT_METHODS)
-    steps: int = 40
+    steps: int = 28
     seeds: Sequence[int] = (0, 1, 2)
     batch_size: int = 8
     max_length: int = 40
-    eval_per_class: int = 40
+    eval_per_class: int = 25
     rank_state_ctrl: int = 64
     rank_lora: int = 16
     lora_dropout: float = 0.05

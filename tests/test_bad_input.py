@@ -77,7 +77,8 @@ CLI_CASES = [
     (["finetune", "--lr-lora", "-0.001"], "argument --lr-lora: must be a finite number > 0, got '-0.001'"),
     (["finetune", "--lr-state-ctrl", "nan"], "argument --lr-state-ctrl: must be a finite number > 0, got 'nan'"),
     (["finetune", "--steps", "2.5"], "argument --steps: must be an integer >= 1, got '2.5'"),
-    (["finetune", "--max-length", "8"], "argument --max-length: must be an integer >= 9, got '8'"),
+    (["finetune", "--max-length", "3"], "argument --max-length: must be an integer >= 4, got '3'"),
+    (["finetune", "--model", "minilm", "--max-length", "8"], "finetune: max_length must be an integer >= 9, got 8."),
     (["finetune", "--step", "3"], "unrecognized arguments: --step (see"),  # no prefix matching
     (["seal", "verify", "x", "--r", "-1"], "argument --r: must be an integer >= 1, got '-1'"),
     (["seal", "verify", "x", "--threshold", "2"], "argument --threshold: must be a finite number in (0, 1), got '2'"),

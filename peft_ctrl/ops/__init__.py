@@ -2,6 +2,17 @@
 
 from ._dispatch import force_triton, triton_available
 from .lean_lora import lean_lora
+from .lean_mlp import lean_mlp, restore_mlp, swiglu
 from .lowrank import dropout_probability, keep_mask, lowrank
 
-__all__ = ["dropout_probability", "force_triton", "keep_mask", "lean_lora", "lowrank", "triton_available"]
+__all__ = [
+    "dropout_probability",
+    "force_triton",
+    "keep_mask",
+    "lean_lora",
+    "lean_mlp",
+    "lowrank",
+    "restore_mlp",
+    "swiglu",
+    "triton_available",
+]

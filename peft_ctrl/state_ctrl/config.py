@@ -37,6 +37,8 @@ class StateCtrlConfig(PeftConfig):
             with ``layers_to_transform`` when the default index detection is ambiguous.
         fused (`bool`): Use the fused low-rank op (default); ``False`` runs the plain module expression, which
             keeps a dropped copy of h and the mask when ``dropout > 0``.
+        lean_mlp (`bool`): ``True`` (default): frozen gated-SiLU MLPs keep two tensors for backward instead of three
+            (``peft_ctrl.ops.lean_mlp``); same values and gradients.
         init_weights (`bool`): ``True`` (default): A Kaiming-uniform, B = 0. ``False``: B random as well, so the
             adapter changes the output from the start (for tests).
         modules_to_save (`list[str]`, *optional*): Extra modules (e.g. a classifier head) trained and saved in full.
@@ -84,6 +86,14 @@ class StateCtrlConfig(PeftConfig):
             "seed for the backward (no mask, no dropped copy). False: the plain nn.Linear expression."
         },
     )
+    lean_mlp: bool = field(
+        default=True,
+        metadata={
+            "help": "Let the frozen gated-SiLU MLPs (LLaMA, Mistral, Qwen2/3) keep two tensors for backward instead "
+            "of three (peft_ctrl.ops.lean_mlp: the SiLU is recomputed); same values and gradients. The setting of the "
+            "adapter added last applies to the whole model."
+        },
+    )
     init_weights: bool = field(
         default=True,
         metadata={"help": "True: B = 0 so step 0 equals the base model. False: random B (changes outputs; tests)."},
@@ -106,6 +116,7 @@ class StateCtrlConfig(PeftConfig):
             check_bool("StateCtrlConfig.causal", self.causal)
         check_bool("StateCtrlConfig.fused", self.fused)
         check_bool("StateCtrlConfig.init_weights", self.init_weights)
+        check_bool("StateCtrlConfig.lean_mlp", self.lean_mlp)
         if self.bridges is not None:
             if self.blocks is not None:
                 raise ValueError(

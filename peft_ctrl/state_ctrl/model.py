@@ -8,6 +8,7 @@ from peft.utils import TaskType
 from torch import nn
 
 from peft_ctrl._registry import StrictLoadMixin, matches_target, set_active_adapter
+from peft_ctrl.ops.lean_mlp import lean_mlp, restore_mlp
 
 from .architectures import bridges_for
 from .config import StateCtrlConfig
@@ -132,6 +133,10 @@ class StateCtrlModel(StrictLoadMixin, BaseTuner):
             )
         self._plan = plan
         self._causal = bool(causal)
+        if peft_config.lean_mlp:
+            lean_mlp(model)
+        else:
+            restore_mlp(model)
         if self._context is None:
             self._context = ForwardContext()
             self._call_hook = model.register_forward_pre_hook(self._record_call, with_kwargs=True)
@@ -198,6 +203,7 @@ class StateCtrlModel(StrictLoadMixin, BaseTuner):
         if self._call_hook is not None:
             self._call_hook.remove()
             self._call_hook = self._context = None
+        restore_mlp(self.model)
         if hasattr(self.model, "peft_config"):
             del self.model.peft_config
         return self.model
