@@ -36,10 +36,11 @@ from peft import PeftModel
 from peft_ctrl.datasets import stdlib_topics
 from peft_ctrl.finetune import FinetuneArgs, accuracy, build_model, encode, length_bucketed_batches, train_one, trim
 from peft_ctrl.seal import attacks
+from peft_ctrl.seal.claim import Claim, structure_of, weights_sha256
 from peft_ctrl.seal.io import LoraFactors, Proof, read_adapter, write_lora, write_proof
 from peft_ctrl.seal.keys import KEY_ENV, commitment, new_salt
 from peft_ctrl.seal.release import release
-from peft_ctrl.seal.verify import DEFAULT_THRESHOLD, Suspect, verify_key, verify_owner
+from peft_ctrl.seal.verify import DEFAULT_THRESHOLD, OWNER_THRESHOLD, Suspect, verify_key, verify_owner
 
 SEEDS = (0, 1, 2)
 TRIALS = 1000
@@ -67,8 +68,8 @@ def evaluate(adapter_dir: Path, data: dict, num_labels: int) -> float:
     return accuracy(model, data)
 
 
-def check(suspect: Suspect, proof: Path | Proof, key: str) -> dict:
-    owner = verify_owner(suspect, proof, key=key)
+def check(suspect: Suspect, proof: Path | Proof, key: str, published: str) -> dict:
+    owner = verify_owner(suspect, proof, published, key=key)
     only = verify_key(suspect, key=key, r=8)
     return {"owner_log10_p": owner.log10_p, "key_log10_p": only.log10_p, "passport_agreement": owner.statistic}
 
@@ -76,13 +77,13 @@ def check(suspect: Suspect, proof: Path | Proof, key: str) -> dict:
 def attack_table(root: Path, attacker: dict, evaluation: dict, num_labels: int) -> list[dict]:
     key = owner_key(0)
     released, proof = root / "release", root / "proof.safetensors"
-    release(root / "minilm" / "seal" / "seed0", released, proof, key=key)
+    digest = release(root / "minilm" / "seal" / "seed0", released, proof, key=key).digest()
     plain = read_adapter(released)
     rows = []
 
     def record(kind: str, strength: str, adapter: LoraFactors | None, acc: float | None, suspect=None) -> None:
         suspect = suspect if suspect is not None else Suspect.from_adapter(adapter)
-        row = {"attack": kind, "strength": strength, "accuracy": acc, **check(suspect, proof, key)}
+        row = {"attack": kind, "strength": strength, "accuracy": acc, **check(suspect, proof, key, digest)}
         rows.append(row)
         print(row)
 
@@ -114,8 +115,11 @@ def attack_table(root: Path, attacker: dict, evaluation: dict, num_labels: int) 
     merged = PeftModel.from_pretrained(build_model("minilm", num_labels, 0), released).merge_and_unload()
     suspect = Suspect.from_merged(attacks.merge(plain, base), base)
     record("merge", "into base", None, accuracy(merged, evaluation), suspect=suspect)
+    # The forger publishes a digest of their own (after the owner's); against the owner's digest the claim is
+    # refused before any statistic (tests/test_seal.py).
     forged = attacks.forge_proof(plain, "forger-key-for-the-benchmark-0")
-    claim = verify_owner(Suspect.from_adapter(plain), forged, key="forger-key-for-the-benchmark-0")
+    forged_digest = attacks.claim_of(forged).digest()
+    claim = verify_owner(Suspect.from_adapter(plain), forged, forged_digest, key="forger-key-for-the-benchmark-0")
     rows.append(
         {
             "attack": "forged-key claim",
@@ -140,21 +144,24 @@ def false_positives(root: Path) -> dict:
     forged = []
     for i in range(TRIALS):
         forger = f"forger-key-{i:05d}-0123456789"
-        forged.append(verify_owner(suspect, attacks.forge_proof(plain, forger), key=forger).p_value)
+        proof = attacks.forge_proof(plain, forger)
+        forged.append(verify_owner(suspect, proof, attacks.claim_of(proof).digest(), key=forger).p_value)
     adapters = [read_adapter(root / "minilm" / "lora" / f"seed{s}") for s in SEEDS]
     lora = [Suspect.from_adapter(adapter) for adapter in adapters]
     pairs = []
     for i in range(TRIALS):
         key = f"pair-key-{i:05d}-0123456789"
         j = i % len(SEEDS)
-        pairs.append(verify_owner(lora[j], attacks.forge_proof(adapters[j], key), key=key).p_value)
+        proof = attacks.forge_proof(adapters[j], key)
+        pairs.append(verify_owner(lora[j], proof, attacks.claim_of(proof).digest(), key=key).p_value)
     owner_vs_lora = [verify_key(s, key=owner_key(0)).p_value for s in lora]
 
-    def summary(p: list[float]) -> dict:
+    def summary(p: list[float], threshold: float = DEFAULT_THRESHOLD) -> dict:
         arr = np.array(p)
         return {
             "trials": len(arr),
-            "false_positives": int((arr < DEFAULT_THRESHOLD).sum()),
+            "threshold": threshold,
+            "false_positives": int((arr < threshold).sum()),
             "share_p_above_0.01": float((arr > 0.01).mean()),
             "min_p": float(arr.min()),
             "p_values": arr.tolist(),
@@ -162,8 +169,8 @@ def false_positives(root: Path) -> dict:
 
     return {
         "unrelated keys (key-only)": summary(unrelated),
-        "forged-key claims (owner)": summary(forged),
-        "unrelated adapters + keys (owner)": summary(pairs),
+        "forged-key claims (owner)": summary(forged, OWNER_THRESHOLD),
+        "unrelated adapters + keys (owner)": summary(pairs, OWNER_THRESHOLD),
         "owner key vs plain LoRA adapters (key-only)": summary(owner_vs_lora),
     }
 
@@ -183,7 +190,8 @@ def llama7b_timing() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         write_lora(Path(tmp) / "release", LoraFactors(factors, 2.0, {"r": 32, "lora_alpha": 64}))
         salt = new_salt()
-        write_proof(Path(tmp) / "proof", Proof(factors, commitment(key.encode(), salt), salt, 32))
+        claim = Claim(commitment(key.encode(), salt), salt, structure_of(factors), weights_sha256(factors, 2.0))
+        write_proof(Path(tmp) / "proof", Proof(factors, claim.key_commitment, salt, 32, claim.fields()))
         del factors
         timings = {}
         for mode in ("key", "owner"):
@@ -192,7 +200,7 @@ def llama7b_timing() -> dict:
             if mode == "key":
                 result = verify_key(suspect, key=key)
             else:
-                result = verify_owner(suspect, Path(tmp) / "proof", key=key)
+                result = verify_owner(suspect, Path(tmp) / "proof", claim.digest(), key=key)
             timings[mode] = {"seconds": time.perf_counter() - start, "modules": result.modules}
             print(f"7B-shaped {mode} verification: {timings[mode]['seconds']:.2f} s ({result.modules} modules)")
     return timings
@@ -215,7 +223,8 @@ def write_tables(result: dict) -> str:
         clean = rows[0]["accuracy"]
         lines += [
             "Attacks on the released adapter of seed 0 (accuracy on the evaluation half of the test split, "
-            f"416 sentences; threshold p < {DEFAULT_THRESHOLD:g}, i.e. log10 p < {math.log10(DEFAULT_THRESHOLD):g}):",
+            f"416 sentences; owner verdict at p < 2^-64, i.e. log10 p < {math.log10(OWNER_THRESHOLD):.1f}; key-only "
+            f"detection at p < {DEFAULT_THRESHOLD:g}):",
             "",
             "| attack | strength | accuracy | within 5% of unattacked | owner log10 p | key-only log10 p "
             "| passport signs |",
@@ -238,14 +247,15 @@ def write_tables(result: dict) -> str:
         ]
     if "false_positives" in result:
         lines += [
-            f"False positives (threshold p < {DEFAULT_THRESHOLD:g}):",
+            "False positives (owner claims at p < 2^-64, key-only at p < 1e-6):",
             "",
-            "| trials of | n | false positives | share with p > 0.01 | smallest p |",
-            "|---|---:|---:|---:|---:|",
+            "| trials of | n | threshold | false positives | share with p > 0.01 | smallest p |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
         for name, s in result["false_positives"].items():
-            share = s["share_p_above_0.01"]
-            lines.append(f"| {name} | {s['trials']} | {s['false_positives']} | {share:.3f} | {s['min_p']:.2g} |")
+            share, threshold = s["share_p_above_0.01"], s.get("threshold", DEFAULT_THRESHOLD)
+            counts = f"{s['trials']} | {threshold:.3g} | {s['false_positives']}"
+            lines.append(f"| {name} | {counts} | {share:.3f} | {s['min_p']:.2g} |")
         lines.append("")
     if "timing" in result:
         t = result["timing"]
@@ -265,7 +275,8 @@ def plot(result: dict, path: Path) -> None:
     x = np.arange(len(rows))
     ax1.bar(x - 0.2, [-r["owner_log10_p"] for r in rows], 0.4, label="owner")
     ax1.bar(x + 0.2, [-r["key_log10_p"] for r in rows], 0.4, label="key-only")
-    ax1.axhline(-math.log10(DEFAULT_THRESHOLD), color="k", ls="--", lw=1, label="threshold")
+    ax1.axhline(-math.log10(OWNER_THRESHOLD), color="k", ls="--", lw=1, label="owner threshold 2^-64")
+    ax1.axhline(-math.log10(DEFAULT_THRESHOLD), color="k", ls=":", lw=1, label="key-only threshold 1e-6")
     ax1.set_yscale("log")
     ax1.set_ylabel("-log10 p")
     ax1.set_xticks(x, labels, rotation=90, fontsize=6)

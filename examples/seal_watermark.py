@@ -31,7 +31,9 @@ def tiny_llama() -> transformers.LlamaForCausalLM:
 def main() -> None:
     # The owner's key lives in the environment (or is passed as key=); it is never written anywhere.
     os.environ["PEFT_CTRL_SEAL_KEY"] = generate_key()
-    model = get_peft_model(tiny_llama(), SealConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(
+        tiny_llama(), SealConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj", "down_proj"])
+    )
 
     # Train as any LoRA adapter (here a plain loop on a repeating token pattern).
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -46,7 +48,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model.save_pretrained(root / "sealed")  # peft_type SEAL, only a commitment to the key
-        release(root / "sealed", root / "release", root / "private" / "proof.safetensors")
+        claim = release(root / "sealed", root / "release", root / "private" / "proof.safetensors")
+        print(f"published claim digest (the owner posts it, dated, at release): {claim.digest()}")
 
         # Anyone loads the release with stock peft; outputs equal the watermarked model's.
         released = PeftModel.from_pretrained(tiny_llama(), root / "release")
@@ -55,7 +58,8 @@ def main() -> None:
         print(f"release loads as plain LoRA ({released.peft_config['default'].peft_type.value}), same outputs: {same}")
 
         plain = read_adapter(root / "release")
-        print("owner:   ", verify_owner(Suspect.from_adapter(plain), root / "private" / "proof.safetensors"))
+        proof = root / "private" / "proof.safetensors"
+        print("owner:   ", verify_owner(Suspect.from_adapter(plain), proof, claim.digest()))
         print("key-only:", verify_key(Suspect.from_adapter(plain)))
         pruned = attacks.obfuscate(attacks.prune(plain, 0.5))
         print("after pruning 50% and obfuscation:", verify_key(Suspect.from_adapter(pruned)))

@@ -38,7 +38,8 @@ def leaks(root, patterns: dict[str, bytes]) -> list[str]:
 
 def test_trainer_release_verify_write_no_secret(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(KEY_ENV, KEY)
-    model = get_peft_model(build("llama"), SealConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    # 2 layers x 3 modules x r 16 = 96 passport columns: enough for an owner verdict at p < 2^-64
+    model = get_peft_model(build("llama"), SealConfig(r=16, target_modules=["q_proj", "v_proj", "down_proj"]))
     modules = [n.removeprefix("base_model.model.") for n, m in model.named_modules() if hasattr(m, "seal_passport")]
     args = TrainingArguments(
         output_dir=str(tmp_path / "train"),
@@ -56,11 +57,12 @@ def test_trainer_release_verify_write_no_secret(tmp_path, monkeypatch, capsys):
     model.save_pretrained(tmp_path / "adapter")
     proof = tmp_path / "private" / "proof.safetensors"
     assert cli(["seal", "release", str(tmp_path / "adapter"), str(tmp_path / "release"), "--proof", str(proof)]) == 0
-    assert cli(["seal", "verify", str(tmp_path / "release"), "--proof", str(proof)]) == 0
-    assert verify_owner(Suspect.from_adapter(tmp_path / "release"), proof).verified
+    digest = next(line for line in capsys.readouterr().out.splitlines() if "claim digest" in line).split()[-1]
+    assert cli(["seal", "verify", str(tmp_path / "release"), "--proof", str(proof), "--published", digest]) == 0
+    assert verify_owner(Suspect.from_adapter(tmp_path / "release"), proof, digest).verified
     log = capsys.readouterr()
 
-    patterns = secrets_of(modules, 8)
+    patterns = secrets_of(modules, 16)
     assert sum(len(files) for _, _, files in os.walk(tmp_path)) > 10
     assert leaks(tmp_path, patterns) == []
     for name in ("key", "key hex"):
@@ -69,7 +71,7 @@ def test_trainer_release_verify_write_no_secret(tmp_path, monkeypatch, capsys):
     # The scan itself finds a passport saved the way torch saves tensors.
     control = tmp_path.parent / f"{tmp_path.name}-control"
     control.mkdir()
-    torch.save({"c": passport(KEY.encode(), modules[0], 8).float()}, control / "leak.pt")
+    torch.save({"c": passport(KEY.encode(), modules[0], 16).float()}, control / "leak.pt")
     assert leaks(control, patterns) == [
         f"passport {modules[0]} fp32 in leak.pt",
         f"passport {modules[0]} first row fp32 in leak.pt",

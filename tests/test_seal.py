@@ -23,6 +23,7 @@ from peft_ctrl.seal.verify import Suspect, verify_key, verify_owner, verify_pass
 
 KEY = "owner-key-0123456789abcdef"
 TARGETS = ["q_proj", "v_proj", "down_proj"]
+R = 16  # the released adapter's rank: 2 layers x 3 modules x 16 = 96 passport columns, enough for p < 2^-64
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +32,7 @@ def no_env_key(monkeypatch):
 
 
 def sealed_model(key=KEY, **kw):
-    return get_peft_model(build("llama"), SealConfig(r=4, target_modules=TARGETS, key=key, **kw))
+    return get_peft_model(build("llama"), SealConfig(**{"r": 4, "target_modules": TARGETS, "key": key, **kw}))
 
 
 def train(model, steps=30, lr=3e-2, seed=0):
@@ -54,10 +55,15 @@ def lora_factors(model):
 def released(tmp_path_factory):
     """A trained SEAL adapter, its release and proof."""
     root = tmp_path_factory.mktemp("seal")
-    model = train(sealed_model())
+    model = train(sealed_model(r=R))
     model.save_pretrained(root / "sealed")
-    release(root / "sealed", root / "release", root / "proof.safetensors", key=KEY)
+    claim = release(root / "sealed", root / "release", root / "proof.safetensors", key=KEY)
+    (root / "published.txt").write_text(claim.digest())  # what the owner published at release
     return root
+
+
+def published(root) -> str:
+    return (root / "published.txt").read_text()
 
 
 def test_registered_and_forward_is_w_plus_s_b_c_a():
@@ -104,7 +110,7 @@ def test_release_is_plain_lora_that_stock_peft_loads_alone(released, monkeypatch
     sealed, plain = read_adapter(released / "sealed", expect=("SEAL",)), read_adapter(released / "release")
     assert plain.config["peft_type"] == "LORA"
     for module, (B, A) in sealed.factors.items():
-        C = passport(KEY.encode(), module, 4)
+        C = passport(KEY.encode(), module, R)
         Bp, Ap = plain.factors[module]
         torch.testing.assert_close(Bp.double() @ Ap.double(), B.double() @ C @ A.double(), atol=1e-6, rtol=1e-5)
     x = inputs("llama")
@@ -148,14 +154,15 @@ def test_owner_and_key_verification_pass_and_survive_product_preserving_attacks(
     proof = released / "proof.safetensors"
     for attacked in (plain, attacks.obfuscate(plain), attacks.permute(plain), attacks.refactorize(plain)):
         suspect = Suspect.from_adapter(attacked)
-        owner = verify_owner(suspect, proof, key=KEY)
+        owner = verify_owner(suspect, proof, published(released), key=KEY)
         key_only = verify_key(suspect, key=KEY)
         assert owner.verified and key_only.verified, (owner, key_only)
+        assert owner.threshold == 2.0**-64 and owner.security_bits > 64
         assert owner.components["passport"]["statistic"] > 0.99
     base = dict(build("llama").state_dict())
     merged = Suspect.from_merged(attacks.merge(plain, base), base)
-    assert verify_key(merged, key=KEY, r=4).verified
-    assert verify_owner(merged, proof, key=KEY).verified
+    assert verify_key(merged, key=KEY, r=R).verified
+    assert verify_owner(merged, proof, released / "release" / "seal_claim.json", key=KEY).verified
 
 
 def test_forged_key_claims_and_unrelated_keys_fail(released, tmp_path):
@@ -164,8 +171,13 @@ def test_forged_key_claims_and_unrelated_keys_fail(released, tmp_path):
     plain = read_adapter(released / "release")
     suspect = Suspect.from_adapter(plain)
     forged_key = "forger-key-0123456789abcdef"
-    write_proof(tmp_path / "forged.safetensors", attacks.forge_proof(plain, forged_key))
-    forged = verify_owner(suspect, tmp_path / "forged.safetensors", key=forged_key)
+    proof = attacks.forge_proof(plain, forged_key)
+    write_proof(tmp_path / "forged.safetensors", proof)
+    # Against the owner's published digest the forged claim gets no verdict at all.
+    with pytest.raises(ValueError, match="does not match the published commitment"):
+        verify_owner(suspect, tmp_path / "forged.safetensors", published(released), key=forged_key)
+    # Had the forger published a digest of their own, the statistics reject it.
+    forged = verify_owner(suspect, tmp_path / "forged.safetensors", attacks.claim_of(proof).digest(), key=forged_key)
     assert forged.components["passport"]["verified"], "the forgery fools the passport test alone by construction"
     assert not forged.verified and forged.p_value > 0.01
     assert not verify_key(suspect, key="unrelated-key-0123456789").verified
@@ -186,7 +198,7 @@ def test_passport_p_values_are_uniform_enough_under_the_null(released):
     for seed in range(60):
         base = build("llama")
         torch.manual_seed(seed)
-        model = get_peft_model(base, LoraConfig(r=4, target_modules=TARGETS, init_lora_weights=False))
+        model = get_peft_model(base, LoraConfig(r=R, target_modules=TARGETS, init_lora_weights=False))
         result = verify_passport(Suspect(factors=lora_factors(model)), proof, KEY.encode(), 1e-6)
         p.append(result.p_value)
     p = np.array(p)
@@ -209,17 +221,28 @@ def test_bad_input_gets_clear_errors_and_writes_nothing(released, tmp_path, monk
     with pytest.raises(ValueError, match="expected SEAL"):
         release(released / "release", tmp_path / "out", tmp_path / "proof", key=KEY)
     suspect = Suspect.from_adapter(read_adapter(released / "release"))
+    digest = published(released)
     with pytest.raises(FileNotFoundError, match="Proof file"):
-        verify_owner(suspect, tmp_path / "missing.safetensors", key=KEY)
+        verify_owner(suspect, tmp_path / "missing.safetensors", digest, key=KEY)
     with pytest.raises(ValueError, match="does not match"):
-        verify_owner(suspect, released / "proof.safetensors", key="wrong-key-0123456789abc")
+        verify_owner(suspect, released / "proof.safetensors", digest, key="wrong-key-0123456789abc")
+    with pytest.raises(ValueError, match="does not match the published commitment"):
+        verify_owner(suspect, released / "proof.safetensors", "0" * 64, key=KEY)
+    with pytest.raises(ValueError, match="neither"):
+        verify_owner(suspect, released / "proof.safetensors", "my-claim", key=KEY)
+    record = json.loads((released / "release" / "seal_claim.json").read_text())
+    (tmp_path / "altered.json").write_text(
+        json.dumps({**record, "structure": [[m, o, i, 1] for m, o, i, _ in record["structure"]]})
+    )
+    with pytest.raises(ValueError, match="altered"):
+        verify_owner(suspect, released / "proof.safetensors", tmp_path / "altered.json", key=KEY)
     ia3 = get_peft_model(build("llama"), IA3Config(target_modules=["q_proj"], feedforward_modules=[]))
     ia3.save_pretrained(tmp_path / "ia3")
     with pytest.raises(ValueError, match="IA3 adapter"):
         Suspect.from_adapter(tmp_path / "ia3")
     other = get_peft_model(build("mistral"), LoraConfig(r=4, target_modules=["q_proj"]))  # other shapes/names
     factors = {m: (torch.randn(3, 4), a) for m, (_, a) in lora_factors(other).items()}
-    result = verify_owner(Suspect(factors=factors), released / "proof.safetensors", key=KEY)
+    result = verify_owner(Suspect(factors=factors), released / "proof.safetensors", digest, key=KEY)
     assert not result.verified
 
 
@@ -227,7 +250,9 @@ def test_cli_release_verify_attack(released, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(KEY_ENV, KEY)
     assert cli(["seal", "attack", str(released / "release"), str(tmp_path / "pruned"), "--kind", "prune"]) == 0
     proof = str(released / "proof.safetensors")
-    assert cli(["seal", "verify", str(tmp_path / "pruned"), "--proof", proof]) == 0
+    claim = ["--published", published(released)]
+    assert cli(["seal", "verify", str(tmp_path / "pruned"), "--proof", proof, *claim]) == 0
+    assert cli(["seal", "verify", str(tmp_path / "pruned"), "--proof", proof]) == 2  # no published claim
     capsys.readouterr()
     assert cli(["seal", "verify", str(tmp_path / "pruned"), "--mode", "key", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["verified"]
@@ -235,7 +260,7 @@ def test_cli_release_verify_attack(released, tmp_path, monkeypatch, capsys):
     save_file({k: v.contiguous() for k, v in build("llama").state_dict().items()}, base)
     merged = tmp_path / "merged.safetensors"
     assert cli(["seal", "attack", str(released / "release"), str(merged), "--kind", "merge", "--base", str(base)]) == 0
-    assert cli(["seal", "verify", str(merged), "--base", str(base), "--mode", "key", "--r", "4"]) == 0
+    assert cli(["seal", "verify", str(merged), "--base", str(base), "--mode", "key", "--r", str(R)]) == 0
     (tmp_path / "forger.key").write_text("forger-key-0123456789abcdef")
     forged = tmp_path / "forged.safetensors"
     assert (
@@ -253,23 +278,14 @@ def test_cli_release_verify_attack(released, tmp_path, monkeypatch, capsys):
         )
         == 0
     )
-    assert (
-        cli(
-            [
-                "seal",
-                "verify",
-                str(released / "release"),
-                "--proof",
-                str(forged),
-                "--key-file",
-                str(tmp_path / "forger.key"),
-            ]
-        )
-        == 1
-    )
+    forger_digest = capsys.readouterr().out.split()[-1]
+    verify_forged = ["seal", "verify", str(released / "release"), "--proof", str(forged)]
+    verify_forged += ["--key-file", str(tmp_path / "forger.key"), "--published"]
+    assert cli([*verify_forged, published(released)]) == 2  # refused: not the published claim, no verdict
+    assert cli([*verify_forged, forger_digest]) == 1  # a digest of the forger's own: not verified
     monkeypatch.setenv(KEY_ENV, "not-the-owner-0123456789")
     assert cli(["seal", "verify", str(tmp_path / "pruned"), "--mode", "key"]) == 1
-    assert cli(["seal", "verify", str(tmp_path / "pruned"), "--proof", proof]) == 2
+    assert cli(["seal", "verify", str(tmp_path / "pruned"), "--proof", proof, *claim]) == 2
     assert cli(["seal", "release", str(released / "sealed"), str(tmp_path / "rel2")]) == 2
     assert not (tmp_path / "rel2").exists()
 
@@ -297,3 +313,19 @@ def test_damaged_factors_are_an_error_with_its_own_exit_code(released, tmp_path,
     module = name.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
     assert len(err.splitlines()) == 1 and module in err
     assert ("NaN" in err) if damage == "nan" else ("do not form a LoRA pair" in err)
+
+
+def test_the_key_and_passports_are_never_pickled(tmp_path):
+    import copy
+    import pickle
+
+    config = SealConfig(r=4, target_modules=TARGETS, key=KEY)
+    assert KEY.encode() not in pickle.dumps(config)
+    assert copy.deepcopy(config).secret_key() == KEY.encode()  # an in-memory copy keeps it
+    model = sealed_model(init_weights=False)
+    with pytest.raises(TypeError, match="save_pretrained"):
+        torch.save(model, tmp_path / "model.pt")
+    with pytest.raises(TypeError, match="not pickled"):
+        pickle.dumps(model)
+    x = inputs("llama")
+    torch.testing.assert_close(output(copy.deepcopy(model), x), output(model, x))

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..factors import balanced_split, product_svd
+from .claim import Claim, structure_of, weights_sha256
 from .io import LoraFactors, Proof
 from .keys import commitment, new_salt, passport, resolve_key
 
@@ -96,17 +97,31 @@ def merge(adapter: LoraFactors, base: dict[str, torch.Tensor]) -> dict[str, torc
     return merged
 
 
-def forge_proof(adapter: LoraFactors, forged_key: str | bytes) -> Proof:
+def forge_proof(adapter: LoraFactors, forged_key: str | bytes, rank: int | None = None) -> Proof:
     """The ambiguity attack: a forger picks a key of their own, derives its passports C*, and presents
     'pre-release' factors B* = B' C*^-1, A* = A' with B* C* A* = B' A', so the passport test alone would
-    credit them. The key-only part of owner verification rejects the claim."""
+    credit them, with a claim of their own over the released weights (``forged_claim(...).digest()`` is what
+    they would publish, after the owner). ``rank`` is the number of key rows the forger writes into that claim
+    (default: the adapter's rank). The key-only part of owner verification rejects the claim."""
     raw = resolve_key(forged_key)
     factors = {}
     for module, (B, A) in adapter.factors.items():
         C = passport(raw, module, A.shape[0])
         factors[module] = ((B.double() @ torch.linalg.inv(C)).to(B.dtype), A.clone())
     salt = new_salt()
-    return Proof(factors, commitment(raw, salt), salt, next(iter(adapter.factors.values()))[1].shape[0])
+    key_commitment = commitment(raw, salt)
+    structure = structure_of(adapter.factors)
+    if rank is not None:
+        structure = tuple((m, out, inp, rank) for m, out, inp, _ in structure)
+    claim = Claim(key_commitment, salt, structure, weights_sha256(adapter.factors, adapter.scaling))
+    return Proof(factors, key_commitment, salt, structure[0][3], claim.fields())
+
+
+def claim_of(proof: Proof) -> Claim:
+    """The claim stored in a proof (what its maker published, or would publish)."""
+    if proof.claim is None:
+        raise ValueError("This proof holds no claim (it predates published claims).")
+    return Claim.from_fields(proof.claim)
 
 
 def continued_finetune(

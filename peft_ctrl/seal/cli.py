@@ -13,8 +13,8 @@ from .._checks import float_arg, int_arg
 from . import attacks
 from .io import atomic_output, read_adapter, write_lora, write_proof
 from .keys import KEY_ENV, generate_key
-from .release import release
-from .verify import DEFAULT_THRESHOLD, Suspect, verify_key, verify_owner
+from .release import CLAIM_FILE, release
+from .verify import DEFAULT_THRESHOLD, OWNER_THRESHOLD, Suspect, verify_key, verify_owner
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -39,13 +39,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("suspect", type=Path, help="LoRA adapter directory, or merged weights (.safetensors)")
     p.add_argument("--mode", choices=["owner", "key"], default="owner", help="owner: needs --proof; key: key only")
     p.add_argument("--proof", type=Path, help="the proof file written by release (owner mode)")
+    p.add_argument(
+        "--published",
+        help="owner mode: the claim digest published at release (64 hex characters) or the claim record file "
+        "(seal_claim.json); claims that do not match it are refused",
+    )
     p.add_argument("--base", type=Path, help="base model weights (.safetensors) when the suspect is a merged model")
     p.add_argument("--r", type=int_arg(1), help="the owner's LoRA rank (key mode on a merged model)")
     p.add_argument(
         "--threshold",
         type=float_arg(0.0, 1.0, low_open=True, high_open=True),
-        default=DEFAULT_THRESHOLD,
-        help="verified when p < threshold",
+        help=f"verified when p < threshold (default: owner {OWNER_THRESHOLD:.3g} = 2^-64, key {DEFAULT_THRESHOLD:g})",
     )
     p.add_argument("--json", action="store_true", help="print the whole result as JSON")
     key_option(p)
@@ -88,8 +92,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.seal_command == "release":
         proof = args.proof or args.adapter_dir / "seal_proof.safetensors"
-        adapter = release(args.adapter_dir, args.out_dir, proof, key=_key(args))
-        print(f"released {len(adapter.factors)} LoRA modules to {args.out_dir}; private proof: {proof}")
+        claim = release(args.adapter_dir, args.out_dir, proof, key=_key(args))
+        print(f"released {len(claim.structure)} LoRA modules to {args.out_dir}; private proof: {proof}")
+        print(
+            f"publish this claim digest now, dated, where verifiers will look (e.g. the model card): {claim.digest()}"
+        )
+        print(f"(its public record: {args.out_dir / CLAIM_FILE})")
         return 0
     if args.seal_command == "attack":
         adapter = read_adapter(args.adapter_dir)
@@ -103,8 +111,12 @@ def run(args: argparse.Namespace) -> int:
         if args.kind == "forge":
             if args.forged_key_file is None or not args.forged_key_file.is_file():
                 raise ValueError("--kind forge needs --forged-key-file (the forger's key in a file).")
-            write_proof(args.out, attacks.forge_proof(adapter, args.forged_key_file.read_text().strip()))
-            print(f"wrote a forged proof for the forger's key to {args.out}")
+            forged = attacks.forge_proof(adapter, args.forged_key_file.read_text().strip())
+            write_proof(args.out, forged)
+            print(
+                f"wrote a forged proof for the forger's key to {args.out}; the forger's claim digest (what they "
+                f"would publish): {attacks.claim_of(forged).digest()}"
+            )
             return 0
         if args.kind == "prune":
             attacked = attacks.prune(adapter, args.strength)
@@ -125,10 +137,15 @@ def run(args: argparse.Namespace) -> int:
     else:
         suspect = Suspect.from_merged(_safetensors(args.suspect), _safetensors(args.base))
     if args.mode == "owner":
-        if args.proof is None:
-            raise ValueError("Owner verification needs --proof (the file written by release); or use --mode key.")
-        result = verify_owner(suspect, args.proof, key=_key(args), threshold=args.threshold)
+        if args.proof is None or args.published is None:
+            raise ValueError(
+                "Owner verification needs --proof (the file written by release) and --published (the claim digest "
+                "published at release); or use --mode key."
+            )
+        threshold = OWNER_THRESHOLD if args.threshold is None else args.threshold
+        result = verify_owner(suspect, args.proof, args.published, key=_key(args), threshold=threshold)
     else:
-        result = verify_key(suspect, key=_key(args), r=args.r, threshold=args.threshold)
+        threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+        result = verify_key(suspect, key=_key(args), r=args.r, threshold=threshold)
     print(json.dumps(result.to_dict(), indent=2) if args.json else str(result))
     return 0 if result.verified else 1

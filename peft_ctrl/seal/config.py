@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 from dataclasses import InitVar, dataclass, field
 
 from peft.config import PeftConfig
@@ -70,6 +71,17 @@ class SealConfig(PeftConfig):
         if (self.commitment is None) != (self.salt is None):
             raise ValueError("SealConfig needs both commitment and salt, or neither (they are filled together).")
         self._key = resolve_key(key) if key is not None else None
+
+    def __getstate__(self) -> dict:
+        """Pickling (``torch.save``, multiprocessing) never writes the key: the copy resolves it from
+        ``PEFT_CTRL_SEAL_KEY`` when it needs it. ``copy.deepcopy`` keeps it (``__deepcopy__``)."""
+        return {**self.__dict__, "_key": None}
+
+    def __deepcopy__(self, memo: dict) -> SealConfig:
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
+        return new
 
     @property
     def scaling(self) -> float:

@@ -125,8 +125,11 @@ def atomic_output(path: str | Path, is_dir: bool) -> Iterator[Path]:
         yield tmp
 
 
-def write_lora(path: str | Path, adapter: LoraFactors, config: dict | None = None) -> Path:
-    """Write ``adapter`` as a plain peft LoRA adapter directory (atomically, never over an existing one)."""
+def write_lora(
+    path: str | Path, adapter: LoraFactors, config: dict | None = None, extra_files: dict[str, str] | None = None
+) -> Path:
+    """Write ``adapter`` as a plain peft LoRA adapter directory (atomically, never over an existing one), with
+    ``extra_files`` (name -> text) beside it."""
     from peft import LoraConfig
 
     source = config if config is not None else adapter.config
@@ -152,17 +155,21 @@ def write_lora(path: str | Path, adapter: LoraFactors, config: dict | None = Non
     with atomic_output(path, is_dir=True) as tmp:
         lora_config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     return Path(path)
 
 
 @dataclass
 class Proof:
-    """The owner's private proof: the pre-release factors and the public commitment (never the key)."""
+    """The owner's private proof: the pre-release factors, the public commitment (never the key) and the fields
+    of the published claim (``claim.Claim``; None in proofs written before claims existed)."""
 
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
     commitment: str
     salt: str
     r: int
+    claim: dict | None = None
 
 
 def write_proof(path: str | Path, proof: Proof) -> Path:
@@ -171,6 +178,8 @@ def write_proof(path: str | Path, proof: Proof) -> Path:
         tensors[f"{module}.B"] = B.contiguous()
         tensors[f"{module}.A"] = A.contiguous()
     metadata = {"format": PROOF_FORMAT, "commitment": proof.commitment, "salt": proof.salt, "r": str(proof.r)}
+    if proof.claim is not None:
+        metadata["claim"] = json.dumps(proof.claim, sort_keys=True)
     with atomic_output(path, is_dir=False) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return Path(path)
@@ -195,4 +204,8 @@ def read_proof(path: str | Path | Proof) -> Proof:
         raise ValueError(f"{path} is not a SEAL proof file (no '{PROOF_FORMAT}' marker).")
     modules = {name.rsplit(".", 1)[0] for name in tensors}
     factors = {m: (tensors[f"{m}.B"], tensors[f"{m}.A"]) for m in sorted(modules)}
-    return Proof(factors, metadata["commitment"], metadata["salt"], int(metadata["r"]))
+    try:
+        claim = json.loads(metadata["claim"]) if "claim" in metadata else None
+    except json.JSONDecodeError:
+        raise ValueError(f"{path}: the claim stored in the proof is damaged.") from None
+    return Proof(factors, metadata["commitment"], metadata["salt"], int(metadata["r"]), claim)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -7,6 +8,12 @@ from torch import nn
 
 from .._registry import move_adapter_to_base_device
 from ..linear_adapter import LinearAdapterLayer
+
+PICKLE_ERROR = (
+    "A SEAL model holds passports derived from the owner's key, so it is not pickled (torch.save(model), "
+    "pickle.dumps): save the adapter with model.save_pretrained(...) (no key, no passport in it), or release it "
+    "as plain LoRA with peft_ctrl.seal.release.release(...) first."
+)
 
 
 class SealLayer(LinearAdapterLayer):
@@ -73,6 +80,16 @@ class SealLayer(LinearAdapterLayer):
         A, B = self.seal_A[adapter].weight, self.seal_B[adapter].weight
         CA = self._passport(adapter, A) @ A
         return self.low_rank(x, CA, B, self.seal_scaling[adapter], self.seal_dropout[adapter])
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(PICKLE_ERROR)
+
+    def __deepcopy__(self, memo: dict) -> SealLayer:
+        """An in-memory copy (passports included); only pickling is refused."""
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
+        return new
 
     def __repr__(self) -> str:
         return "seal." + super().__repr__()

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..factors import balanced_split
+from .claim import Claim, claim_record, structure_of, weights_sha256
 from .io import LoraFactors, Proof, read_adapter, write_lora, write_proof
 from .keys import check_commitment, passport, resolve_key
 
@@ -17,13 +18,19 @@ def split_passport(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return balanced_split(*torch.linalg.svd(C.double()))
 
 
+CLAIM_FILE = "seal_claim.json"
+
+
 def release(
     adapter_dir: str | Path, out_dir: str | Path, proof_path: str | Path, key: str | bytes | None = None
-) -> LoraFactors:
+) -> Claim:
     """Write ``B' = B C1``, ``A' = C2 A`` of every module as a plain LoRA adapter in ``out_dir`` (stock peft
-    loads it without peft_ctrl; ``B' A' = B C A``, so outputs are unchanged) and the owner's proof
-    (pre-release B, A and the commitment) to ``proof_path``. Both outputs must not exist yet; nothing is
-    written unless both can be. Returns the released adapter."""
+    loads it without peft_ctrl; ``B' A' = B C A``, so outputs are unchanged) with the public claim record
+    ``seal_claim.json`` beside it, and the owner's proof (pre-release B, A, the commitment and the claim) to
+    ``proof_path``. Both outputs must not exist yet; nothing is written unless both can be.
+
+    Returns the claim: publish ``claim.digest()`` (dated, where verifiers can find it) when releasing; owner
+    verification refuses any claim that does not match a published digest (``peft_ctrl.seal.claim``)."""
     sealed = read_adapter(adapter_dir, expect=("SEAL",))
     config = sealed.config
     raw_key = resolve_key(key)
@@ -36,12 +43,16 @@ def release(
         C1, C2 = split_passport(passport(raw_key, module, A.shape[0]))
         released[module] = ((B.double() @ C1).to(B.dtype), (C2 @ A.double()).to(A.dtype))
     adapter = LoraFactors(released, sealed.scaling, config, sealed.extra)
+    claim = Claim(
+        config["commitment"], config["salt"], structure_of(released), weights_sha256(released, sealed.scaling)
+    )
     if proof_path.exists():
         raise FileExistsError(f"{proof_path} already exists; choose a new path (nothing was written).")
-    out = write_lora(out_dir, adapter)
+    out = write_lora(out_dir, adapter, extra_files={CLAIM_FILE: claim_record(claim)})
     try:
-        write_proof(proof_path, Proof(sealed.factors, config["commitment"], config["salt"], int(config["r"])))
+        proof = Proof(sealed.factors, config["commitment"], config["salt"], int(config["r"]), claim.fields())
+        write_proof(proof_path, proof)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
-    return adapter
+    return claim

@@ -26,6 +26,7 @@ row space was set by the owner's key.
 
 from __future__ import annotations
 
+import hmac
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,10 +36,14 @@ import torch
 from scipy import stats
 
 from ..factors import product_svd
+from .claim import Claim, published_digest
 from .io import LoraFactors, Proof, read_adapter, read_proof
 from .keys import check_commitment, initial_a, passport, resolve_key
 
+# Key-only detection (screening suspects with the owner's key) and the owner verdict (a claim against others):
+# at 2^-64 a forger trying keys needs about 2^64 tries to pass by chance (10^6 tries: 5e-14).
 DEFAULT_THRESHOLD = 1e-6
+OWNER_THRESHOLD = 2.0**-64
 _LOG10 = math.log(10)
 
 
@@ -57,14 +62,20 @@ class VerificationResult:
     components: dict[str, dict] = field(default_factory=dict)
     message: str = ""
 
+    @property
+    def security_bits(self) -> float:
+        """-log2 p: a claim at b bits is passed by chance by one in 2^b independent tries (e.g. forger's keys)."""
+        return -self.log10_p * math.log2(10)
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "security_bits": self.security_bits}
 
     def __str__(self) -> str:
         verdict = "VERIFIED" if self.verified else "not verified"
         return (
-            f"{verdict}: {self.mode} test, p = {self.p_value:.3g} (log10 p = {self.log10_p:.1f}), statistic "
-            f"{self.statistic:.4f}, {self.modules} modules, threshold {self.threshold:g}. {self.message}".strip()
+            f"{verdict}: {self.mode} test, p = {self.p_value:.3g} (log10 p = {self.log10_p:.1f}, "
+            f"{self.security_bits:.0f} bits), statistic {self.statistic:.4f}, {self.modules} modules, threshold "
+            f"{self.threshold:g}. {self.message}".strip()
         )
 
 
@@ -168,16 +179,30 @@ def _real(t: torch.Tensor) -> torch.Tensor:
 
 
 def verify_key(
-    suspect: Suspect, key: str | bytes | None = None, r: int | None = None, threshold: float = DEFAULT_THRESHOLD
+    suspect: Suspect,
+    key: str | bytes | None = None,
+    r: int | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    ranks: dict[str, int] | None = None,
 ) -> VerificationResult:
     """Key-only test: overlap of the suspect's row spaces with the key's initial A (see the module doc).
 
-    ``r`` is the number of key rows per module (the owner's LoRA rank); default: the suspect's rank."""
+    The number of key rows per module is ``ranks[module]`` (from a published claim; modules it does not name are
+    skipped), else ``r`` (the owner's LoRA rank), else the suspect's own rank. The suspect's top-k directions by
+    singular value are compared with k = that number, so near-null components a suspect adds to inflate its rank
+    are not looked at when the rank comes from the owner."""
     raw = resolve_key(key)
     log_ps, overlaps, skipped = [], [], []
     for module in suspect.modules():
         m, n = suspect.shape(module)
-        rank = r or (suspect.factors[module][1].shape[0] if module in suspect.factors else None)
+        if ranks is not None and module not in ranks:
+            skipped.append(module)
+            continue
+        rank = (
+            (ranks or {}).get(module)
+            or r
+            or (suspect.factors[module][1].shape[0] if module in suspect.factors else None)
+        )
         if rank is None:
             raise ValueError("Give r (the owner's LoRA rank) to verify a merged model.")
         basis = suspect.row_space(module, rank)
@@ -247,14 +272,36 @@ def verify_passport(
 def verify_owner(
     suspect: Suspect,
     proof_path: str | Path | Proof,
+    published: str | Path,
     key: str | bytes | None = None,
-    threshold: float = DEFAULT_THRESHOLD,
+    threshold: float = OWNER_THRESHOLD,
 ) -> VerificationResult:
-    """Owner test: the passport test with the proof file AND the key-only test; p = the larger p-value."""
+    """Owner test of a claim: the passport test with the proof AND the key-only test; p = the larger p-value.
+
+    ``published`` is the claim digest the owner published at release (the 64-hex string, or the claim record
+    file): the claim is refused (``ValueError``) unless the key matches the proof's commitment and the proof's
+    claim hashes to that digest. The number of key rows per module comes from the claim, never from the
+    suspect. The default threshold is 2^-64 (``OWNER_THRESHOLD``)."""
     raw = resolve_key(key)
     proof = read_proof(proof_path)
+    check_commitment(raw, proof.commitment, proof.salt, "the proof file")
+    if proof.claim is None:
+        raise ValueError(
+            "This proof file predates published claims, so it binds nothing a verifier can check; release the "
+            "sealed adapter again with this version and publish the digest it prints."
+        )
+    claim = Claim.from_fields(proof.claim)
+    if (claim.key_commitment, claim.salt) != (proof.commitment, proof.salt):
+        raise ValueError(
+            "The proof's claim names another key commitment than the proof itself; the proof was altered."
+        )
+    if not hmac.compare_digest(claim.digest(), published_digest(published)):
+        raise ValueError(
+            "The claim does not match the published commitment: this proof and key are not the ones the published "
+            "digest was made from, so the claim is refused (no verdict)."
+        )
     passport_result = verify_passport(suspect, proof, raw, threshold)
-    key_result = verify_key(suspect, raw, r=proof.r, threshold=threshold)
+    key_result = verify_key(suspect, raw, threshold=threshold, ranks=claim.ranks())
     worst = max(passport_result, key_result, key=lambda res: res.log10_p)
     return _result(
         "owner",
