@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peft_ctrl import StateCtrlConfig
-from peft_ctrl.ops import lean_lora
+from peft_ctrl.ops import lean_lora, lean_mlp
 
 RESULTS = Path("docs/results")
 
@@ -172,23 +173,26 @@ def checkpointed(model: nn.Module) -> nn.Module:
 
 
 def lora(
-    targets: list[str], dora: bool = False, lean: bool = False, checkpointing: bool = False
+    targets: list[str], dora: bool = False, lean: bool = False, checkpointing: bool = False, lean_mlps: bool = False
 ) -> Callable[[nn.Module], nn.Module]:
+    """PEFT LoRA r=16; ``lean``: peft_ctrl.ops.lean_lora on its layers, ``lean_mlps``: ops.lean_mlp on the model."""
     config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=targets, use_dora=dora)
 
     def build(base: nn.Module) -> nn.Module:
         model = get_peft_model(base, config)
         if lean:
             lean_lora(model)
+        if lean_mlps:
+            lean_mlp(model)
         return checkpointed(model) if checkpointing else model
 
     return build
 
 
 def state_ctrl(
-    r: int, blocks: str, dropout: float = 0.0, fused: bool = True, checkpointing: bool = False
+    r: int, blocks: str, dropout: float = 0.0, fused: bool = True, checkpointing: bool = False, lean_mlp: bool = True
 ) -> Callable[[nn.Module], nn.Module]:
-    config = StateCtrlConfig(r=r, blocks=blocks, dropout=dropout, fused=fused)
+    config = StateCtrlConfig(r=r, blocks=blocks, dropout=dropout, fused=fused, lean_mlp=lean_mlp)
 
     def build(base: nn.Module) -> nn.Module:
         model = get_peft_model(base, config)
@@ -211,7 +215,8 @@ def projected_bytes(method: str, s: Shape, elem: int = 4, mask: int = 4) -> int:
       frozen decoder layer that gradients flow through:  LAYER = 4d + 2 d_kv + 3f + H + 2
           (two RMSNorms keep h and 1/rms: 2(d + 1); attention keeps q, k, v, out and a log-sum-exp per head:
            2d + 2 d_kv + H, k and v unexpanded when SDPA runs grouped-query attention itself; the SwiGLU MLP keeps
-           gate, silu(gate) and up: 3f; frozen linears keep no activation)
+           gate, silu(gate) and up: 3f, or gate and up only, 2f, under peft_ctrl.ops.lean_mlp, which state-ctrl
+           uses unless the method's name says "without lean_mlp"; frozen linears keep no activation)
       head: final norm d + 1, log-softmax output V, plus an int64 target and the rotary cos/sin (2 d/H) once
       state-ctrl bridge: + r (A h); h is the tensor the norm already keeps, except in layer 0 (+ d once)
       PEFT LoRA on a linear of input width w (dropout > 0): + w (dropped x) + r (A x) + the dropout mask,
@@ -229,15 +234,17 @@ def projected_bytes(method: str, s: Shape, elem: int = 4, mask: int = 4) -> int:
     after_attn0 = d + 1 + 3 * f  # layer 0 from its attention output on
     lora_layer0 = layer - d - 1
     rest = (L - 1) * layer
+    if method.startswith("state-ctrl") and "without lean_mlp" not in method:
+        rest, after_attn0 = rest - (L - 1) * f, after_attn0 - f  # the SwiGLU keeps gate and up only
+    rank = re.search(r"r=(\d+)", method)
+    r = int(rank.group(1)) if rank else 0
     if method == "floor mlp":
         per_token = rest * elem + head
     elif method == "floor attn":
         per_token = (rest + after_attn0) * elem + head
     elif method.startswith("state-ctrl mlp"):
-        r = int(method.rsplit("r=", 1)[1])
         per_token = (rest + L * r + d) * elem + head
     elif method.startswith("state-ctrl both"):
-        r = int(method.rsplit("r=", 1)[1])
         per_token = (rest + after_attn0 + 2 * L * r + d) * elem + head
     elif method == "PEFT LoRA all-linear r=16":
         adapters = (6 * d + f + 7 * 16) * elem + (6 * d + f) * mask

@@ -3,8 +3,8 @@
 Memory is the bytes saved for backward in one training step (peft_ctrl.metrics; docs/state_ctrl.md),
 exact and device independent. Each method is also quoted against its *floor*: what the frozen model
 alone saves when gradients must flow back to the output of the method's first adapted block.
-Step time (forward + backward + AdamW step) is the median over rounds in which every method runs once
-in turn, so the ratios come from the same run under the same machine load.
+Step time (forward + backward + AdamW step) is the median over rounds in which every method runs in turn
+(one untimed step, then the timed one), so the ratios come from the same run under the same machine load.
 
     python benchmarks/state_ctrl_memory.py                  # the benchmark model (hidden 512, 4 layers)
     python benchmarks/state_ctrl_memory.py --validate-only  # check the projection formula on small shapes
@@ -61,12 +61,16 @@ METHODS = [
     Method("PEFT DoRA all-linear r=16", "attn", lora(ALL_LINEAR, dora=True)),
     Method("state-ctrl mlp r=64", "mlp", state_ctrl(64, "mlp")),
     Method("state-ctrl both r=32", "attn", state_ctrl(32, "both")),
+    # state-ctrl's frozen MLPs keep gate and up only (peft_ctrl.ops.lean_mlp, on by default); without it, and the
+    # same op given to PEFT LoRA on top of lean_lora.
+    Method("state-ctrl mlp r=64 without lean_mlp", "mlp", state_ctrl(64, "mlp", lean_mlp=False)),
     # The fused low-rank op (peft_ctrl.ops) against the plain module expression, without and with dropout.
     Method("state-ctrl mlp r=64 unfused", "mlp", state_ctrl(64, "mlp", fused=False)),
     Method("state-ctrl mlp r=64 dropout 0.1", "mlp", state_ctrl(64, "mlp", dropout=0.1)),
     Method("state-ctrl mlp r=64 dropout 0.1 unfused", "mlp", state_ctrl(64, "mlp", dropout=0.1, fused=False)),
     # The same op applied to ordinary PEFT LoRA layers (peft_ctrl.ops.lean_lora).
     Method("PEFT LoRA all-linear r=16 + lean_lora", "attn", lora(ALL_LINEAR, lean=True)),
+    Method("PEFT LoRA all-linear r=16 + lean_lora + lean_mlp", "attn", lora(ALL_LINEAR, lean=True, lean_mlps=True)),
     # Gradient checkpointing, what a memory-pressed user picks today: the meter reports the peak (everything kept
     # between layers plus the largest layer's recomputation, peft_ctrl.metrics).
     Method("PEFT LoRA all-linear r=16 + gradient checkpointing", "attn", lora(ALL_LINEAR, checkpointing=True)),
@@ -136,15 +140,21 @@ def run(shape: Shape, rounds: int, warmup: int) -> dict:
     for blk in ("attn", "mlp"):
         models[f"floor {blk}"] = floor_model(shape, blk)
     times: dict[str, list[float]] = {name: [] for name in models}
+    def train_step(name: str, model: nn.Module) -> float:
+        opt = optimizers.get(name)
+        start = time.perf_counter()
+        model(**batch).loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
     for i in range(warmup + rounds):
         for name, model in models.items():
-            opt = optimizers.get(name)
-            start = time.perf_counter()
-            model(**batch).loss.backward()
-            if opt is not None:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            elapsed = time.perf_counter() - start
+            # An untimed step first: the previous model freed its activations, and on the real model's sizes the
+            # first step after a switch pays the allocator's page faults (which model paid depended on the order).
+            train_step(name, model)
+            elapsed = train_step(name, model)
             if i >= warmup:
                 times[name].append(elapsed)
     for name in rows:
@@ -170,6 +180,7 @@ PROJECTED = [
     "PEFT LoRA q,v r=16",
     "state-ctrl mlp r=64",
     "state-ctrl both r=32",
+    "state-ctrl mlp r=64 without lean_mlp",
 ]
 VALIDATION_SHAPES = [
     Shape(hidden=128, intermediate=352, layers=2, heads=4, vocab=512, batch=2, seq=64),

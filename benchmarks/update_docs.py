@@ -33,6 +33,8 @@ SOURCES = {
     "smollm2_projection": lambda: _block_after(RESULTS / "state_ctrl_memory_smollm2.md", "Projection formula"),
     "llama3_8b": lambda: _block_after(RESULTS / "state_ctrl_memory_smollm2.md", "Projected to LLaMA3-8B"),
     "finetune_minilm": lambda: _blocks(RESULTS / "finetune_minilm.md")[1],
+    "finetune_smollm2": lambda: _blocks(RESULTS / "finetune_smollm2.md")[1],
+    "finetune_smollm2_answers": lambda: _block_after(RESULTS / "finetune_smollm2.md", "Greedy answers"),
     "lowrank_kernels_cpu": lambda: "\n\n".join(_blocks(RESULTS / "lowrank_kernels_cpu.md")),
     "odelora_sensing": lambda: (RESULTS / "odelora_sensing.md").read_text().strip(),
     "odelora_sensing_bounds": lambda: (RESULTS / "odelora_sensing_bounds.md").read_text().strip(),

@@ -66,11 +66,11 @@ class ChatFinetuneArgs:
     """Settings of the SmolLM2 job (``peft-ctrl finetune``; ``quick()`` gives the smoke-run settings)."""
 
     methods: Sequence[str] = tuple(CHAT_METHODS)
-    steps: int = 28
+    steps: int = 22
     seeds: Sequence[int] = (0, 1, 2)
     batch_size: int = 8
     max_length: int = 40
-    eval_per_class: int = 25
+    eval_per_class: int = 20
     rank_state_ctrl: int = 64
     rank_lora: int = 16
     lora_dropout: float = 0.05
