@@ -140,6 +140,7 @@ def run(shape: Shape, rounds: int, warmup: int) -> dict:
     for blk in ("attn", "mlp"):
         models[f"floor {blk}"] = floor_model(shape, blk)
     times: dict[str, list[float]] = {name: [] for name in models}
+
     def train_step(name: str, model: nn.Module) -> float:
         opt = optimizers.get(name)
         start = time.perf_counter()
