@@ -329,3 +329,24 @@ def test_the_key_and_passports_are_never_pickled(tmp_path):
         pickle.dumps(model)
     x = inputs("llama")
     torch.testing.assert_close(output(copy.deepcopy(model), x), output(model, x))
+
+
+def test_key_mode_says_when_the_rank_comes_from_the_suspect(released):
+    suspect = Suspect.from_adapter(read_adapter(released / "release"))
+    assert "suspect's own rank" in verify_key(suspect, key=KEY).message
+    assert "suspect's own rank" not in verify_key(suspect, key=KEY, r=R).message
+
+
+def test_near_null_rank_padding_does_not_dilute_a_claim(released):
+    """Padding the release from rank 16 to 40 with near-null components: owner mode (rank from the published
+    claim) and key mode with the owner's r compare the suspect's top directions only and still verify."""
+    g = torch.Generator().manual_seed(0)
+    plain = read_adapter(released / "release")
+    padded = {}
+    for module, (B, A) in plain.factors.items():
+        extra_B = 1e-4 * torch.randn(B.shape[0], 24, generator=g)
+        padded[module] = (torch.cat([B, extra_B], 1), torch.cat([A, torch.randn(24, A.shape[1], generator=g)], 0))
+    suspect = Suspect.from_adapter(LoraFactors(padded, plain.scaling))
+    owner = verify_owner(suspect, released / "proof.safetensors", published(released), key=KEY)
+    assert owner.verified and owner.security_bits > 64
+    assert verify_key(suspect, key=KEY, r=R).verified

@@ -45,6 +45,10 @@ from .keys import check_commitment, initial_a, passport, resolve_key
 DEFAULT_THRESHOLD = 1e-6
 OWNER_THRESHOLD = 2.0**-64
 _LOG10 = math.log(10)
+SUSPECT_RANK_NOTE = (
+    " The number of key rows per module is the suspect's own rank: an adapter padded with near-null components "
+    "dilutes this test; give r (the owner's rank) or verify in owner mode, which takes it from the published claim."
+)
 
 
 @dataclass
@@ -226,7 +230,8 @@ def verify_key(
         threshold,
         len(suspect.modules()) - len(skipped),
         skipped=skipped,
-        message="statistic: mean overlap |P_S a|^2/|a|^2 of the key's initial rows with the suspect's row spaces.",
+        message="statistic: mean overlap |P_S a|^2/|a|^2 of the key's initial rows with the suspect's row spaces."
+        + (SUSPECT_RANK_NOTE if ranks is None and r is None else ""),
     )
 
 
