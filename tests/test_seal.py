@@ -350,3 +350,14 @@ def test_near_null_rank_padding_does_not_dilute_a_claim(released):
     owner = verify_owner(suspect, released / "proof.safetensors", published(released), key=KEY)
     assert owner.verified and owner.security_bits > 64
     assert verify_key(suspect, key=KEY, r=R).verified
+
+
+def test_renamed_modules_are_matched_to_the_claim_by_shape_and_order(released):
+    """The release saved under other module names (as for the backbone; stock peft still loads it): owner mode
+    pairs modules of one shape in model order and still verifies; key mode, which has no claim, does not."""
+    plain = read_adapter(released / "release")
+    renamed = {m.replace("model.layers.", "backbone.blocks."): f for m, f in plain.factors.items()}
+    suspect = Suspect.from_adapter(LoraFactors(renamed, plain.scaling))
+    owner = verify_owner(suspect, released / "proof.safetensors", published(released), key=KEY)
+    assert owner.verified and owner.security_bits > 64 and "matched to the claim by shape" in owner.message
+    assert not verify_key(suspect, key=KEY).verified  # key mode derives key rows from the names it sees

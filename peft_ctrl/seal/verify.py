@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hmac
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -274,6 +275,32 @@ def verify_passport(
     )
 
 
+def _natural(name: str) -> tuple:
+    """Sort key that orders layer indices numerically (layers.2 before layers.10)."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
+
+
+def align_to_claim(suspect: Suspect, claim: Claim) -> tuple[Suspect, int]:
+    """The suspect with its modules renamed to the claim's when their names differ (an adapter saved for the
+    backbone, or renamed on purpose): modules of one shape are paired in model order, claim and suspect alike,
+    when both have the same number of them. Returns the suspect and how many modules were renamed."""
+    claimed = {m: (out, inp) for m, out, inp, _ in claim.structure}
+    present = set(suspect.modules())
+    if set(claimed) <= present:
+        return suspect, 0
+    mapping: dict[str, str] = {}
+    for shape in set(claimed.values()):
+        want = sorted((m for m, s in claimed.items() if s == shape and m not in present), key=_natural)
+        have = sorted((m for m in present - set(claimed) if suspect.shape(m) == shape), key=_natural)
+        if want and len(want) == len(have):
+            mapping.update(zip(have, want, strict=True))
+    if not mapping:
+        return suspect, 0
+    factors = {mapping.get(m, m): f for m, f in suspect.factors.items()}
+    deltas = {mapping.get(m, m): d for m, d in suspect.deltas.items()}
+    return Suspect(factors=factors, deltas=deltas), len(mapping)
+
+
 def verify_owner(
     suspect: Suspect,
     proof_path: str | Path | Proof,
@@ -305,6 +332,7 @@ def verify_owner(
             "The claim does not match the published commitment: this proof and key are not the ones the published "
             "digest was made from, so the claim is refused (no verdict)."
         )
+    suspect, renamed = align_to_claim(suspect, claim)
     passport_result = verify_passport(suspect, proof, raw, threshold)
     key_result = verify_key(suspect, raw, threshold=threshold, ranks=claim.ranks())
     worst = max(passport_result, key_result, key=lambda res: res.log10_p)
@@ -316,5 +344,8 @@ def verify_owner(
         min(passport_result.modules, key_result.modules),
         skipped=sorted({*passport_result.skipped, *key_result.skipped}),
         components={"passport": passport_result.to_dict(), "key": key_result.to_dict()},
-        message=f"decided by the {worst.mode} test (the larger p-value of the two).",
+        message=f"decided by the {worst.mode} test (the larger p-value of the two)."
+        + (
+            f" {renamed} suspect modules were matched to the claim by shape and order, not by name." if renamed else ""
+        ),
     )
