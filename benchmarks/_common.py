@@ -22,6 +22,9 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peft_ctrl import StateCtrlConfig
+
+# ALL_LINEAR (re-exported for the benchmarks): the seven linears of a LLaMA block, as in the main job.
+from peft_ctrl.chat_finetune import ALL_LINEAR as ALL_LINEAR
 from peft_ctrl.ops import lean_lora, lean_mlp
 
 RESULTS = Path("docs/results")
@@ -128,7 +131,6 @@ def adalora_config(modules: list[str], budget: int, schedule: Schedule, **option
 
 # ---------------------------------------------------------------- the LLaMA-shaped benchmark model
 
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MiB = 2**20
 
 

@@ -35,10 +35,10 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._checks import check_choice, check_float, check_int, check_probability
+from ._checks import check_choice, check_int, check_probability
 from .atomic import atomic_directory, atomic_file
 from .datasets import TextDataset, stdlib_topics
-from .finetune import length_bucketed_batches
+from .finetune import check_run_settings, length_bucketed_batches, lr_at
 from .metrics import SavedTensorMeter
 from .state_ctrl import StateCtrlConfig
 
@@ -80,16 +80,7 @@ class ChatFinetuneArgs:
     save_adapters: bool = True
 
     def __post_init__(self) -> None:
-        if not self.methods:
-            raise ValueError(f"methods is empty; choose from {list(CHAT_METHODS)}.")
-        for method in self.methods:
-            check_choice("method", method, tuple(CHAT_METHODS))
-        check_int("steps", self.steps, low=1)
-        if not self.seeds:
-            raise ValueError("Give at least one seed.")
-        for seed in self.seeds:
-            check_int("seed", seed, low=0)
-        check_int("batch_size", self.batch_size, low=1)
+        check_run_settings(self, tuple(CHAT_METHODS))
         check_int("max_length", self.max_length, low=4)
         check_int("eval_per_class", self.eval_per_class, low=1)
         check_int("rank_state_ctrl", self.rank_state_ctrl, low=2)
@@ -98,8 +89,6 @@ class ChatFinetuneArgs:
         for key in ("state-ctrl", "lora"):
             if key not in self.lr:
                 raise ValueError(f"lr needs a learning rate for {key!r}, got keys {sorted(self.lr)}.")
-        for key, lr in self.lr.items():
-            check_float(f"lr[{key!r}]", lr, 0.0, low_open=True)
 
     @classmethod
     def quick(cls, **overrides: Any) -> ChatFinetuneArgs:
@@ -258,13 +247,6 @@ def generate_answers(
     return answers
 
 
-def _lr_at(step: int, total: int, peak: float) -> float:
-    warmup = max(1, total // 10)
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * max(0.0, (total - step) / (total - warmup))
-
-
 def build_model(method: str, args: ChatFinetuneArgs, seed: int) -> tuple[nn.Module, Any]:
     from .models import load_smollm2
 
@@ -309,7 +291,7 @@ def train_one_chat(method: str, seed: int, args: ChatFinetuneArgs, task: ChatTas
     for step, idx in enumerate(bar):
         batch = collate([task.train[i] for i in idx.tolist()], task.pad_id)
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, args.steps, lr)
+            group["lr"] = lr_at(step, args.steps, lr)
         start = time.perf_counter()
         if step == 0:  # the same first batch for every method of a seed
             with SavedTensorMeter(exclude=model) as meter:

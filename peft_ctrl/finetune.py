@@ -15,6 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -54,22 +55,27 @@ class FinetuneArgs:
 
     def __post_init__(self) -> None:
         check_choice("model", self.model, MODELS)
-        if not self.methods:
-            raise ValueError(f"methods is empty; choose from {METHODS}.")
-        for method in self.methods:
-            check_choice("method", method, METHODS)
-        check_int("steps", self.steps, low=1)
-        if not self.seeds:
-            raise ValueError("Give at least one seed.")
-        for seed in self.seeds:
-            check_int("seed", seed, low=0)
-        check_int("batch_size", self.batch_size, low=1)
+        check_run_settings(self, METHODS)
         check_int("max_length", self.max_length, low=9)
         check_int("rank_state_ctrl", self.rank_state_ctrl, low=1)
         check_int("rank_lora", self.rank_lora, low=1)
         check_choice("blocks", self.blocks, BLOCKS)
-        for method, lr in self.lr.items():
-            check_float(f"lr[{method!r}]", lr, 0.0, low_open=True)
+
+
+def check_run_settings(args: Any, methods: Sequence[str]) -> None:
+    """The checks both jobs' settings share: methods among ``methods``, steps, seeds, batch size, learning rates."""
+    if not args.methods:
+        raise ValueError(f"methods is empty; choose from {list(methods)}.")
+    for method in args.methods:
+        check_choice("method", method, tuple(methods))
+    check_int("steps", args.steps, low=1)
+    if not args.seeds:
+        raise ValueError("Give at least one seed.")
+    for seed in args.seeds:
+        check_int("seed", seed, low=0)
+    check_int("batch_size", args.batch_size, low=1)
+    for key, lr in args.lr.items():
+        check_float(f"lr[{key!r}]", lr, 0.0, low_open=True)
 
 
 @dataclass
@@ -142,7 +148,8 @@ def encode(data: TextDataset, max_length: int) -> dict[str, torch.Tensor]:
     }
 
 
-def _lr_at(step: int, total: int, peak: float) -> float:
+def lr_at(step: int, total: int, peak: float) -> float:
+    """10% linear warm-up to ``peak``, then linear decay to 0 at ``total``."""
     warmup = max(1, total // 10)
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -196,7 +203,7 @@ def train_one(method: str, seed: int, args: FinetuneArgs, train: dict, test: dic
     for step, idx in enumerate(bar):
         batch = trim({k: v[idx] for k, v in train.items()})
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, args.steps, args.lr[method])
+            group["lr"] = lr_at(step, args.steps, args.lr[method])
         start = time.perf_counter()
         if step == 0:
             with SavedTensorMeter(exclude=model) as meter:

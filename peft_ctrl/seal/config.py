@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import copy
 from dataclasses import InitVar, dataclass, field
 
 from peft.config import PeftConfig
@@ -8,7 +7,7 @@ from peft.utils import PeftType
 
 from peft_ctrl._checks import check_bool, check_float, check_int, check_probability
 
-from .keys import check_commitment, commitment, new_salt, resolve_key
+from .keys import check_commitment, commitment, deepcopy_in_memory, new_salt, resolve_key
 
 
 @dataclass
@@ -78,10 +77,7 @@ class SealConfig(PeftConfig):
         return {**self.__dict__, "_key": None}
 
     def __deepcopy__(self, memo: dict) -> SealConfig:
-        new = type(self).__new__(type(self))
-        memo[id(self)] = new
-        new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
-        return new
+        return deepcopy_in_memory(self, memo)
 
     @property
     def scaling(self) -> float:

@@ -8,6 +8,7 @@ owner may publish to date their claim.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import hmac
 import os
@@ -81,3 +82,12 @@ def initial_a(key: bytes, module_name: str, r: int, in_features: int) -> torch.T
     the rows for rank r are the first r rows for any larger rank."""
     g = _generator(key, "init_a", module_name)
     return torch.randn(r, in_features, generator=g) / (3 * in_features) ** 0.5
+
+
+def deepcopy_in_memory(obj: object, memo: dict) -> object:
+    """``copy.deepcopy`` of ``obj``'s attributes, key material included: the ``__deepcopy__`` of SEAL objects whose
+    pickling leaves it out (an in-memory copy is not a file)."""
+    new = type(obj).__new__(type(obj))
+    memo[id(obj)] = new
+    new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in obj.__dict__.items()})
+    return new

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -8,6 +7,7 @@ from torch import nn
 
 from .._registry import move_adapter_to_base_device
 from ..linear_adapter import LinearAdapterLayer
+from .keys import deepcopy_in_memory
 
 PICKLE_ERROR = (
     "A SEAL model holds passports derived from the owner's key, so it is not pickled (torch.save(model), "
@@ -86,10 +86,7 @@ class SealLayer(LinearAdapterLayer):
 
     def __deepcopy__(self, memo: dict) -> SealLayer:
         """An in-memory copy (passports included); only pickling is refused."""
-        new = type(self).__new__(type(self))
-        memo[id(self)] = new
-        new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
-        return new
+        return deepcopy_in_memory(self, memo)
 
     def __repr__(self) -> str:
         return "seal." + super().__repr__()
