@@ -361,3 +361,81 @@ def test_renamed_modules_are_matched_to_the_claim_by_shape_and_order(released):
     owner = verify_owner(suspect, released / "proof.safetensors", published(released), key=KEY)
     assert owner.verified and owner.security_bits > 64 and "matched to the claim by shape" in owner.message
     assert not verify_key(suspect, key=KEY).verified  # key mode derives key rows from the names it sees
+
+
+def llama_with_gains(seed=0):
+    """The tiny LLaMA with random RMSNorm gains (as pretrained models have), so folding them changes weights."""
+    model = build("llama", seed=seed)
+    g = torch.Generator().manual_seed(100 + seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.rand(p.shape, generator=g) * 1.5 + 0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def gentle(tmp_path_factory):
+    """A SEAL adapter trained gently enough that its merged delta is small next to the weights (as in real
+    fine-tuning: a few percent), released; plus the base weights and the merged model."""
+    root = tmp_path_factory.mktemp("seal-merged")
+    model = get_peft_model(llama_with_gains(), SealConfig(r=R, target_modules=TARGETS, key=KEY))
+    train(model, steps=20, lr=2e-3)
+    model.save_pretrained(root / "sealed")
+    claim = release(root / "sealed", root / "release", root / "proof.safetensors", key=KEY)
+    base = {k: v.clone() for k, v in llama_with_gains().state_dict().items()}
+    merged = attacks.merge(read_adapter(root / "release"), base)
+    return root, claim.digest(), base, merged
+
+
+def logits_of(weights, config):
+    import transformers
+
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**{**config.to_dict(), "tie_word_embeddings": False})
+    )
+    model.load_state_dict(weights, strict=False)
+    return model.eval()(input_ids=torch.arange(2, 26).view(2, 12)).logits
+
+
+REWRITES = {
+    "permute_heads": lambda w, c: attacks.permute_heads(w, c, seed=1),
+    "rotate_residual": lambda w, c: attacks.rotate_residual(w, c, seed=1),
+    "rotate_and_permute": lambda w, c: attacks.permute_heads(attacks.rotate_residual(w, c, seed=1), c, seed=2),
+}
+
+
+@pytest.mark.parametrize("rewrite", list(REWRITES))
+def test_function_preserving_rewrites_of_a_merged_model_still_verify(gentle, rewrite):
+    """Head/neuron permutations with sign flips and a residual-stream rotation (norm gains folded) leave the merged
+    model's logits unchanged and move every adapted weight far from its base; the verifier aligns the suspect to
+    the base first, and both modes verify (recovering the plain merge's deltas to rounding)."""
+    root, digest, base, merged = gentle
+    config = build("llama").config
+    attacked = REWRITES[rewrite](merged, config)
+    torch.testing.assert_close(logits_of(attacked, config), logits_of(merged, config), atol=2e-5, rtol=1e-4)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert (attacked[name] - base[name]).norm() > base[name].norm()  # far from the base before alignment
+    plain, suspect = Suspect.from_merged(merged, base, rank=R), Suspect.from_merged(attacked, base, rank=R)
+    assert set(suspect.deltas) == set(plain.deltas) and "aligned to the base" in suspect.note
+    for module, delta in plain.deltas.items():
+        torch.testing.assert_close(
+            suspect.deltas[module], delta, atol=1e-5 * base[module + ".weight"].abs().max(), rtol=0
+        )
+    owner = verify_owner(suspect, root / "proof.safetensors", digest, key=KEY)
+    assert owner.verified and owner.security_bits > 64 and "aligned to the base" in owner.message
+    assert verify_key(suspect, key=KEY, r=R).verified
+
+
+def test_rewritten_merge_of_an_unrelated_adapter_does_not_verify(gentle):
+    """The null after alignment: a plain LoRA trained on the same base, merged and rotated, is aligned as well as
+    the owner's, and the owner's key does not verify it (alignment never sees the key)."""
+    _, _, base, _ = gentle
+    model = get_peft_model(llama_with_gains(), LoraConfig(r=R, target_modules=TARGETS, init_lora_weights="gaussian"))
+    train(model, steps=20, lr=2e-3, seed=5)
+    merged = model.merge_and_unload().state_dict()
+    config = build("llama").config
+    suspect = Suspect.from_merged(REWRITES["rotate_and_permute"](merged, config), base, rank=R)
+    assert len(suspect.deltas) == 6 and "aligned to the base" in suspect.note
+    result = verify_key(suspect, key=KEY, r=R)
+    assert not result.verified and result.p_value > 1e-3, result

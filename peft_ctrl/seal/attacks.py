@@ -97,6 +97,108 @@ def merge(adapter: LoraFactors, base: dict[str, torch.Tensor]) -> dict[str, torc
     return merged
 
 
+def _llama_layout(weights: dict[str, torch.Tensor], config) -> tuple[int, int, int, int]:
+    """Layers, query heads, key/value heads and head size of a LLaMA-family model, checked against ``weights``."""
+    heads, kv_heads = (
+        config.num_attention_heads,
+        getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+    )
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    layers = config.num_hidden_layers
+    q = weights.get("model.layers.0.self_attn.q_proj.weight")
+    if q is None or q.shape[0] != heads * head_dim:
+        raise ValueError(
+            "These are not the weights of a LLaMA-family model with this config (model.layers.N.self_attn.q_proj "
+            f"with {heads} heads of {head_dim}); the merged-model rewrites support LLaMA, Mistral and Qwen2."
+        )
+    return layers, heads, kv_heads, head_dim
+
+
+def permute_heads(weights: dict[str, torch.Tensor], config, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A function-preserving rewrite of a merged LLaMA-family model: per layer, a random order of the key/value
+    heads (each with its query heads), of the query heads inside each group, and of the MLP neurons, with a
+    random sign for every value channel and MLP neuron (undone by o_proj and down_proj)."""
+    layers, heads, kv_heads, head_dim = _llama_layout(weights, config)
+    g = torch.Generator().manual_seed(seed)
+    group = heads // kv_heads
+    out = dict(weights)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        kv_order = torch.randperm(kv_heads, generator=g)
+        q_heads = torch.cat([kv * group + torch.randperm(group, generator=g) for kv in kv_order.tolist()])
+        q_rows = (q_heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
+        kv_rows = (kv_order[:, None] * head_dim + torch.arange(head_dim)).flatten()
+        v_signs = torch.randint(0, 2, (kv_heads * head_dim,), generator=g) * 2 - 1
+        attn = p + "self_attn."
+        out[attn + "q_proj.weight"] = weights[attn + "q_proj.weight"][q_rows]
+        out[attn + "k_proj.weight"] = weights[attn + "k_proj.weight"][kv_rows]
+        out[attn + "v_proj.weight"] = weights[attn + "v_proj.weight"][kv_rows] * v_signs[:, None].to(
+            weights[attn + "v_proj.weight"].dtype
+        )
+        # o_proj reads query head h's slot, which now holds value head q_heads[h] // group (re-signed).
+        o = weights[attn + "o_proj.weight"]
+        slot_signs = v_signs.view(kv_heads, head_dim)[(torch.arange(heads) // group)].flatten()
+        out[attn + "o_proj.weight"] = o[:, q_rows] * slot_signs.to(o.dtype)
+        for name in ("q_proj.bias", "k_proj.bias", "v_proj.bias"):
+            if attn + name in weights:
+                rows = q_rows if name.startswith("q") else kv_rows
+                bias = weights[attn + name][rows]
+                out[attn + name] = bias * v_signs.to(bias.dtype) if name.startswith("v") else bias
+        mlp = p + "mlp."
+        neurons = torch.randperm(weights[mlp + "up_proj.weight"].shape[0], generator=g)
+        signs = (torch.randint(0, 2, (len(neurons),), generator=g) * 2 - 1).to(weights[mlp + "up_proj.weight"].dtype)
+        out[mlp + "gate_proj.weight"] = weights[mlp + "gate_proj.weight"][neurons]
+        out[mlp + "up_proj.weight"] = weights[mlp + "up_proj.weight"][neurons] * signs[:, None]
+        out[mlp + "down_proj.weight"] = weights[mlp + "down_proj.weight"][:, neurons] * signs
+    return out
+
+
+def random_orthogonal(n: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A Haar-random n x n orthogonal matrix."""
+    g = torch.Generator().manual_seed(seed)
+    Q, R = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return (Q * torch.sign(torch.diagonal(R))).to(dtype)
+
+
+def rotate_residual(weights: dict[str, torch.Tensor], config, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A function-preserving rewrite of a merged LLaMA-family model: every RMSNorm gain is folded into the linear
+    layers that read it (gains set to 1), then the residual stream is rotated by a random orthogonal Q: weights
+    reading it become ``W diag(g) Q``, weights writing it ``Q^T W``, the embedding ``E Q``. RMSNorm commutes
+    with Q, so the logits are unchanged. The output head is written separately (``lm_head.weight``): load the
+    result with ``tie_word_embeddings=False``."""
+    layers, _, _, _ = _llama_layout(weights, config)
+    E = weights["model.embed_tokens.weight"]
+    Q = random_orthogonal(E.shape[1], seed)
+    out = dict(weights)
+
+    def read(name: str, gain: torch.Tensor) -> None:
+        out[name] = ((weights[name].double() * gain.double()) @ Q).to(weights[name].dtype)
+
+    def write(name: str) -> None:
+        out[name] = (Q.T @ weights[name].double()).to(weights[name].dtype)
+        bias = name[: -len("weight")] + "bias"
+        if bias in weights:
+            out[bias] = (Q.T @ weights[bias].double()).to(weights[bias].dtype)
+
+    out["model.embed_tokens.weight"] = (E.double() @ Q).to(E.dtype)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for norm, readers in (
+            ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        ):
+            gain = weights[p + norm + ".weight"]
+            for reader in readers:
+                read(p + reader + ".weight", gain)
+            out[p + norm + ".weight"] = torch.ones_like(gain)
+        write(p + "self_attn.o_proj.weight")
+        write(p + "mlp.down_proj.weight")
+    head, gain = weights.get("lm_head.weight", E), weights["model.norm.weight"]
+    out["lm_head.weight"] = ((head.double() * gain.double()) @ Q).to(head.dtype)
+    out["model.norm.weight"] = torch.ones_like(gain)
+    return out
+
+
 def forge_proof(adapter: LoraFactors, forged_key: str | bytes, rank: int | None = None) -> Proof:
     """The ambiguity attack: a forger picks a key of their own, derives its passports C*, and presents
     'pre-release' factors B* = B' C*^-1, A* = A' with B* C* A* = B' A', so the passport test alone would

@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.base is None:
         raise ValueError(f"{args.suspect} is not a LoRA adapter directory; for a merged model also pass --base.")
     else:
-        suspect = Suspect.from_merged(_safetensors(args.suspect), _safetensors(args.base))
+        suspect = Suspect.from_merged(_safetensors(args.suspect), _safetensors(args.base), rank=args.r or 64)
     if args.mode == "owner":
         if args.proof is None or args.published is None:
             raise ValueError(

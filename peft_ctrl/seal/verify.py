@@ -37,6 +37,7 @@ import torch
 from scipy import stats
 
 from ..factors import product_svd
+from .canonical import align_merged
 from .claim import Claim, published_digest
 from .io import LoraFactors, Proof, read_adapter, read_proof
 from .keys import check_commitment, initial_a, passport, resolve_key
@@ -96,6 +97,7 @@ class Suspect:
 
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     deltas: dict[str, torch.Tensor] = field(default_factory=dict)
+    note: str = ""  # how a merged suspect was aligned to its base (see peft_ctrl.seal.canonical)
 
     def __post_init__(self) -> None:
         self.factors = {m: (_real(B), _real(A)) for m, (B, A) in self.factors.items()}
@@ -108,17 +110,19 @@ class Suspect:
         return cls(factors={m: (B * adapter.scaling, A) for m, (B, A) in adapter.factors.items()})
 
     @classmethod
-    def from_merged(cls, weights: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> Suspect:
-        """Suspect from a merged model's state dict and its base model's (``module.weight`` names)."""
-        deltas = {}
-        for name, w in weights.items():
-            if name.endswith(".weight") and w.dim() == 2 and name in base and base[name].shape == w.shape:
-                d = w.double() - base[name].double()
-                if d.abs().max() > 0:
-                    deltas[name[: -len(".weight")]] = d
+    def from_merged(cls, weights: dict[str, torch.Tensor], base: dict[str, torch.Tensor], rank: int = 64) -> Suspect:
+        """Suspect from a merged model's state dict and its base model's (``module.weight`` names). The suspect
+        is first brought back to the base's coordinates (``peft_ctrl.seal.canonical.align_merged``: residual
+        rotations, folded norm gains, head and neuron permutations); ``rank`` bounds the delta rank that the
+        norm-gain fit leaves alone (the owner's LoRA rank or more)."""
+        aligned, alignment = align_merged(weights, base, rank)
+        deltas = {n[: -len(".weight")]: w - base[n].double() for n, w in aligned.items() if n.endswith(".weight")}
         if not deltas:
-            raise ValueError("The merged model does not differ from the base model in any 2-D weight.")
-        return cls(deltas=deltas)
+            raise ValueError(
+                "The merged model does not differ from the base model in any 2-D weight that could be aligned with "
+                "it (is --base the model the adapter was merged into?)."
+            )
+        return cls(deltas=deltas, note=alignment.summary())
 
     def modules(self) -> list[str]:
         return sorted({*self.factors, *self.deltas})
@@ -232,7 +236,8 @@ def verify_key(
         len(suspect.modules()) - len(skipped),
         skipped=skipped,
         message="statistic: mean overlap |P_S a|^2/|a|^2 of the key's initial rows with the suspect's row spaces."
-        + (SUSPECT_RANK_NOTE if ranks is None and r is None else ""),
+        + (SUSPECT_RANK_NOTE if ranks is None and r is None else "")
+        + (f" {suspect.note}" if suspect.note else ""),
     )
 
 
@@ -298,7 +303,7 @@ def align_to_claim(suspect: Suspect, claim: Claim) -> tuple[Suspect, int]:
         return suspect, 0
     factors = {mapping.get(m, m): f for m, f in suspect.factors.items()}
     deltas = {mapping.get(m, m): d for m, d in suspect.deltas.items()}
-    return Suspect(factors=factors, deltas=deltas), len(mapping)
+    return Suspect(factors=factors, deltas=deltas, note=suspect.note), len(mapping)
 
 
 def verify_owner(
@@ -345,7 +350,6 @@ def verify_owner(
         skipped=sorted({*passport_result.skipped, *key_result.skipped}),
         components={"passport": passport_result.to_dict(), "key": key_result.to_dict()},
         message=f"decided by the {worst.mode} test (the larger p-value of the two)."
-        + (
-            f" {renamed} suspect modules were matched to the claim by shape and order, not by name." if renamed else ""
-        ),
+        + (f" {renamed} suspect modules were matched to the claim by shape and order, not by name." if renamed else "")
+        + (f" {suspect.note}" if suspect.note else ""),
     )
