@@ -16,7 +16,8 @@ from scipy import stats
 from peft_ctrl import SealConfig
 from peft_ctrl.cli import main as cli
 from peft_ctrl.seal import attacks
-from peft_ctrl.seal.io import LoraFactors, read_adapter
+from peft_ctrl.seal.claim import read_claim
+from peft_ctrl.seal.io import LoraFactors, read_adapter, write_lora
 from peft_ctrl.seal.keys import KEY_ENV, initial_a, passport
 from peft_ctrl.seal.release import release
 from peft_ctrl.seal.verify import Suspect, verify_key, verify_owner, verify_passport
@@ -360,7 +361,36 @@ def test_renamed_modules_are_matched_to_the_claim_by_shape_and_order(released):
     suspect = Suspect.from_adapter(LoraFactors(renamed, plain.scaling))
     owner = verify_owner(suspect, released / "proof.safetensors", published(released), key=KEY)
     assert owner.verified and owner.security_bits > 64 and "matched to the claim by shape" in owner.message
-    assert not verify_key(suspect, key=KEY).verified  # key mode derives key rows from the names it sees
+    assert not verify_key(suspect, key=KEY).verified  # without the record, key rows come from the names it sees
+    record = read_claim(released / "release" / "seal_claim.json")  # the owner's public record: names and ranks
+    with_record = verify_key(suspect, key=KEY, claim=record)
+    assert with_record.verified and "matched to the claim by shape" in with_record.message
+    with pytest.raises(ValueError, match="does not match the commitment"):
+        verify_key(suspect, key="another-key-0123456789", claim=record)
+
+
+def test_key_mode_with_the_record_takes_ranks_from_it_not_from_the_suspect(released, tmp_path, capsys):
+    """Rank padding against key mode: with the owner's record, the key rows per module are the record's rank, so
+    a release padded from 16 to 60 near-null components verifies; from the suspect's own rank it is diluted."""
+    g = torch.Generator().manual_seed(1)
+    plain = read_adapter(released / "release")
+    padded = {
+        m: (
+            torch.cat([B, 1e-4 * torch.randn(B.shape[0], 44, generator=g)], 1),
+            torch.cat([A, torch.randn(44, A.shape[1], generator=g)]),
+        )
+        for m, (B, A) in plain.factors.items()
+    }
+    suspect = Suspect.from_adapter(LoraFactors(padded, plain.scaling))
+    record = read_claim(released / "release" / "seal_claim.json")
+    diluted, exact = verify_key(suspect, key=KEY), verify_key(suspect, key=KEY, claim=record)
+    assert exact.verified and exact.log10_p < diluted.log10_p - 10
+    write_lora(tmp_path / "padded", LoraFactors(padded, plain.scaling, dict(plain.config)))
+    (tmp_path / "key").write_text(KEY)
+    common = ["seal", "verify", str(tmp_path / "padded"), "--mode", "key", "--key-file", str(tmp_path / "key")]
+    assert cli([*common, "--published", str(released / "release" / "seal_claim.json")]) == 0
+    assert cli([*common, "--published", published(released)]) == 2  # a digest holds no ranks
+    assert "claim record file" in capsys.readouterr().err
 
 
 def llama_with_gains(seed=0):

@@ -89,11 +89,16 @@ def published_digest(published: str | Path) -> str:
     text = str(published).strip().lower()
     if _HEX64.fullmatch(text):
         return text
-    path = Path(published)
+    return read_claim(published).digest()
+
+
+def read_claim(path: str | Path) -> Claim:
+    """The claim in a public claim record file (seal_claim.json), checked against the digest it states."""
+    path = Path(path)
     if not path.is_file():
         raise ValueError(
             "The published claim must be the 64-hex digest printed by `peft-ctrl seal release` or the claim record "
-            f"file it wrote; got {str(published)[:80]!r}, which is neither."
+            f"file it wrote; got {str(path)[:80]!r}, which is neither."
         )
     try:
         record = json.loads(path.read_text())
@@ -101,7 +106,7 @@ def published_digest(published: str | Path) -> str:
         raise ValueError(f"{path} is not a SEAL claim record: {err}") from None
     if not isinstance(record, dict):
         raise ValueError(f"{path} is not a SEAL claim record (not a JSON object).")
-    digest = Claim.from_fields(record).digest()
-    if not hmac.compare_digest(str(record.get("claim", "")), digest):
+    claim = Claim.from_fields(record)
+    if not hmac.compare_digest(str(record.get("claim", "")), claim.digest()):
         raise ValueError(f"{path}: the record's fields do not hash to its 'claim' digest; the record was altered.")
-    return digest
+    return claim

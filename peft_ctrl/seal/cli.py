@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 from .._checks import float_arg, int_arg
 from . import attacks
+from .claim import read_claim
 from .io import atomic_output, read_adapter, write_lora, write_proof
 from .keys import KEY_ENV, generate_key
 from .release import CLAIM_FILE, release
@@ -42,7 +43,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--published",
         help="owner mode: the claim digest published at release (64 hex characters) or the claim record file "
-        "(seal_claim.json); claims that do not match it are refused",
+        "(seal_claim.json); claims that do not match it are refused. key mode: the owner's claim record file, "
+        "which gives each module's rank and name (renamed suspect modules are matched to it by shape and order)",
     )
     p.add_argument("--base", type=Path, help="base model weights (.safetensors) when the suspect is a merged model")
     p.add_argument("--r", type=int_arg(1), help="the owner's LoRA rank (key mode on a merged model)")
@@ -146,6 +148,14 @@ def run(args: argparse.Namespace) -> int:
         result = verify_owner(suspect, args.proof, args.published, key=_key(args), threshold=threshold)
     else:
         threshold = DEFAULT_THRESHOLD if args.threshold is None else args.threshold
-        result = verify_key(suspect, key=_key(args), r=args.r, threshold=threshold)
+        claim = None
+        if args.published is not None:
+            if Path(args.published).is_dir() or not Path(args.published).exists():
+                raise ValueError(
+                    "--mode key takes --published as the owner's claim record file (seal_claim.json in the release), "
+                    "which holds the ranks; a digest alone does not."
+                )
+            claim = read_claim(args.published)
+        result = verify_key(suspect, key=_key(args), r=args.r, threshold=threshold, claim=claim)
     print(json.dumps(result.to_dict(), indent=2) if args.json else str(result))
     return 0 if result.verified else 1

@@ -193,14 +193,22 @@ def verify_key(
     r: int | None = None,
     threshold: float = DEFAULT_THRESHOLD,
     ranks: dict[str, int] | None = None,
+    claim: Claim | None = None,
 ) -> VerificationResult:
     """Key-only test: overlap of the suspect's row spaces with the key's initial A (see the module doc).
 
     The number of key rows per module is ``ranks[module]`` (from a published claim; modules it does not name are
     skipped), else ``r`` (the owner's LoRA rank), else the suspect's own rank. The suspect's top-k directions by
     singular value are compared with k = that number, so near-null components a suspect adds to inflate its rank
-    are not looked at when the rank comes from the owner."""
+    are not looked at when the rank comes from the owner. ``claim`` (the owner's own public record,
+    ``claim.read_claim``) gives the ranks and the module names: suspect modules under other names are matched to
+    it by shape and order, as in owner mode; the key must be the claim's."""
     raw = resolve_key(key)
+    renamed = 0
+    if claim is not None:
+        check_commitment(raw, claim.key_commitment, claim.salt, "the claim record")
+        suspect, renamed = align_to_claim(suspect, claim)
+        ranks = claim.ranks()
     log_ps, overlaps, skipped = [], [], []
     for module in suspect.modules():
         m, n = suspect.shape(module)
@@ -237,6 +245,7 @@ def verify_key(
         skipped=skipped,
         message="statistic: mean overlap |P_S a|^2/|a|^2 of the key's initial rows with the suspect's row spaces."
         + (SUSPECT_RANK_NOTE if ranks is None and r is None else "")
+        + (f" {renamed} suspect modules were matched to the claim by shape and order, not by name." if renamed else "")
         + (f" {suspect.note}" if suspect.note else ""),
     )
 
@@ -339,7 +348,7 @@ def verify_owner(
         )
     suspect, renamed = align_to_claim(suspect, claim)
     passport_result = verify_passport(suspect, proof, raw, threshold)
-    key_result = verify_key(suspect, raw, threshold=threshold, ranks=claim.ranks())
+    key_result = verify_key(suspect, raw, threshold=threshold, claim=claim)
     worst = max(passport_result, key_result, key=lambda res: res.log10_p)
     return _result(
         "owner",
