@@ -469,3 +469,39 @@ def test_rewritten_merge_of_an_unrelated_adapter_does_not_verify(gentle):
     assert len(suspect.deltas) == 6 and "aligned to the base" in suspect.note
     result = verify_key(suspect, key=KEY, r=R)
     assert not result.verified and result.p_value > 1e-3, result
+
+
+def test_pad_rank_and_rename_keep_the_function_and_are_refused_on_bad_input(released):
+    plain = read_adapter(released / "release")
+    padded = attacks.pad_rank(plain, 24)
+    for module in plain.factors:
+        assert padded.factors[module][1].shape[0] == R + 24
+        base = plain.delta(module)
+        assert (padded.delta(module) - base).norm() < 1e-3 * base.norm()
+    renamed = attacks.rename(plain, "model.layers.", "backbone.blocks.")
+    assert all(m.startswith("backbone.blocks.") for m in renamed.factors)
+    with pytest.raises(ValueError, match="extra >= 1"):
+        attacks.pad_rank(plain, 0)
+    with pytest.raises(ValueError, match="would merge modules"):
+        attacks.rename(plain, "q_proj", "v_proj")
+
+
+def test_distillation_trains_a_fresh_adapter_towards_the_teacher(released):
+    """The distillation attack: a fresh LoRA learns the released model's outputs (its KL to the teacher falls);
+    its adapter starts from its own random A, so the owner's key does not verify it (a limit: docs/seal.md)."""
+    teacher = PeftModel.from_pretrained(build("llama"), released / "release")
+    student = get_peft_model(build("llama"), LoraConfig(r=R, target_modules=TARGETS, init_lora_weights="gaussian"))
+    g = torch.Generator().manual_seed(3)
+    batches = [{"input_ids": torch.randint(2, 60, (4, 12), generator=g)} for _ in range(30)]
+
+    def kl() -> float:
+        with torch.no_grad():
+            x = batches[0]["input_ids"]
+            p, q = teacher(input_ids=x).logits.log_softmax(-1), student(input_ids=x).logits.log_softmax(-1)
+            return float(torch.nn.functional.kl_div(q, p, log_target=True, reduction="batchmean"))
+
+    before = kl()
+    attacks.distill(teacher, student, batches, steps=30, lr=1e-2)
+    assert kl() < 0.5 * before
+    result = verify_key(Suspect.from_adapter(LoraFactors.from_model(student)), key=KEY, r=R)
+    assert not result.verified

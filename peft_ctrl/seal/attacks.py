@@ -1,8 +1,10 @@
 """What an adversary can do to a released adapter, as functions (and ``peft-ctrl seal attack``).
 
 Each weight-space attack takes and returns a ``LoraFactors`` (the released adapter as data) and never
-changes its input. ``merge`` returns the merged weights; ``forge_proof`` builds the proof a forger would
-present for a key of their own; ``continued_finetune`` trains a loaded LoRA model further on other data.
+changes its input (``pad_rank`` and ``rename`` included). ``merge`` returns the merged weights, which
+``permute_heads`` and ``rotate_residual`` rewrite without changing the model's function (LLaMA family);
+``forge_proof`` builds the proof a forger would present for a key of their own; ``continued_finetune`` trains a
+loaded LoRA model further on other data, and ``distill`` trains a fresh adapter on the watermarked model's outputs.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from .claim import Claim, structure_of, weights_sha256
 from .io import LoraFactors, Proof
 from .keys import commitment, new_salt, passport, resolve_key
 
-WEIGHT_ATTACKS = ("prune", "noise", "obfuscate", "permute", "refactorize")
+WEIGHT_ATTACKS = ("prune", "noise", "obfuscate", "permute", "refactorize", "pad-rank")
 
 
 def _map(adapter: LoraFactors, fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]):
@@ -84,6 +86,29 @@ def refactorize(adapter: LoraFactors) -> LoraFactors:
         return new_B.to(B.dtype), new_A.to(A.dtype)
 
     return _map(adapter, svd)
+
+
+def pad_rank(adapter: LoraFactors, extra: int, scale: float = 1e-4, seed: int = 0) -> LoraFactors:
+    """Add ``extra`` near-null rank components to every module (B columns ``scale`` times B's RMS, random A rows):
+    the adapter computes almost the same function at a larger rank."""
+    if extra < 1:
+        raise ValueError(f"pad_rank needs extra >= 1 components, got {extra}.")
+    g = torch.Generator().manual_seed(seed)
+
+    def pad(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        new_B = scale * B.pow(2).mean().sqrt() * torch.randn(B.shape[0], extra, generator=g, dtype=B.dtype)
+        new_A = A.pow(2).mean().sqrt() * torch.randn(extra, A.shape[1], generator=g, dtype=A.dtype)
+        return torch.cat([B, new_B], 1), torch.cat([A, new_A], 0)
+
+    return _map(adapter, pad)
+
+
+def rename(adapter: LoraFactors, old: str, new: str) -> LoraFactors:
+    """The adapter with ``old`` replaced by ``new`` in every module name (e.g. saved for the backbone)."""
+    factors = {m.replace(old, new): f for m, f in adapter.factors.items()}
+    if len(factors) != len(adapter.factors):
+        raise ValueError(f"Renaming {old!r} to {new!r} would merge modules; pick another replacement.")
+    return LoraFactors(factors, adapter.scaling, dict(adapter.config), dict(adapter.extra))
 
 
 def merge(adapter: LoraFactors, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -224,6 +249,47 @@ def claim_of(proof: Proof) -> Claim:
     if proof.claim is None:
         raise ValueError("This proof holds no claim (it predates published claims).")
     return Claim.from_fields(proof.claim)
+
+
+def distill(
+    teacher: nn.Module,
+    student: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    steps: int,
+    lr: float = 1e-3,
+    positions: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
+) -> nn.Module:
+    """Distillation into a fresh adapter: train ``student`` (e.g. a new PEFT LoRA model, its own random init)
+    ``steps`` AdamW steps to match ``teacher``'s output distribution (KL divergence of the logits) on unlabelled
+    ``batches``. ``positions(batch)`` selects the sequence positions that count (a boolean mask over the logits'
+    first two dimensions); by default every position of a sequence model, or the single output of a classifier."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("distill needs a student with trainable parameters (a fresh adapter).")
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    teacher.eval()
+    student.train()
+    for step, batch in enumerate(batches):
+        if step >= steps:
+            break
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        with torch.no_grad():
+            target = teacher(**inputs).logits
+        logits = student(**inputs).logits
+        if positions is not None:
+            mask = positions(batch)
+            target, logits = target[mask], logits[mask]
+        loss = torch.nn.functional.kl_div(
+            logits.log_softmax(-1).flatten(0, -2),
+            target.log_softmax(-1).flatten(0, -2),
+            log_target=True,
+            reduction="batchmean",
+        )
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    student.eval()
+    return student
 
 
 def continued_finetune(

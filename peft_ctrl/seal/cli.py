@@ -64,7 +64,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("adapter_dir", type=Path)
     p.add_argument("out", type=Path, help="adapter directory; merge: a .safetensors file; forge: a proof file")
     p.add_argument("--kind", choices=[*attacks.WEIGHT_ATTACKS, "merge", "forge"], required=True)
-    p.add_argument("--strength", type=float_arg(0.0), default=0.5, help="prune: fraction; noise: std relative to RMS")
+    p.add_argument(
+        "--strength",
+        type=float_arg(0.0),
+        default=0.5,
+        help="prune: fraction; noise: std relative to RMS; pad-rank: components added",
+    )
     p.add_argument("--seed", type=int_arg(0), default=0)
     p.add_argument("--base", type=Path, help="merge: the base model's weights (.safetensors or a directory)")
     p.add_argument("--forged-key-file", type=Path, help="forge: the forger's key (a file)")
@@ -126,6 +131,10 @@ def run(args: argparse.Namespace) -> int:
             attacked = attacks.noise(adapter, args.strength, seed=args.seed)
         elif args.kind == "refactorize":
             attacked = attacks.refactorize(adapter)
+        elif args.kind == "pad-rank":
+            if args.strength < 1 or args.strength != int(args.strength):
+                raise ValueError("--kind pad-rank takes --strength N: how many near-null components to add (N >= 1).")
+            attacked = attacks.pad_rank(adapter, int(args.strength), seed=args.seed)
         else:
             attacked = getattr(attacks, args.kind)(adapter, seed=args.seed)
         write_lora(args.out, attacked)
