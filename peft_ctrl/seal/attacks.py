@@ -251,18 +251,21 @@ def claim_of(proof: Proof) -> Claim:
     return Claim.from_fields(proof.claim)
 
 
+def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+
 def distill(
     teacher: nn.Module,
     student: nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
     steps: int,
     lr: float = 1e-3,
-    positions: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
+    logits: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] = _logits,
 ) -> nn.Module:
     """Distillation into a fresh adapter: train ``student`` (e.g. a new PEFT LoRA model, its own random init)
-    ``steps`` AdamW steps to match ``teacher``'s output distribution (KL divergence of the logits) on unlabelled
-    ``batches``. ``positions(batch)`` selects the sequence positions that count (a boolean mask over the logits'
-    first two dimensions); by default every position of a sequence model, or the single output of a classifier."""
+    ``steps`` AdamW steps to match ``teacher``'s output distribution (KL divergence) on unlabelled ``batches``.
+    ``logits(model, batch)`` gives the outputs that count (default: the model's logits, labels not passed)."""
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         raise ValueError("distill needs a student with trainable parameters (a fresh adapter).")
@@ -272,20 +275,10 @@ def distill(
     for step, batch in enumerate(batches):
         if step >= steps:
             break
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
         with torch.no_grad():
-            target = teacher(**inputs).logits
-        logits = student(**inputs).logits
-        if positions is not None:
-            mask = positions(batch)
-            target, logits = target[mask], logits[mask]
-        loss = torch.nn.functional.kl_div(
-            logits.log_softmax(-1).flatten(0, -2),
-            target.log_softmax(-1).flatten(0, -2),
-            log_target=True,
-            reduction="batchmean",
-        )
-        loss.backward()
+            target = logits(teacher, batch).float().log_softmax(-1).flatten(0, -2)
+        predicted = logits(student, batch).float().log_softmax(-1).flatten(0, -2)
+        torch.nn.functional.kl_div(predicted, target, log_target=True, reduction="batchmean").backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     student.eval()
@@ -293,10 +286,15 @@ def distill(
 
 
 def continued_finetune(
-    model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], steps: int, lr: float = 1e-3
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    steps: int,
+    lr: float = 1e-3,
+    loss: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] = lambda model, batch: model(**batch).loss,
 ) -> nn.Module:
     """Train a loaded LoRA model (``PeftModel`` of the released adapter) ``steps`` more AdamW steps on
-    ``batches`` (dicts accepted by the model, including labels): the 'continued fine-tuning' attack."""
+    ``batches`` (by default dicts accepted by the model, including labels; else give ``loss(model, batch)``):
+    the 'continued fine-tuning' attack."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("continued_finetune needs a model with trainable adapter parameters (is_trainable=True).")
@@ -305,7 +303,7 @@ def continued_finetune(
     for step, batch in enumerate(batches):
         if step >= steps:
             break
-        model(**batch).loss.backward()
+        loss(model, batch).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     model.eval()
