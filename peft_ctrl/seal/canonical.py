@@ -28,8 +28,14 @@ from scipy.optimize import linear_sum_assignment
 
 # A transformed weight whose relative distance to its base still exceeds this is not the base plus a delta.
 ALIGNED = 0.5
-# A transformed weight this close to its base (relative) differs from it by rounding only: not an adapted weight.
-ROUNDING = 1e-6
+# Rows or columns are matched by permutation only up to this many (the similarity matrix is this size squared):
+# heads and MLP neurons, never a vocabulary.
+MAX_PERMUTED = 16384
+# A least-squares column scale this close (relative) is exact: the weight is its base with rescaled columns.
+EXACT_SCALE = 1e-6
+# A transformed weight this close to its base (relative) differs from it by rounding only: not an adapted weight
+# (fp32 rounding, amplified where folded norm gains are tiny, reaches 3e-5 on SmolLM2; LoRA deltas are 1e-3+).
+ROUNDING = 1e-4
 
 
 @dataclass
@@ -79,13 +85,23 @@ def find_rotation(
     return (Q, after) if after < 0.01 * before and after < 1e-3 else (None, 0.0)
 
 
+def _quick_scale(C: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """The per-column least-squares scale of C onto W: exact when C is W with rescaled columns."""
+    return (C * W).sum(0) / C.pow(2).sum(0).clamp_min(1e-30)
+
+
+def _distance(C: torch.Tensor, W: torch.Tensor) -> float:
+    """Relative distance of C to W, allowing a per-column scale."""
+    return min(_rel(C, W), _rel(C * _quick_scale(C, W), W))
+
+
 def _column_scale(C: torch.Tensor, W: torch.Tensor, rank: int, rounds: int = 50) -> torch.Tensor:
     """Per-column s with ``C diag(s) = W + L``, L of rank ``rank`` (the delta): least squares, refit around L
     until s settles (alternating minimisation; a plain least-squares s would absorb part of the delta)."""
     rank = max(1, min(rank, min(W.shape) // 4))  # a delta of higher rank could absorb the scale itself
     target, previous = W, None
     for _ in range(rounds):
-        s = (C * target).sum(0) / C.pow(2).sum(0).clamp_min(1e-30)
+        s = _quick_scale(C, target)
         if previous is not None and (s - previous).norm() <= 1e-12 * s.norm():
             break
         residual = C * s - W
@@ -99,36 +115,51 @@ def _match(C: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     Cn = C / C.norm(dim=1, keepdim=True).clamp_min(1e-30)
     Wn = W / W.norm(dim=1, keepdim=True).clamp_min(1e-30)
     sim = Wn @ Cn.T  # sim[i, j]: base row i against suspect row j
-    rows, cols = linear_sum_assignment(-sim.abs().numpy())
-    order = torch.as_tensor(cols[rows.argsort()])
+    order = sim.abs().argmax(1)
+    if len(order.unique()) < len(order):  # the best matches collide: solve the assignment exactly
+        rows, cols = linear_sum_assignment(-sim.abs().numpy())
+        order = torch.as_tensor(cols[rows.argsort()])
     signs = torch.sign(sim[torch.arange(len(order)), order])
     return order, torch.where(signs == 0, torch.ones_like(signs), signs)
+
+
+def _energy_pattern(X: torch.Tensor) -> torch.Tensor:
+    """Each entry's share of its column's energy, centred per column: unchanged by column scales and signs."""
+    E = X.pow(2) / X.pow(2).sum(0, keepdim=True).clamp_min(1e-300)
+    return E - E.mean(0, keepdim=True)
 
 
 def _unpermute(C: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, str]:
     """C with its rows, its columns, or both re-ordered and re-signed to match W: whichever is closest."""
 
     def rows(X: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        # Column norms do not change when rows move: equalise them first, against folded norm gains.
-        order, signs = _match(X * (W.norm(dim=0) / X.norm(dim=0).clamp_min(1e-30)), W)
-        return X[order] * signs[:, None], _moved(order, signs)
+        # Folded norm gains scale (and may flip) X's columns: match rows on each column's share of its energy,
+        # which no column scale or sign changes, then recover the row signs as the rank-1 sign pattern of X / W.
+        order, _ = _match(_energy_pattern(X), _energy_pattern(W))
+        moved = X[order]
+        agree = torch.sign(moved * W)
+        u = torch.svd_lowrank(agree, q=2, niter=2)[0][:, 0]
+        signs = torch.where(u < 0, -1.0, 1.0).to(X.dtype)
+        if (moved * signs[:, None] * W).sum() < 0:  # the pattern fixes signs up to one overall flip
+            signs = -signs
+        return moved * signs[:, None], _moved(order, signs)
 
     def columns(X: torch.Tensor) -> tuple[torch.Tensor, bool]:
         order, signs = _match(X.T, W.T)  # cosines of columns ignore per-column scales
-        return X[:, order] * signs, _moved(order, signs)
+        if not (order != torch.arange(len(order))).any():
+            return X, False  # sign flips alone are column scales: left to the scale fit (shared with siblings)
+        return X[:, order] * signs, True
 
     by_rows, rows_moved = rows(C)
     by_columns, columns_moved = columns(C)
-    both, second_moved = columns(by_rows)
     options = [
         (by_rows, "rows permuted" if rows_moved else ""),
         (by_columns, "columns permuted" if columns_moved else ""),
-        (
-            both,
-            ", ".join(t for t, moved in (("rows permuted", rows_moved), ("columns permuted", second_moved)) if moved),
-        ),
     ]
-    return min(options, key=lambda option: _rel(option[0], W))
+    if rows_moved:
+        both, second_moved = columns(by_rows)
+        options.append((both, "rows and columns permuted" if second_moved else "rows permuted"))
+    return min(options, key=lambda option: _distance(option[0], W))
 
 
 def _moved(order: torch.Tensor, signs: torch.Tensor) -> bool:
@@ -138,7 +169,8 @@ def _moved(order: torch.Tensor, signs: torch.Tensor) -> bool:
 def _align_one(
     S: torch.Tensor, W: torch.Tensor, Q: torch.Tensor | None, rank: int
 ) -> tuple[torch.Tensor, torch.Tensor | None, str]:
-    """S in W's coordinates before any column scale, the column scale (or None) and what was done."""
+    """S in W's coordinates before any column scale, a least-squares column scale (or None: not rescaled; see
+    ``_refine_scales``) and what was done."""
     candidates = [(S, "")]
     if Q is not None:
         d = Q.shape[0]
@@ -148,19 +180,18 @@ def _align_one(
             candidates.append((Q @ S, "output rotated"))
         if S.shape == (d, d):
             candidates.append((Q @ S @ Q.T, "input and output rotated"))
-    options = []
-    for C, how in candidates:
-        options.append((C, how))
-        if _rel(C, W) > ALIGNED:
+
+    options = list(candidates)
+    if min(_distance(C, W) for C, _ in candidates) > ALIGNED and max(W.shape) <= MAX_PERMUTED:
+        for C, how in candidates:
             permuted, moved = _unpermute(C, W)
             options.append((permuted, ", ".join(filter(None, (how, moved)))))
     results = []
     for C, how in options:
         results.append((_rel(C, W), C, None, how))
-        quick = (C * W).sum(0) / C.pow(2).sum(0).clamp_min(1e-30)
+        quick = _quick_scale(C, W)
         if _rel(C * quick, W) < _rel(C, W) / 2:  # only where the columns were really rescaled (folded norm gains)
-            scale = _column_scale(C, W, rank)
-            results.append((_rel(C * scale, W), C, scale, ", ".join(filter(None, (how, "columns rescaled")))))
+            results.append((_rel(C * quick, W), C, quick, ", ".join(filter(None, (how, "columns rescaled")))))
     # A transform counts only where it brings the weight near its base; the weight as it is counts too where no
     # rotation was found (a plain merge, however large its delta).
     fits = [t for t in results[1:] if t[3] and t[0] <= ALIGNED]
@@ -178,19 +209,25 @@ def _tail(C: torch.Tensor, scale: torch.Tensor, W: torch.Tensor, rank: int) -> f
     return float(values[rank:].pow(2).sum())
 
 
-def _shared_scales(scaled: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], rank: int) -> None:
-    """Weights that read one folded norm share its gains: for each rescaled weight, take the scale of whichever
-    sibling (same parent module, same input size) leaves the most nearly rank-``rank`` delta. A sibling the
-    adapter did not touch (k_proj beside q_proj, gate_proj beside up_proj) gives the exact gains."""
+def _refine_scales(scaled: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], rank: int) -> None:
+    """Replace each least-squares column scale (which absorbs part of a delta) by the folded norm gains.
+
+    Weights that read one norm share its gains. A sibling weight the adapter did not touch (same parent module,
+    same input size: k_proj beside q_proj, gate_proj beside up_proj) is rescaled exactly by least squares; among
+    such exact scales, each weight takes the one that leaves it the most nearly rank-``rank`` delta. A weight with
+    no untouched sibling gets the alternating low-rank fit of ``_column_scale``."""
     groups: dict[tuple[str, int], list[str]] = {}
     for name, (C, _, _) in scaled.items():
         groups.setdefault((name.rsplit(".", 2)[0], C.shape[1]), []).append(name)
     for names in groups.values():
-        candidates = [scaled[n][1] for n in names]
+        exact = [s for C, s, W in (scaled[n] for n in names) if _rel(C * s, W) < EXACT_SCALE]
         for name in names:
-            C, _, W = scaled[name]
+            C, s, W = scaled[name]
+            if _rel(C * s, W) < EXACT_SCALE:
+                continue
             k = min(rank, min(W.shape) - 1)
-            scaled[name] = (C, min(candidates, key=lambda s: _tail(C, s, W, k)), W)
+            best = min(exact, key=lambda e: _tail(C, e, W, k)) if exact else _column_scale(C, W, rank)
+            scaled[name] = (C, best, W)
 
 
 def align_merged(
@@ -217,7 +254,7 @@ def align_merged(
         else:
             scaled[name] = (C, scale, W)
             found[name] = (C, how)
-    _shared_scales(scaled, rank)
+    _refine_scales(scaled, rank)
     aligned = {}
     for name, (C, how) in found.items():
         if name in scaled:
