@@ -1,6 +1,6 @@
-"""SEAL on a real model and task: task metric against plain LoRA, attacks, false positives, verification time.
+"""SEAL on real models and tasks: task metric against plain LoRA, attacks, false positives, key search, timing.
 
-    python benchmarks/seal_robustness.py              # about 15 minutes on 2 CPU cores
+    python benchmarks/seal_robustness.py              # about 30 minutes on 2 CPU cores
     python benchmarks/seal_robustness.py --only timing
 
 Model and task: the shipped pretrained all-MiniLM-L6-v2 on the stdlib-topics task of `peft-ctrl finetune`
@@ -8,14 +8,25 @@ Model and task: the shipped pretrained all-MiniLM-L6-v2 on the stdlib-topics tas
 trained), 3 seeds. Keys are fixed benchmark strings so runs repeat exactly.
 
 1. Task metric: LoRA vs SEAL accuracy on the test split (mean over seeds).
-2. Attacks on the released (plain LoRA) adapter of seed 0: p-values of owner and key-only verification and
-   the task metric after each attack. The test split is cut in two fixed halves: the attacker's data (for
-   continued fine-tuning, "other data" that the owner never trained on) and the evaluation half.
+2. Attacks on the released (plain LoRA) adapter of seed 0: p-values of owner verification (the published
+   digest; decided by the key-only test with the claim's ranks and names, as key-only mode with the owner's
+   public record), of key-only verification from the suspect alone (its own ranks and names), of the paper's
+   passport test, and the task metric after each attack. The test split is cut in two fixed halves: the
+   attacker's data (continued fine-tuning and distillation: "other data" the owner never trained on) and the
+   evaluation half. Continued fine-tuning is swept over the attacker's lr and steps.
 3. False positives: 1000 unrelated keys (key-only test on the owner's release), 1000 forged-key ownership
-   claims (each forger re-factorises the release to match their own key), 1000 unrelated adapter/key pairs
-   (the three plain-LoRA adapters against fresh keys, owner-style with a proof forged for that key), and
-   the owner's key against the plain-LoRA adapters.
-4. Time to verify a LLaMA2-7B-shaped adapter (224 matrices, r=32, random weights) from disk.
+   claims (each forger re-factorises the release to match their own key and publishes their own digest),
+   1000 unrelated adapter/key pairs (the three plain-LoRA adapters against fresh keys, owner-style with a
+   proof forged for that key), and the owner's key against the plain-LoRA adapters; 1000 forged proofs
+   presented against the owner's digest (each must be refused: no verdict).
+4. Key search: a forger tries 10^6 keys (``--key-guesses``) for a claim of their own over the owner's
+   release; the smallest p-value any guess reaches against the 2^-64 owner threshold.
+5. SmolLM2-135M-Instruct (the shipped LLaMA-architecture chat model) on the chat task of `peft-ctrl finetune`:
+   SEAL vs LoRA on q,v (r=8, seed 0), then the merged-model rewrites on the released SEAL adapter (merge, head
+   and neuron permutation with sign flips, residual-stream rotation with norm gains folded, both), continued
+   fine-tuning at two learning rates and distillation into a fresh LoRA (the released model's next-token
+   distributions at the answer positions of the attacker's sentences): task metric (exact match) and p-values.
+6. Time to verify a LLaMA2-7B-shaped adapter (224 matrices, r=32, random weights) from disk.
 
 Writes docs/results/seal_robustness.{md,json,png}.
 """
@@ -23,7 +34,9 @@ Writes docs/results/seal_robustness.{md,json,png}.
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -31,22 +44,36 @@ from pathlib import Path
 import numpy as np
 import torch
 from _common import parser, pyplot, save_figure, write_results
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
+from scipy import stats
 
+from peft_ctrl import SealConfig
 from peft_ctrl.datasets import stdlib_topics
-from peft_ctrl.finetune import FinetuneArgs, accuracy, build_model, encode, length_bucketed_batches, train_one, trim
+from peft_ctrl.finetune import (
+    FinetuneArgs,
+    accuracy,
+    build_model,
+    encode,
+    length_bucketed_batches,
+    lr_at,
+    train_one,
+    trim,
+)
 from peft_ctrl.seal import attacks
-from peft_ctrl.seal.claim import Claim, structure_of, weights_sha256
+from peft_ctrl.seal.claim import Claim, read_claim, structure_of, weights_sha256
 from peft_ctrl.seal.io import LoraFactors, Proof, read_adapter, write_lora, write_proof
-from peft_ctrl.seal.keys import KEY_ENV, commitment, new_salt
-from peft_ctrl.seal.release import release
+from peft_ctrl.seal.keys import KEY_ENV, commitment, initial_a, new_salt
+from peft_ctrl.seal.release import CLAIM_FILE, release
 from peft_ctrl.seal.verify import DEFAULT_THRESHOLD, OWNER_THRESHOLD, Suspect, verify_key, verify_owner
 
 SEEDS = (0, 1, 2)
 TRIALS = 1000
+RANK = 8
+FINETUNE_SWEEP = tuple((steps, lr) for steps in (100, 400) for lr in (5e-3, 2e-2, 5e-2))
+SMOL_STEPS, SMOL_LR, SMOL_ATTACK_STEPS = 60, 2e-3, 100
 
 
-def owner_key(seed: int) -> str:
+def owner_key(seed: int | str) -> str:
     return f"seal-benchmark-owner-key-seed-{seed}"
 
 
@@ -68,69 +95,113 @@ def evaluate(adapter_dir: Path, data: dict, num_labels: int) -> float:
     return accuracy(model, data)
 
 
-def check(suspect: Suspect, proof: Path | Proof, key: str, published: str) -> dict:
+def check(suspect: Suspect, proof: Path, key: str, published: str, record: Claim) -> dict:
+    """Owner verdict (published digest; the key-only test with the claim's ranks and names, which key-only mode
+    with the owner's public record computes too), the paper's passport test it reports, and key-only from the
+    suspect alone (its own rank and names; the owner's rank for a merged suspect)."""
     owner = verify_owner(suspect, proof, published, key=key)
-    only = verify_key(suspect, key=key, r=8)
-    return {"owner_log10_p": owner.log10_p, "key_log10_p": only.log10_p, "passport_agreement": owner.statistic}
+    with_record = verify_key(suspect, key=key, claim=record)
+    assert with_record.log10_p == owner.log10_p
+    alone = verify_key(suspect, key=key, r=None if suspect.factors else RANK)
+    return {
+        "owner_log10_p": owner.log10_p,
+        "passport_log10_p": owner.components["passport"]["log10_p"],
+        "key_alone_log10_p": alone.log10_p,
+        "passport_agreement": owner.components["passport"]["statistic"],
+        "note": suspect.note,
+    }
+
+
+class Table:
+    """Rows of one model's attack table, each verified against the owner's release of that model."""
+
+    def __init__(self, model: str, proof: Path, key: str, digest: str, record: Claim) -> None:
+        self.model, self.proof, self.key, self.digest, self.record = model, proof, key, digest, record
+        self.rows: list[dict] = []
+
+    def add(self, attack: str, strength: str, acc: float | None, suspect: Suspect) -> None:
+        row = {"model": self.model, "attack": attack, "strength": strength, "accuracy": acc}
+        row |= check(suspect, self.proof, self.key, self.digest, self.record)
+        self.rows.append(row)
+        print({k: v for k, v in row.items() if k != "note"})
+
+
+def unlabelled(data: dict, idx: torch.Tensor) -> dict:
+    return trim({k: v[idx] for k, v in data.items() if k != "labels"})
 
 
 def attack_table(root: Path, attacker: dict, evaluation: dict, num_labels: int) -> list[dict]:
     key = owner_key(0)
     released, proof = root / "release", root / "proof.safetensors"
     digest = release(root / "minilm" / "seal" / "seed0", released, proof, key=key).digest()
+    table = Table("MiniLM", proof, key, digest, read_claim(released / CLAIM_FILE))
     plain = read_adapter(released)
-    rows = []
-
-    def record(kind: str, strength: str, adapter: LoraFactors | None, acc: float | None, suspect=None) -> None:
-        suspect = suspect if suspect is not None else Suspect.from_adapter(adapter)
-        row = {"attack": kind, "strength": strength, "accuracy": acc, **check(suspect, proof, key, digest)}
-        rows.append(row)
-        print(row)
 
     def written(adapter: LoraFactors) -> float:
         with tempfile.TemporaryDirectory() as tmp:
             write_lora(Path(tmp) / "a", adapter)
             return evaluate(Path(tmp) / "a", evaluation, num_labels)
 
-    record("none", "-", plain, written(plain))
+    clean = written(plain)
+    table.add("none", "-", clean, Suspect.from_adapter(plain))
     lengths = attacker["attention_mask"].sum(1)
-    for steps, lr in ((100, 5e-3), (400, 5e-3), (400, 2e-2)):
+    for steps, lr in FINETUNE_SWEEP:
         model = PeftModel.from_pretrained(build_model("minilm", num_labels, 0), released, is_trainable=True)
         batches = length_bucketed_batches(lengths, 32, steps, seed=1)
-        data = (trim_all(attacker, idx) for idx in batches)
-        attacks.continued_finetune(model, data, steps, lr=lr)
-        record("fine-tune", f"{steps} steps lr {lr:g}", LoraFactors.from_model(model), accuracy(model, evaluation))
+        attacks.continued_finetune(model, (trim_all(attacker, idx) for idx in batches), steps, lr=lr)
+        suspect = Suspect.from_adapter(LoraFactors.from_model(model))
+        table.add("fine-tune", f"{steps} steps lr {lr:g}", accuracy(model, evaluation), suspect)
     for fraction in (0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.99):
         attacked = attacks.prune(plain, fraction)
-        record("prune", f"{fraction:.0%}", attacked, written(attacked))
+        table.add("prune", f"{fraction:.0%}", written(attacked), Suspect.from_adapter(attacked))
     for std in (0.1, 0.3, 1.0, 3.0):
         attacked = attacks.noise(plain, std, seed=0)
-        record("noise", f"{std:g} x RMS", attacked, written(attacked))
+        table.add("noise", f"{std:g} x RMS", written(attacked), Suspect.from_adapter(attacked))
     for kind in ("obfuscate", "permute"):
         attacked = getattr(attacks, kind)(plain, seed=0)
-        record(kind, "-", attacked, written(attacked))
+        table.add(kind, "-", written(attacked), Suspect.from_adapter(attacked))
     attacked = attacks.refactorize(plain)
-    record("refactorize", "-", attacked, written(attacked))
+    table.add("refactorize", "-", written(attacked), Suspect.from_adapter(attacked))
+    attacked = attacks.pad_rank(plain, 60 - RANK)
+    table.add("pad rank", f"r {RANK} -> 60, near-null", written(attacked), Suspect.from_adapter(attacked))
+    # The adapter saved for the backbone (BertModel): the same weights under other names.
+    attacked = attacks.rename(plain, "bert.encoder.", "encoder.")
+    table.add("rename modules", "backbone names, same weights", clean, Suspect.from_adapter(attacked))
     base = build_model("minilm", num_labels, 0).state_dict()
     merged = PeftModel.from_pretrained(build_model("minilm", num_labels, 0), released).merge_and_unload()
-    suspect = Suspect.from_merged(attacks.merge(plain, base), base)
-    record("merge", "into base", None, accuracy(merged, evaluation), suspect=suspect)
+    table.add(
+        "merge", "into base", accuracy(merged, evaluation), Suspect.from_merged(attacks.merge(plain, base), base)
+    )
+    teacher = PeftModel.from_pretrained(build_model("minilm", num_labels, 0), released)
+    student = get_peft_model(
+        build_model("minilm", num_labels, 7),
+        LoraConfig(
+            r=RANK, lora_alpha=2 * RANK, lora_dropout=0.1, target_modules=["query", "value"], task_type="SEQ_CLS"
+        ),
+    )
+    batches = length_bucketed_batches(lengths, 32, 400, seed=2)
+    attacks.distill(teacher, student, (unlabelled(attacker, idx) for idx in batches), 400, lr=5e-3)
+    suspect = Suspect.from_adapter(LoraFactors.from_model(student))
+    table.add("distill", "fresh LoRA, 400 steps on its outputs", accuracy(student, evaluation), suspect)
     # The forger publishes a digest of their own (after the owner's); against the owner's digest the claim is
-    # refused before any statistic (tests/test_seal.py).
-    forged = attacks.forge_proof(plain, "forger-key-for-the-benchmark-0")
-    forged_digest = attacks.claim_of(forged).digest()
-    claim = verify_owner(Suspect.from_adapter(plain), forged, forged_digest, key="forger-key-for-the-benchmark-0")
-    rows.append(
+    # refused before any statistic (counted in false_positives).
+    forger = "forger-key-for-the-benchmark-0"
+    forged = attacks.forge_proof(plain, forger)
+    claim = verify_owner(Suspect.from_adapter(plain), forged, attacks.claim_of(forged).digest(), key=forger)
+    table.rows.append(
         {
+            "model": "MiniLM",
             "attack": "forged-key claim",
-            "strength": "forger's key and proof",
+            "strength": "forger's key, proof and digest",
             "accuracy": None,
             "owner_log10_p": claim.log10_p,
-            "key_log10_p": claim.components["key"]["log10_p"],
+            "passport_log10_p": claim.components["passport"]["log10_p"],
+            "key_alone_log10_p": verify_key(Suspect.from_adapter(plain), key=forger).log10_p,
             "passport_agreement": claim.components["passport"]["statistic"],
+            "note": "",
         }
     )
-    return rows
+    return table.rows
 
 
 def trim_all(data: dict, idx: torch.Tensor) -> dict:
@@ -139,13 +210,18 @@ def trim_all(data: dict, idx: torch.Tensor) -> dict:
 
 def false_positives(root: Path) -> dict:
     plain = read_adapter(root / "release")
+    owner_digest = read_claim(root / "release" / CLAIM_FILE).digest()
     suspect = Suspect.from_adapter(plain)
     unrelated = [verify_key(suspect, key=f"unrelated-key-{i:05d}-0123").p_value for i in range(TRIALS)]
-    forged = []
+    forged, refused = [], 0
     for i in range(TRIALS):
         forger = f"forger-key-{i:05d}-0123456789"
         proof = attacks.forge_proof(plain, forger)
         forged.append(verify_owner(suspect, proof, attacks.claim_of(proof).digest(), key=forger).p_value)
+        try:
+            verify_owner(suspect, proof, owner_digest, key=forger)
+        except ValueError:
+            refused += 1
     adapters = [read_adapter(root / "minilm" / "lora" / f"seed{s}") for s in SEEDS]
     lora = [Suspect.from_adapter(adapter) for adapter in adapters]
     pairs = []
@@ -169,10 +245,162 @@ def false_positives(root: Path) -> dict:
 
     return {
         "unrelated keys (key-only)": summary(unrelated),
-        "forged-key claims (owner)": summary(forged, OWNER_THRESHOLD),
+        "forged-key claims, forger's own digest (owner)": summary(forged, OWNER_THRESHOLD),
         "unrelated adapters + keys (owner)": summary(pairs, OWNER_THRESHOLD),
         "owner key vs plain LoRA adapters (key-only)": summary(owner_vs_lora),
+        "forged proofs against the owner's digest": {"trials": TRIALS, "refused": refused},
     }
+
+
+def forger_key(i: int) -> bytes:
+    return f"forger-search-key-{i:09d}".encode()
+
+
+def _search_chunk(job: tuple[list[tuple[str, np.ndarray]], int, int]) -> np.ndarray:
+    """Natural-log key-only p-values of keys start..start+count-1 (the forger's claim: the release's ranks)."""
+    bases, start, count = job
+    torch.set_num_threads(1)
+    log_p = np.zeros(count)
+    for module, basis in bases:
+        n, k = basis.shape
+        a = torch.stack([initial_a(forger_key(i), module, RANK, n) for i in range(start, start + count)]).double()
+        u = ((a @ torch.from_numpy(basis)).pow(2).sum(-1) / a.pow(2).sum(-1)).clamp(0, 1 - 1e-12).numpy()
+        log_p += np.maximum(stats.beta.logsf(u, k / 2, (n - k) / 2), -700.0).sum(1)
+    return stats.chi2.logsf(-2 * log_p, 2 * RANK * len(bases))
+
+
+def key_search(root: Path, guesses: int, chunk: int = 2000) -> dict:
+    """A forger's search for a key whose claim over the owner's release passes the key-only part of an owner
+    verdict (the passport part passes by construction for any key: ``forge_proof``)."""
+    suspect = Suspect.from_adapter(read_adapter(root / "release"))
+    bases = [(m, suspect.row_space(m, RANK).numpy()) for m in suspect.modules()]
+    ranks = {m: RANK for m in suspect.modules()}
+    for i in range(3):  # the vectorised search computes exactly what verify_key does
+        want = verify_key(suspect, key=forger_key(i), ranks=ranks).log10_p
+        got = _search_chunk((bases, i, 1))[0] / math.log(10)
+        assert abs(want - got) < 1e-9 * max(1.0, abs(want)), (want, got)
+    jobs = [(bases, start, min(chunk, guesses - start)) for start in range(0, guesses, chunk)]
+    start = time.perf_counter()
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        log_p = np.concatenate(pool.map(_search_chunk, jobs))
+    p = np.exp(log_p)
+    best = int(log_p.argmin())
+    return {
+        "guesses": guesses,
+        "seconds": time.perf_counter() - start,
+        "min_log10_p": float(log_p[best] / math.log(10)),
+        "best_guess": best,
+        "below_1e-6": int((p < 1e-6).sum()),
+        "below_owner_threshold": int((log_p < math.log(OWNER_THRESHOLD)).sum()),
+        "ks_uniform_p": float(stats.kstest(p, "uniform").pvalue),
+        "union_bound": guesses * OWNER_THRESHOLD,
+        "histogram": np.histogram(p, bins=20, range=(0, 1))[0].tolist(),
+    }
+
+
+def smollm2_part(root: Path) -> dict:
+    """SEAL vs LoRA on SmolLM2's chat task, then merged-model rewrites, fine-tuning and distillation attacks."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peft_ctrl.chat_finetune import (
+        ChatExample,
+        ChatFinetuneArgs,
+        answer_logits,
+        answer_loss,
+        chat_examples,
+        collate,
+        greedy_hits,
+        prepare_task,
+    )
+    from peft_ctrl.models import load_smollm2
+
+    _, tokenizer = load_smollm2()
+    args = ChatFinetuneArgs(save_adapters=False)
+    task = prepare_task(tokenizer, args)
+    shown = {e.sentence for e in task.test}
+    _, test_data = stdlib_topics()
+    attacker = [e for e in chat_examples(test_data, tokenizer, args.max_length) if e.sentence not in shown]
+    options = {"r": RANK, "lora_alpha": 2 * RANK, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
+    key = owner_key("smollm2")
+
+    def fresh() -> torch.nn.Module:
+        return load_smollm2()[0]
+
+    def batches(examples: list[ChatExample], steps: int, seed: int):
+        lengths = torch.tensor([len(e.prompt_ids) + len(e.answer_ids) for e in examples])
+        for idx in length_bucketed_batches(lengths, args.batch_size, steps, seed):
+            yield collate([examples[i] for i in idx.tolist()], task.pad_id)
+
+    def train(config) -> torch.nn.Module:
+        torch.manual_seed(0)
+        model = get_peft_model(fresh(), config)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=SMOL_LR, weight_decay=0.0)
+        model.train()
+        for step, batch in enumerate(batches(task.train, SMOL_STEPS, 0)):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, SMOL_STEPS, SMOL_LR)
+            answer_loss(model, batch).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return model.eval()
+
+    def score(model: torch.nn.Module) -> float:
+        return statistics.fmean(greedy_hits(model, task.test, task.pad_id))
+
+    lora_acc = score(train(LoraConfig(task_type="CAUSAL_LM", **options)))
+    sealed = train(SealConfig(key=key, task_type="CAUSAL_LM", **options))
+    seal_acc = score(sealed)
+    sealed.save_pretrained(root / "smol-sealed")
+    del sealed
+    print(f"SmolLM2 q,v r={RANK}: LoRA {lora_acc:.4f}, SEAL {seal_acc:.4f}")
+    released, proof = root / "smol-release", root / "smol-proof.safetensors"
+    digest = release(root / "smol-sealed", released, proof, key=key).digest()
+    table = Table("SmolLM2", proof, key, digest, read_claim(released / CLAIM_FILE))
+    plain = read_adapter(released)
+    table.add("none", "-", score(PeftModel.from_pretrained(fresh(), released)), Suspect.from_adapter(plain))
+
+    base_model = fresh()
+    config = base_model.config
+    base = dict(base_model.state_dict())
+    base.setdefault("lm_head.weight", base["model.embed_tokens.weight"])
+    del base_model
+
+    def merged_score(weights: dict[str, torch.Tensor]) -> float:
+        model = LlamaForCausalLM(LlamaConfig(**{**config.to_dict(), "tie_word_embeddings": False}))
+        model.load_state_dict(weights)
+        return score(model.eval())
+
+    merged = attacks.merge(plain, base)
+    rewrites = {
+        "merge": ("into base", merged),
+        "merge + permute": ("heads, neurons, signs", attacks.permute_heads(merged, config, seed=1)),
+        "merge + rotate": ("residual stream, norms folded", attacks.rotate_residual(merged, config, seed=1)),
+        "merge + rotate + permute": (
+            "both",
+            attacks.permute_heads(attacks.rotate_residual(merged, config, seed=1), config, seed=2),
+        ),
+    }
+    for attack, (strength, weights) in rewrites.items():
+        table.add(attack, strength, merged_score(weights), Suspect.from_merged(weights, base, rank=RANK))
+    del merged, rewrites
+    for lr in (SMOL_LR, 1e-2):
+        model = PeftModel.from_pretrained(fresh(), released, is_trainable=True)
+        data = batches(attacker, SMOL_ATTACK_STEPS, 1)
+        attacks.continued_finetune(model, data, SMOL_ATTACK_STEPS, lr=lr, loss=answer_loss)
+        suspect = Suspect.from_adapter(LoraFactors.from_model(model))
+        table.add("fine-tune", f"{SMOL_ATTACK_STEPS} steps lr {lr:g}", score(model), suspect)
+    # Distillation: a fresh LoRA learns the released model's next-token distributions at every answer position of
+    # the attacker's sentences (teacher-forced on their answers).
+    teacher = PeftModel.from_pretrained(fresh(), released).eval()
+    torch.manual_seed(7)
+    student = get_peft_model(fresh(), LoraConfig(task_type="CAUSAL_LM", **options))
+    data = batches(attacker, SMOL_ATTACK_STEPS, 2)
+    attacks.distill(teacher, student, data, SMOL_ATTACK_STEPS, lr=SMOL_LR, logits=answer_logits)
+    suspect = Suspect.from_adapter(LoraFactors.from_model(student))
+    table.add("distill", f"fresh LoRA, {SMOL_ATTACK_STEPS} steps on its outputs", score(student), suspect)
+    return {"task": {"lora": lora_acc, "seal": seal_acc, "test_sentences": len(task.test)}, "attacks": table.rows}
 
 
 def llama7b_timing() -> dict:
@@ -206,11 +434,37 @@ def llama7b_timing() -> dict:
     return timings
 
 
+def _attack_lines(rows: list[dict], metric: str) -> list[str]:
+    clean = rows[0]["accuracy"]
+    lines = [
+        f"| attack | strength | {metric} | within 5% of unattacked | owner log10 p (key test, claim's ranks) "
+        "| key-only log10 p (suspect alone) | passport log10 p (paper) | passport signs |",
+        "|---|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        acc = "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.2f}"
+        near = "-" if r["accuracy"] is None else ("yes" if r["accuracy"] >= 0.95 * clean else "no")
+        lines.append(
+            f"| {r['attack']} | {r['strength']} | {acc} | {near} | {r['owner_log10_p']:.1f} "
+            f"| {r['key_alone_log10_p']:.1f} | {r['passport_log10_p']:.1f} | {r['passport_agreement']:.3f} |"
+        )
+    kept = [r for r in rows if r["accuracy"] is not None and r["accuracy"] >= 0.95 * clean]
+    worst = max(kept, key=lambda r: r["owner_log10_p"])
+    lines += [
+        "",
+        f"Largest owner log10 p among attacks that keep the {metric} within 5% (relative) of the unattacked "
+        f"{100 * clean:.2f}: {worst['owner_log10_p']:.1f} ({worst['attack']}, {worst['strength']}).",
+    ]
+    notes = sorted({r["note"] for r in rows if r.get("note")})
+    lines += [f"- {note}" for note in notes]
+    return lines + [""]
+
+
 def write_tables(result: dict) -> str:
     lines = []
     if "task" in result:
         runs = result["task"]["runs"]
-        lines += ["Task metric (accuracy on the stdlib-topics test split, 832 sentences):", ""]
+        lines += ["Task metric (MiniLM accuracy on the stdlib-topics test split, 832 sentences):", ""]
         lines += ["| method | mean | per seed |", "|---|---:|---|"]
         means = {}
         for method in ("lora", "seal"):
@@ -219,44 +473,53 @@ def write_tables(result: dict) -> str:
             lines.append(f"| {method} | {100 * means[method]:.2f} | {', '.join(f'{100 * a:.2f}' for a in accs)} |")
         lines += ["", f"SEAL - LoRA: {100 * (means['seal'] - means['lora']):+.2f} points (target: within 0.5).", ""]
     if "attacks" in result:
-        rows = result["attacks"]
-        clean = rows[0]["accuracy"]
         lines += [
-            "Attacks on the released adapter of seed 0 (accuracy on the evaluation half of the test split, "
+            "Attacks on the released MiniLM adapter of seed 0 (accuracy on the evaluation half of the test split, "
             f"416 sentences; owner verdict at p < 2^-64, i.e. log10 p < {math.log10(OWNER_THRESHOLD):.1f}; key-only "
             f"detection at p < {DEFAULT_THRESHOLD:g}):",
             "",
-            "| attack | strength | accuracy | within 5% of unattacked | owner log10 p | key-only log10 p "
-            "| passport signs |",
-            "|---|---|---:|---|---:|---:|---:|",
+            *_attack_lines(result["attacks"], "accuracy"),
         ]
-        for r in rows:
-            acc = "-" if r["accuracy"] is None else f"{100 * r['accuracy']:.2f}"
-            near = "-" if r["accuracy"] is None else ("yes" if r["accuracy"] >= 0.95 * clean else "no")
-            lines.append(
-                f"| {r['attack']} | {r['strength']} | {acc} | {near} | {r['owner_log10_p']:.1f} | "
-                f"{r['key_log10_p']:.1f} | {r['passport_agreement']:.3f} |"
-            )
-        kept = [r for r in rows if r["accuracy"] is not None and r["accuracy"] >= 0.95 * clean]
-        worst = max(kept, key=lambda r: r["owner_log10_p"])
+    if "smollm2" in result:
+        s = result["smollm2"]
+        t = s["task"]
         lines += [
+            f"SmolLM2-135M-Instruct, chat task, q,v r={RANK}, {SMOL_STEPS} steps, seed 0 (exact match on "
+            f"{t['test_sentences']} test sentences): LoRA {100 * t['lora']:.2f}, SEAL {100 * t['seal']:.2f} "
+            f"({100 * (t['seal'] - t['lora']):+.2f} points). Attacks on the released SEAL adapter:",
             "",
-            f"Largest owner log10 p among attacks that keep accuracy within 5% (relative) of the unattacked "
-            f"{100 * clean:.2f}: {worst['owner_log10_p']:.1f} ({worst['attack']}, {worst['strength']}).",
-            "",
+            *_attack_lines(s["attacks"], "exact match"),
         ]
     if "false_positives" in result:
+        fp = dict(result["false_positives"])
+        refused = fp.pop("forged proofs against the owner's digest", None)
         lines += [
             "False positives (owner claims at p < 2^-64, key-only at p < 1e-6):",
             "",
             "| trials of | n | threshold | false positives | share with p > 0.01 | smallest p |",
             "|---|---:|---:|---:|---:|---:|",
         ]
-        for name, s in result["false_positives"].items():
+        for name, s in fp.items():
             share, threshold = s["share_p_above_0.01"], s.get("threshold", DEFAULT_THRESHOLD)
             counts = f"{s['trials']} | {threshold:.3g} | {s['false_positives']}"
             lines.append(f"| {name} | {counts} | {share:.3f} | {s['min_p']:.2g} |")
         lines.append("")
+        if refused is not None:
+            lines += [
+                f"Forged proofs presented against the owner's published digest: {refused['refused']} of "
+                f"{refused['trials']} refused (no verdict).",
+                "",
+            ]
+    if "key_search" in result:
+        k = result["key_search"]
+        lines += [
+            f"Key search: {k['guesses']:,} forger keys, each a claim of its own over the owner's release "
+            f"({k['seconds']:.0f} s on 2 cores): smallest p = 10^{k['min_log10_p']:.2f} (guess {k['best_guess']}), "
+            f"{k['below_1e-6']} guesses below 1e-6, {k['below_owner_threshold']} below the owner threshold 2^-64 "
+            f"(expected number {k['union_bound']:.1e}); p-values uniform (Kolmogorov-Smirnov p = "
+            f"{k['ks_uniform_p']:.2f}).",
+            "",
+        ]
     if "timing" in result:
         t = result["timing"]
         lines += [
@@ -267,36 +530,47 @@ def write_tables(result: dict) -> str:
     return "\n".join(lines).strip()
 
 
-def plot(result: dict, path: Path) -> None:
-    plt = pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
-    rows = result["attacks"]
+def _detection_panel(ax, rows: list[dict], title: str) -> None:
     labels = [f"{r['attack']}\n{r['strength']}" for r in rows]
     x = np.arange(len(rows))
-    ax1.bar(x - 0.2, [-r["owner_log10_p"] for r in rows], 0.4, label="owner")
-    ax1.bar(x + 0.2, [-r["key_log10_p"] for r in rows], 0.4, label="key-only")
-    ax1.axhline(-math.log10(OWNER_THRESHOLD), color="k", ls="--", lw=1, label="owner threshold 2^-64")
-    ax1.axhline(-math.log10(DEFAULT_THRESHOLD), color="k", ls=":", lw=1, label="key-only threshold 1e-6")
-    ax1.set_yscale("log")
-    ax1.set_ylabel("-log10 p")
-    ax1.set_xticks(x, labels, rotation=90, fontsize=6)
-    twin = ax1.twinx()
+    ax.bar(x - 0.27, [-r["owner_log10_p"] for r in rows], 0.27, label="owner (key test, claim's ranks)")
+    ax.bar(x, [-r["key_alone_log10_p"] for r in rows], 0.27, label="key-only (suspect alone)")
+    ax.bar(x + 0.27, [-r["passport_log10_p"] for r in rows], 0.27, label="passport (paper)")
+    ax.axhline(-math.log10(OWNER_THRESHOLD), color="k", ls="--", lw=1, label="owner threshold 2^-64")
+    ax.axhline(-math.log10(DEFAULT_THRESHOLD), color="k", ls=":", lw=1, label="key-only threshold 1e-6")
+    ax.set_yscale("symlog", linthresh=1)
+    ax.set_ylabel("-log10 p")
+    ax.set_xticks(x, labels, rotation=90, fontsize=6)
+    twin = ax.twinx()
     twin.plot(x, [np.nan if r["accuracy"] is None else 100 * r["accuracy"] for r in rows], "ro", ms=3)
-    twin.set_ylabel("accuracy % (red)")
-    ax1.legend(fontsize=7)
-    ax1.set_title("Detection after attacks (seed 0 release)")
+    twin.set_ylabel("task metric % (red)")
+    ax.legend(fontsize=6)
+    ax.set_title(title)
+
+
+def plot(result: dict, path: Path) -> None:
+    plt = pyplot()
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(19, 5), gridspec_kw={"width_ratios": [3, 1.3, 1]})
+    _detection_panel(ax1, result["attacks"], "MiniLM: detection after attacks (seed 0 release)")
+    _detection_panel(ax2, result["smollm2"]["attacks"], "SmolLM2: detection after attacks")
     for name, s in result["false_positives"].items():
-        ax2.hist(s["p_values"], bins=20, range=(0, 1), histtype="step", label=name)
-    ax2.set_xlabel("p-value")
-    ax2.set_ylabel("trials")
-    ax2.set_title("Null trials: p-values are uniform")
-    ax2.legend(fontsize=7)
+        if "p_values" in s:
+            ax3.hist(s["p_values"], bins=20, range=(0, 1), histtype="step", density=True, label=name)
+    k = result["key_search"]
+    ax3.stairs(
+        np.array(k["histogram"]) * 20 / k["guesses"], np.linspace(0, 1, 21), label=f"key search ({k['guesses']:,})"
+    )
+    ax3.set_xlabel("p-value")
+    ax3.set_ylabel("density")
+    ax3.set_title("Null trials: p-values are uniform")
+    ax3.legend(fontsize=6)
     save_figure(fig, path)
 
 
 def main() -> None:
     cli = parser(__doc__)
     cli.add_argument("--only", choices=["timing"], help="run one part only (results are not written)")
+    cli.add_argument("--key-guesses", type=int, default=10**6, help="keys the forger tries in the key search")
     args = cli.parse_args()
     torch.set_num_threads(2)
     if args.only == "timing":
@@ -314,6 +588,8 @@ def main() -> None:
         result = {"task": train_adapters(root, train, test, num_labels)}
         result["attacks"] = attack_table(root, attacker, evaluation, num_labels)
         result["false_positives"] = false_positives(root)
+        result["key_search"] = key_search(root, args.key_guesses)
+        result["smollm2"] = smollm2_part(root)
     result["timing"] = llama7b_timing()
     write_results(args.out, "seal_robustness", write_tables(result), result, lambda path: plot(result, path))
 
