@@ -1,6 +1,7 @@
 """SEAL end to end on a tiny LLaMA (random init, CPU, about 15 seconds):
 
-train a watermarked adapter -> release it as plain LoRA -> verify (owner and key-only) -> attack -> verify.
+train a watermarked adapter -> release it as plain LoRA -> verify (owner and key-only) -> attack -> verify,
+including a merged model rewritten by rotation and permutation, and a padded, renamed adapter.
 
     python examples/seal_watermark.py
 """
@@ -15,6 +16,7 @@ from peft import PeftModel, get_peft_model
 
 from peft_ctrl import SealConfig
 from peft_ctrl.seal import attacks, generate_key
+from peft_ctrl.seal.claim import read_claim
 from peft_ctrl.seal.io import read_adapter
 from peft_ctrl.seal.release import release
 from peft_ctrl.seal.verify import Suspect, verify_key, verify_owner
@@ -23,7 +25,12 @@ from peft_ctrl.seal.verify import Suspect, verify_key, verify_owner
 def tiny_llama() -> transformers.LlamaForCausalLM:
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=172,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        initializer_range=0.2,  # weights of a pretrained model's scale: fine-tuning deltas are a fraction of them
     )
     return transformers.LlamaForCausalLM(config)
 
@@ -36,7 +43,7 @@ def main() -> None:
     )
 
     # Train as any LoRA adapter (here a plain loop on a repeating token pattern).
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     data = (torch.arange(32).repeat(8, 1) * 5 + torch.arange(8)[:, None]) % 128
     for _ in range(60):
         loss = model(input_ids=data, labels=data).loss
@@ -54,7 +61,7 @@ def main() -> None:
         # Anyone loads the release with stock peft; outputs equal the watermarked model's.
         released = PeftModel.from_pretrained(tiny_llama(), root / "release")
         model.eval()
-        same = torch.allclose(released(input_ids=data).logits, model(input_ids=data).logits, atol=1e-5)
+        same = torch.allclose(released(input_ids=data).logits, model(input_ids=data).logits, atol=1e-4)
         print(f"release loads as plain LoRA ({released.peft_config['default'].peft_type.value}), same outputs: {same}")
 
         plain = read_adapter(root / "release")
@@ -64,6 +71,21 @@ def main() -> None:
         pruned = attacks.obfuscate(attacks.prune(plain, 0.5))
         print("after pruning 50% and obfuscation:", verify_key(Suspect.from_adapter(pruned)))
         print("someone else's key:", verify_key(Suspect.from_adapter(plain), key=generate_key()))
+
+        # A merged model rewritten without changing its function (residual stream rotated with the norm gains
+        # folded in, attention heads and MLP neurons permuted): the verifier aligns it to the base first.
+        base = tiny_llama().state_dict()
+        config = released.config
+        rewritten = attacks.permute_heads(attacks.rotate_residual(attacks.merge(plain, base), config), config)
+        print(
+            "merged, rotated, permuted:",
+            verify_owner(Suspect.from_merged(rewritten, base, rank=16), proof, claim.digest()),
+        )
+
+        # Near-null rank padding and renamed modules: key mode with the owner's public record (ranks and names).
+        dodged = attacks.rename(attacks.pad_rank(plain, 40), "model.layers.", "backbone.layers.")
+        record = read_claim(root / "release" / "seal_claim.json")
+        print("padded and renamed, key mode with the record:", verify_key(Suspect.from_adapter(dodged), claim=record))
 
 
 if __name__ == "__main__":

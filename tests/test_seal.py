@@ -505,3 +505,15 @@ def test_distillation_trains_a_fresh_adapter_towards_the_teacher(released):
     assert kl() < 0.5 * before
     result = verify_key(Suspect.from_adapter(LoraFactors.from_model(student)), key=KEY, r=R)
     assert not result.verified
+
+
+def test_owner_verdict_rests_on_the_key_test_when_fine_tuning_wears_down_the_passport(released):
+    """Continued fine-tuning at a high learning rate scrambles the passport signs long before A's row space
+    leaves the key's: the owner verdict, decided by the key-only test with the claim's ranks, still holds where
+    the paper's passport test alone would no longer reach 2^-64."""
+    model = PeftModel.from_pretrained(build("llama"), released / "release", is_trainable=True)
+    train(model, steps=40, lr=1.3e-2, seed=9)
+    suspect = Suspect.from_adapter(LoraFactors.from_model(model))
+    owner = verify_owner(suspect, released / "proof.safetensors", published(released), key=KEY)
+    assert owner.verified and owner.log10_p == owner.components["key"]["log10_p"]
+    assert owner.components["passport"]["log10_p"] > np.log10(2.0**-64), owner.components["passport"]

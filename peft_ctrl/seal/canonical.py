@@ -67,13 +67,15 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def find_rotation(
     weights: dict[str, torch.Tensor], base: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor | None, float]:
-    """The orthogonal Q with ``E_suspect = E_base Q`` for the token embedding (the 2-D weight with the most rows),
-    or None when the embedding is unchanged or is not a rotation of the base's. Returns Q and the fit's relative
-    residual."""
+    """The orthogonal Q with ``E_suspect = E_base Q`` for the token embedding, or None when the embedding is
+    unchanged or is not a rotation of the base's. Returns Q and the fit's relative residual."""
     shared = [n for n, w in base.items() if w.dim() == 2 and n in weights and weights[n].shape == w.shape]
     if not shared:
         return None, 0.0
-    name = max(shared, key=lambda n: (base[n].shape[0], n))
+    # The token embedding: named so in every transformers model (embed_tokens, word_embeddings, wte), else the
+    # weight with the most rows (a vocabulary).
+    named = [n for n in shared if "embed" in n or n.endswith("wte.weight")]
+    name = max(named or shared, key=lambda n: (base[n].shape[0], n))
     E, E2 = base[name].double(), weights[name].double()
     before = _rel(E2, E)
     if before == 0:
