@@ -30,3 +30,11 @@ def balanced_split(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> tuple[
     (``(U S^1/2)^T U S^1/2 = S = S^1/2 Vh (S^1/2 Vh)^T``) and whose product is unchanged."""
     root = S.sqrt()
     return U * root, root[:, None] * Vh
+
+
+def seeded_svd_lowrank(x: torch.Tensor, q: int, niter: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.svd_lowrank`` with its random projection drawn from a fixed seed, so the same matrix always gives
+    the same factors (a verification must not change between runs), and without touching the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return torch.svd_lowrank(x, q=q, niter=niter)

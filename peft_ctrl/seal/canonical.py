@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from ..factors import seeded_svd_lowrank
+
 # A transformed weight whose relative distance to its base still exceeds this is not the base plus a delta.
 ALIGNED = 0.5
 # Rows or columns are matched by permutation only up to this many (the similarity matrix is this size squared):
@@ -107,7 +109,7 @@ def _column_scale(C: torch.Tensor, W: torch.Tensor, rank: int, rounds: int = 50)
         if previous is not None and (s - previous).norm() <= 1e-12 * s.norm():
             break
         residual = C * s - W
-        U, S, V = torch.svd_lowrank(residual, q=min(rank + 8, *residual.shape), niter=2)
+        U, S, V = seeded_svd_lowrank(residual, q=min(rank + 8, *residual.shape))
         target, previous = W + (U[:, :rank] * S[:rank]) @ V[:, :rank].T, s
     return s
 
@@ -140,7 +142,7 @@ def _unpermute(C: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, str]:
         order, _ = _match(_energy_pattern(X), _energy_pattern(W))
         moved = X[order]
         agree = torch.sign(moved * W)
-        u = torch.svd_lowrank(agree, q=2, niter=2)[0][:, 0]
+        u = seeded_svd_lowrank(agree, q=2)[0][:, 0]
         signs = torch.where(u < 0, -1.0, 1.0).to(X.dtype)
         if (moved * signs[:, None] * W).sum() < 0:  # the pattern fixes signs up to one overall flip
             signs = -signs

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from ..factors import product_svd
+from ..factors import product_svd, seeded_svd_lowrank
 from .canonical import align_merged
 from .claim import Claim, published_digest
 from .io import LoraFactors, Proof, read_adapter, read_proof
@@ -144,7 +144,7 @@ class Suspect:
         else:
             d = self.deltas[module]
             if min(d.shape) > 4 * k + 64:
-                _, S, V = torch.svd_lowrank(d, q=k + 16, niter=4)
+                _, S, V = seeded_svd_lowrank(d, q=k + 16, niter=4)
                 Vh = V.T
             else:
                 _, S, Vh = torch.linalg.svd(d, full_matrices=False)
