@@ -38,3 +38,10 @@ def seeded_svd_lowrank(x: torch.Tensor, q: int, niter: int = 2) -> tuple[torch.T
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return torch.svd_lowrank(x, q=q, niter=niter)
+
+
+def haar_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
+    """An n x n Haar-random orthogonal matrix (fp64) drawn from ``generator``: the QR factor of a Gaussian matrix,
+    its columns signed by R's diagonal (without that, Q is not Haar-distributed)."""
+    Q, R = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    return Q * torch.sign(torch.diagonal(R))

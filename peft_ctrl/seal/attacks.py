@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from ..factors import balanced_split, product_svd
+from ..factors import balanced_split, haar_orthogonal, product_svd
 from .claim import Claim, structure_of, weights_sha256
 from .io import LoraFactors, Proof
 from .keys import commitment, new_salt, passport, resolve_key
@@ -180,9 +180,7 @@ def permute_heads(weights: dict[str, torch.Tensor], config, seed: int = 0) -> di
 
 def random_orthogonal(n: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """A Haar-random n x n orthogonal matrix."""
-    g = torch.Generator().manual_seed(seed)
-    Q, R = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-    return (Q * torch.sign(torch.diagonal(R))).to(dtype)
+    return haar_orthogonal(n, torch.Generator().manual_seed(seed)).to(dtype)
 
 
 def rotate_residual(weights: dict[str, torch.Tensor], config, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -150,7 +150,7 @@ def _unpermute(C: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, str]:
 
     def columns(X: torch.Tensor) -> tuple[torch.Tensor, bool]:
         order, signs = _match(X.T, W.T)  # cosines of columns ignore per-column scales
-        if not (order != torch.arange(len(order))).any():
+        if _is_identity(order):
             return X, False  # sign flips alone are column scales: left to the scale fit (shared with siblings)
         return X[:, order] * signs, True
 
@@ -166,8 +166,12 @@ def _unpermute(C: torch.Tensor, W: torch.Tensor) -> tuple[torch.Tensor, str]:
     return min(options, key=lambda option: _distance(option[0], W))
 
 
+def _is_identity(order: torch.Tensor) -> bool:
+    return bool((order == torch.arange(len(order))).all())
+
+
 def _moved(order: torch.Tensor, signs: torch.Tensor) -> bool:
-    return bool((order != torch.arange(len(order))).any() or (signs < 0).any())
+    return not _is_identity(order) or bool((signs < 0).any())
 
 
 def _align_one(
@@ -253,11 +257,10 @@ def align_merged(
         C, scale, how = _align_one(S, W, Q, rank)
         if how == "unmatched":
             alignment.unmatched.append(name)
-        elif scale is None:
-            found[name] = (C, how)
-        else:
+            continue
+        found[name] = (C, how)
+        if scale is not None:
             scaled[name] = (C, scale, W)
-            found[name] = (C, how)
     _refine_scales(scaled, rank)
     aligned = {}
     for name, (C, how) in found.items():

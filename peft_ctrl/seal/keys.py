@@ -16,6 +16,8 @@ import secrets
 
 import torch
 
+from ..factors import haar_orthogonal
+
 KEY_ENV = "PEFT_CTRL_SEAL_KEY"
 MIN_KEY_BYTES = 16
 
@@ -70,8 +72,7 @@ def passport(key: bytes, module_name: str, r: int) -> torch.Tensor:
     independent fair signs. Orthogonal, so training through C is as well conditioned as plain LoRA; the
     column signs D are fair coins given Q, which gives the passport test its exact null distribution."""
     g = _generator(key, "passport", module_name)
-    Q, R = torch.linalg.qr(torch.randn(r, r, generator=g, dtype=torch.float64))
-    Q = Q * torch.sign(torch.diagonal(R))  # makes Q Haar-distributed
+    Q = haar_orthogonal(r, g)
     signs = torch.randint(0, 2, (r,), generator=g, dtype=torch.float64) * 2 - 1
     return (Q * signs).contiguous()
 
