@@ -35,10 +35,20 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         if message.startswith("unrecognized arguments:"):
-            # Name the unknown options but never echo their values: one may be a secret (a mistyped key option).
-            options = [word for word in message.split()[2:] if word.startswith("-")]
+            # Name the unknown options but never echo their values: one may be a secret (a mistyped key option,
+            # given as `--key SECRET`, `--key=SECRET` or `-kSECRET`).
+            options = [_option_name(word) for word in message.split()[2:] if word.startswith("-")]
             message = f"unrecognized arguments: {' '.join(options) or '(values not shown)'}"
+        elif message.startswith("ambiguous option:"):
+            message = f"ambiguous option: {_option_name(message.split()[2])}"
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _option_name(word: str) -> str:
+    """The option name of a command-line word, without a value attached to it (``--key=X`` or ``-kX``)."""
+    if word.startswith("--"):
+        return word.split("=", 1)[0]
+    return word[:2]
 
 
 def _finetune_parser(sub: argparse._SubParsersAction) -> None:

@@ -110,10 +110,33 @@ def test_a_bad_flag_in_a_real_process_exits_2_without_a_traceback():
     )
 
 
-def test_an_unknown_option_never_echoes_its_value(capsys):
-    """``--key SECRET`` is not taken as ``--key-file`` (no prefix matching) and the secret is not printed."""
+@pytest.mark.parametrize(
+    ("words", "named"),
+    [
+        (["--key", "hunter2-very-secret-value"], "--key"),
+        (["--key=hunter2-very-secret-value"], "--key"),  # one word: the value is attached to the option
+        (["-khunter2-very-secret-value"], "-k"),
+        (["--token=hunter2-very-secret-value", "--kee=hunter2"], "--token --kee"),
+    ],
+)
+def test_an_unknown_option_never_echoes_its_value(capsys, words, named):
+    """A mistyped key option (``--key SECRET``, ``--key=SECRET``, ``-kSECRET``) is not taken as ``--key-file`` (no
+    prefix matching); the error names the option and never prints the secret."""
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["seal", "verify", "suspect", "--key", "hunter2-very-secret-value"])
+        cli.main(["seal", "verify", "suspect", "--mode", "key", *words])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "unrecognized arguments: --key" in err and "hunter2" not in err
+    assert f"unrecognized arguments: {named} (see" in err and "hunter2" not in err
+
+
+def test_the_key_option_echo_is_closed_in_a_real_process():
+    """The same through the installed entry point, as a user types it (finding 6 of the SEAL issue)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "peft_ctrl.cli", "seal", "verify", "REL", "--mode", "key", "--key=SECRET-xyz"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2 and "SECRET" not in done.stderr + done.stdout
+    assert "unrecognized arguments: --key (see" in done.stderr
