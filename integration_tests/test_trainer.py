@@ -56,3 +56,22 @@ def test_a_failed_checkpoint_save_keeps_the_previous_checkpoint(tmp_path, monkey
     with pytest.raises(OSError, match="No space"):
         trainer.save_model(str(target))
     assert {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()} == before
+
+
+def test_control_lora_under_the_trainer_with_a_causal_lm(tmp_path):
+    """Control+LoRA (MLP bridges + LoRA on q,k,v in one adapter) trains a causal LM under Trainer and reloads."""
+    model = get_peft_model(build("llama"), StateCtrlConfig.control_lora(r=4, lora_r=2, task_type="CAUSAL_LM"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    data = [
+        {"input_ids": ids, "labels": ids}
+        for ids in torch.randint(0, 64, (16, 12), generator=torch.Generator().manual_seed(0))
+    ]
+    trainer = Trainer(model=model, args=arguments(tmp_path, max_steps=3), train_dataset=data)
+    trainer.train()
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(before[n], p)]
+    assert any("state_ctrl_lora_B" in n for n in changed) and any(".mlp.state_ctrl_B" in n for n in changed)
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(build("llama"), tmp_path / "adapter")
+    ids = data[0]["input_ids"][None]
+    model.eval()
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -26,13 +26,18 @@ ROWS: dict[str, tuple[str, Callable[..., object]]] = {
     "state-ctrl-llama-both": ("llama", lambda **kw: StateCtrlConfig(r=4, blocks="both", **kw)),
     "state-ctrl-gpt2-attn": ("gpt2", lambda **kw: StateCtrlConfig(r=4, blocks="attn", **kw)),
     "state-ctrl-bert": ("bert", lambda **kw: StateCtrlConfig(r=4, **kw)),
+    "control-lora-llama": ("llama", lambda **kw: StateCtrlConfig.control_lora(r=4, lora_r=2, **kw)),
+    "control-lora-bert": (
+        "bert",
+        lambda **kw: StateCtrlConfig(r=4, lora_target_modules=["query", "key", "value"], lora_r=2, **kw),
+    ),
     "sublora-llama": ("llama", lambda **kw: SubLoRAConfig(r=4, target_r=2, target_modules=["q_proj", "v_proj"], **kw)),
     "sublora-bert": ("bert", lambda **kw: SubLoRAConfig(r=4, target_r=2, target_modules=["query", "value"], **kw)),
     "seal-llama": ("llama", lambda **kw: SealConfig(r=4, target_modules=["q_proj", "v_proj"], **kw)),
     "seal-bert": ("bert", lambda **kw: SealConfig(r=4, target_modules=["query", "value"], **kw)),
 }
 CAUSAL_ROWS = [row for row, (family, _) in ROWS.items() if family in ("llama", "gpt2")]
-MERGEABLE = [row for row in ROWS if not row.startswith("state-ctrl")]
+MERGEABLE = [row for row in ROWS if not row.startswith(("state-ctrl", "control-lora"))]
 
 
 @pytest.fixture(autouse=True)

@@ -405,6 +405,10 @@ def test_bridges_matching_nothing():
         ({"bridges": [("a",)]}, r"\(head, tail\) pair"),
         ({"bridges": []}, "empty"),
         ({"layers_to_transform": []}, "empty"),
+        ({"lora_target_modules": "q_proj"}, "list of module names"),
+        ({"lora_target_modules": []}, "empty"),
+        ({"lora_target_modules": ["q_proj"], "lora_r": 0}, "lora_r must be an integer >= 1"),
+        ({"lora_target_modules": ["q_proj"], "lora_dropout": 1.5}, "lora_dropout"),
     ],
 )
 def test_bad_config_values(kwargs, message):
@@ -498,3 +502,65 @@ def test_tensors_of_blocks_the_config_does_not_bridge_are_refused(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "blocks": "mlp"}))
     with pytest.raises(ValueError, match=r"(?s)self_attn\.state_ctrl_A\.weight: in the checkpoint, but this model"):
         PeftModel.from_pretrained(build("llama"), tmp_path)
+
+
+# ---------------------------------------------------------------- Control+LoRA (bridges plus LoRA in one adapter)
+
+
+def test_control_lora_adds_lora_to_the_chosen_linears_of_the_same_adapter():
+    """Control+LoRA = the bridged model plus ``(lora_alpha / lora_r) B A x`` on q,k,v, every weight in one adapter."""
+    config = StateCtrlConfig.control_lora(r=4, lora_r=2, lora_alpha=6.0, init_weights=False)
+    model = get_peft_model(build("llama"), config)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, layer.in_features)
+    A, B = layer.state_ctrl_lora_A["default"].weight, layer.state_ctrl_lora_B["default"].weight
+    model.eval()
+    torch.testing.assert_close(layer(x), layer.base_layer(x) + 3.0 * x @ A.T @ B.T)
+    n_layers = len(model.base_model.model.model.layers)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert sum("state_ctrl_lora_A" in n for n in trainable) == 3 * n_layers  # q, k, v
+    assert sum(".mlp.state_ctrl_A" in n for n in trainable) == n_layers  # one MLP bridge per layer
+    assert all("state_ctrl_" in n for n in trainable)
+
+
+def test_control_lora_changes_nothing_at_step_zero_and_both_parts_train():
+    model = get_peft_model(build("llama"), StateCtrlConfig.control_lora(r=4, lora_r=2))
+    batch = inputs("llama")
+    torch.testing.assert_close(output(model, batch), output(build("llama"), batch))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for _ in range(2):  # B moves on the first step, A (whose gradient is B^T ...) from the second
+        output(model, batch).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    changed = {n for n, p in model.named_parameters() if n in before and not torch.equal(before[n], p)}
+    assert any("state_ctrl_lora_A" in n for n in changed) and any("state_ctrl_lora_B" in n for n in changed)
+    assert any(".mlp.state_ctrl_A" in n for n in changed) and any(".mlp.state_ctrl_B" in n for n in changed)
+
+
+def test_control_lora_unload_restores_every_linear():
+    model = get_peft_model(build("llama"), StateCtrlConfig.control_lora(r=4, lora_r=2, init_weights=False))
+    base = model.unload()
+    assert not any("state_ctrl" in n for n, _ in base.named_modules())
+    batch = inputs("llama")
+    torch.testing.assert_close(output(base, batch), output(build("llama"), batch))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"blocks": "both", "lora_target_modules": ["q_proj"]}, "lies inside the bridged block"),
+        ({"blocks": "mlp", "lora_target_modules": ["down_proj"]}, "lies inside the bridged block"),
+        ({"blocks": "mlp", "lora_target_modules": ["nonexistent"]}, "No module matched"),
+        ({"blocks": "attn", "lora_target_modules": ["mlp"]}, "adapts torch.nn.Linear modules only"),
+    ],
+)
+def test_control_lora_bad_targets(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        get_peft_model(build("llama"), StateCtrlConfig(r=4, **kwargs))
+
+
+def test_control_lora_layers_to_transform_applies_to_both_parts():
+    model = get_peft_model(build("llama"), StateCtrlConfig.control_lora(r=4, lora_r=2, layers_to_transform=[1]))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all(".layers.1." in n for n in names)

@@ -42,6 +42,12 @@ class StateCtrlConfig(PeftConfig):
         init_weights (`bool`): ``True`` (default): A Kaiming-uniform, B = 0. ``False``: B random as well, so the
             adapter changes the output from the start (for tests).
         modules_to_save (`list[str]`, *optional*): Extra modules (e.g. a classifier head) trained and saved in full.
+        lora_target_modules (`list[str]`, *optional*): Control+LoRA: also put LoRA, ``W x + (lora_alpha / lora_r)
+            B A x``, on these Linear modules (names or path suffixes, e.g. ``["q_proj", "k_proj", "v_proj"]``), in the
+            same adapter. They must lie outside the bridged tail modules.
+        lora_r (`int`): Rank of the Control+LoRA linears.
+        lora_alpha (`float`): LoRA scale numerator: the update is scaled by ``lora_alpha / lora_r``.
+        lora_dropout (`float`): Dropout on the Control+LoRA linears' input.
     """
 
     # Bridges are resolved from `blocks`/`bridges`, not from module-name targets; peft's injection code reads
@@ -102,6 +108,16 @@ class StateCtrlConfig(PeftConfig):
         default=None,
         metadata={"help": "Extra modules (e.g. a classifier head) to train and save in full."},
     )
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Control+LoRA: Linear modules (names or path suffixes, e.g. ['q_proj', 'k_proj', 'v_proj']) that "
+            "also get LoRA in this adapter; they must lie outside the bridged tails. None: bridges only."
+        },
+    )
+    lora_r: int = field(default=32, metadata={"help": "Rank of the Control+LoRA linears."})
+    lora_alpha: float = field(default=64.0, metadata={"help": "Control+LoRA scale numerator: lora_alpha / lora_r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the Control+LoRA linears' input."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -133,6 +149,39 @@ class StateCtrlConfig(PeftConfig):
             check_int("StateCtrlConfig.layers_to_transform", index, low=0)
         if self.modules_to_save is not None:
             self.modules_to_save = list(self.modules_to_save)
+        if self.lora_target_modules is not None:
+            if isinstance(self.lora_target_modules, str) or not all(
+                isinstance(t, str) and t.strip(".") for t in self.lora_target_modules
+            ):
+                raise ValueError(
+                    f"`lora_target_modules` must be a list of module names, got {self.lora_target_modules!r}; for "
+                    "example ['q_proj', 'k_proj', 'v_proj']."
+                )
+            self.lora_target_modules = [t.strip(".") for t in self.lora_target_modules]
+            if not self.lora_target_modules:
+                raise ValueError("`lora_target_modules` is empty; leave it unset for bridges only.")
+        check_int("StateCtrlConfig.lora_r", self.lora_r, low=1)
+        self.lora_alpha = check_float("StateCtrlConfig.lora_alpha", self.lora_alpha)
+        self.lora_dropout = check_probability("StateCtrlConfig.lora_dropout", self.lora_dropout)
+
+    @property
+    def lora_scaling(self) -> float:
+        """The Control+LoRA update's scale, ``lora_alpha / lora_r``."""
+        return self.lora_alpha / self.lora_r
+
+    @classmethod
+    def control_lora(cls, **overrides) -> StateCtrlConfig:
+        """The authors' Control+LoRA recipe: an MLP bridge (r = 64, alpha 1) plus LoRA r = 32, alpha 64 on
+        q_proj, k_proj and v_proj, in one adapter. ``overrides`` replace any field."""
+        settings = {
+            "r": 64,
+            "blocks": "mlp",
+            "lora_target_modules": ["q_proj", "k_proj", "v_proj"],
+            "lora_r": 32,
+            "lora_alpha": 64.0,
+            **overrides,
+        }
+        return cls(**settings)
 
 
 def _as_bridge(pair) -> tuple[str, str]:

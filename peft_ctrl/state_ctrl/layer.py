@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from peft_ctrl._registry import set_active_adapter
+from peft_ctrl._registry import move_adapter_to_base_device, set_active_adapter
+from peft_ctrl.linear_adapter import LinearAdapterLayer
 from peft_ctrl.ops import dropout_probability, lowrank
 
 MERGE_ERROR = (
@@ -114,7 +115,11 @@ def attention_control(u: torch.Tensor, causal: bool, key_mask: torch.Tensor | No
     return u + mixed.squeeze(1)
 
 
-class StateCtrlLayer(nn.Module, BaseTunerLayer):
+class StateCtrlTunerLayer(BaseTunerLayer):
+    """What the tuner treats as its layers (peft's ``tuner_layer_cls``): the bridges and the Control+LoRA linears."""
+
+
+class StateCtrlLayer(nn.Module, StateCtrlTunerLayer):
     """Wraps the *tail* module of a residual sub-block and adds ``alpha * B A h`` to its output.
 
     h is the input of the sub-block's *head* module, captured by a forward pre-hook that keeps a reference (no
@@ -269,6 +274,59 @@ class StateCtrlLayer(nn.Module, BaseTunerLayer):
             handle.remove()
         self._hooks.clear()
         self._captured.clear()
+
+    def __repr__(self) -> str:
+        return "state_ctrl." + super().__repr__()
+
+
+class StateCtrlLoraLayer(LinearAdapterLayer, StateCtrlTunerLayer):
+    """The LoRA part of a Control+LoRA adapter: ``h = W x + (lora_alpha / lora_r) B A dropout(x)`` on one
+    ``nn.Linear`` (``StateCtrlConfig.lora_target_modules``), with peft LoRA's initialisation (A Kaiming-uniform,
+    B = 0). Its weights carry the ``state_ctrl_`` prefix, so they are saved, loaded and trained with the bridges of
+    the same adapter."""
+
+    adapter_layer_names = ("state_ctrl_lora_A", "state_ctrl_lora_B")
+    other_param_names = ("lora_r", "lora_scaling", "state_ctrl_lora_dropout")
+    method_name = "state-ctrl (Control+LoRA)"
+
+    def __init__(self, base_layer: nn.Linear, adapter_name: str, **kwargs: Any) -> None:
+        super().__init__(base_layer)
+        self.state_ctrl_lora_A = nn.ModuleDict()
+        self.state_ctrl_lora_B = nn.ModuleDict()
+        self.state_ctrl_lora_dropout = nn.ModuleDict()
+        self.lora_r: dict[str, int] = {}
+        self.lora_scaling: dict[str, float] = {}
+        set_active_adapter(self, adapter_name)
+        self.update_layer(adapter_name, **kwargs)
+
+    def update_layer(
+        self, adapter_name: str, r: int, scaling: float, dropout: float, init_weights: bool, inference_mode: bool
+    ) -> None:
+        self.lora_r[adapter_name] = r
+        self.lora_scaling[adapter_name] = scaling
+        self.state_ctrl_lora_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.state_ctrl_lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
+        self.state_ctrl_lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.state_ctrl_lora_A[adapter_name].weight, a=math.sqrt(5))
+        if init_weights:
+            nn.init.zeros_(self.state_ctrl_lora_B[adapter_name].weight)
+        else:
+            nn.init.normal_(self.state_ctrl_lora_B[adapter_name].weight, std=0.02)
+        if not self.state_ctrl_lora_A[adapter_name].weight.is_meta:
+            move_adapter_to_base_device(self, adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """``(lora_alpha / lora_r) B A``: what this adapter's LoRA part adds to W."""
+        A, B = self.state_ctrl_lora_A[adapter].weight, self.state_ctrl_lora_B[adapter].weight
+        return self.lora_scaling[adapter] * (B @ A)
+
+    def delta(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
+        A, B = self.state_ctrl_lora_A[adapter].weight, self.state_ctrl_lora_B[adapter].weight
+        return self.low_rank(x, A, B, self.lora_scaling[adapter], self.state_ctrl_lora_dropout[adapter])
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise ValueError(MERGE_ERROR)
 
     def __repr__(self) -> str:
         return "state_ctrl." + super().__repr__()

@@ -8,11 +8,12 @@ from peft.utils import TaskType
 from torch import nn
 
 from peft_ctrl._registry import StrictLoadMixin, matches_target, set_active_adapter
+from peft_ctrl.linear_adapter import install_linear_adapter, linear_base
 from peft_ctrl.ops.lean_mlp import lean_mlp, restore_mlp
 
 from .architectures import bridges_for
 from .config import StateCtrlConfig
-from .layer import MERGE_ERROR, ForwardContext, StateCtrlLayer
+from .layer import MERGE_ERROR, ForwardContext, StateCtrlLayer, StateCtrlLoraLayer, StateCtrlTunerLayer
 
 
 def _input_width(module: nn.Module) -> int | None:
@@ -103,6 +104,38 @@ def resolve_bridges(model: nn.Module, config: StateCtrlConfig) -> tuple[dict[str
     return plan, _is_causal(model, config, table_causal)
 
 
+def resolve_lora_targets(model: nn.Module, config: StateCtrlConfig, plan: dict[str, str]) -> set[str]:
+    """The Linear modules that get Control+LoRA (``config.lora_target_modules``, filtered by
+    ``layers_to_transform`` like the bridges). A target inside a bridged tail module is a ``ValueError``: the
+    tail is wrapped whole, so a LoRA inside it would be hidden from the adapter's bookkeeping."""
+    if config.lora_target_modules is None:
+        return set()
+    inside_tuner = [name + "." for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    found = set()
+    for key, module in model.named_modules():
+        if not key or any(key.startswith(prefix) for prefix in inside_tuner):
+            continue
+        if not any(matches_target(key, target, config) for target in config.lora_target_modules):
+            continue
+        if isinstance(module, BaseTunerLayer) and not isinstance(module, StateCtrlLoraLayer):
+            raise ValueError(f"Control+LoRA target {key!r} already holds an adapter of another method.")
+        linear_base(module, "Control+LoRA", key)
+        tail = next((t for t in plan if key.startswith(t + ".")), None)
+        if tail is not None:
+            raise ValueError(
+                f"Control+LoRA target {key!r} lies inside the bridged block {tail!r}; put LoRA on linears outside "
+                "the bridged blocks (e.g. blocks='mlp' with lora_target_modules=['q_proj', 'k_proj', 'v_proj'])."
+            )
+        found.add(key)
+    if not found:
+        raise ValueError(
+            f"No module matched lora_target_modules={config.lora_target_modules!r}"
+            + (f" in layers {config.layers_to_transform!r}" if config.layers_to_transform is not None else "")
+            + "; give Linear module names that exist in the model (print(model) shows them)."
+        )
+    return found
+
+
 class StateCtrlModel(StrictLoadMixin, BaseTuner):
     """Tuner that adds state-based parallel control edges to a model (see ``StateCtrlConfig``).
 
@@ -115,10 +148,11 @@ class StateCtrlModel(StrictLoadMixin, BaseTuner):
     method_name = "state-ctrl"
     # Set by _prepare_model: the bridge plan, causality, and the per-call context shared with the layers.
     _plan: dict[str, str] = {}
+    _lora_targets: set[str] = set()
     _causal: bool = False
     _context: ForwardContext | None = None
     _call_hook: torch.utils.hooks.RemovableHandle | None = None
-    tuner_layer_cls = StateCtrlLayer
+    tuner_layer_cls = StateCtrlTunerLayer
     target_module_mapping: dict[str, list[str]] = {}
 
     def _prepare_adapter_config(self, peft_config: StateCtrlConfig, model_config: dict) -> StateCtrlConfig:
@@ -132,6 +166,7 @@ class StateCtrlModel(StrictLoadMixin, BaseTuner):
                 "not in the architecture table. Set StateCtrlConfig(causal=True) for a decoder, False otherwise."
             )
         self._plan = plan
+        self._lora_targets = resolve_lora_targets(model, peft_config, plan)
         self._causal = bool(causal)
         if peft_config.lean_mlp:
             lean_mlp(model)
@@ -145,7 +180,7 @@ class StateCtrlModel(StrictLoadMixin, BaseTuner):
         self._context.record(args, kwargs)
 
     def _check_target_module_exists(self, peft_config: StateCtrlConfig, key: str) -> bool:
-        return key in self._plan
+        return key in self._plan or key in self._lora_targets
 
     def _create_and_replace(
         self,
@@ -157,6 +192,18 @@ class StateCtrlModel(StrictLoadMixin, BaseTuner):
         current_key: str,
         **kwargs: Any,
     ) -> None:
+        if current_key in self._lora_targets:
+            settings = {
+                "r": peft_config.lora_r,
+                "scaling": peft_config.lora_scaling,
+                "dropout": float(peft_config.lora_dropout),
+                "init_weights": peft_config.init_weights,
+                "inference_mode": peft_config.inference_mode,
+            }
+            install_linear_adapter(
+                self, StateCtrlLoraLayer, adapter_name, target, target_name, parent, current_key, **settings
+            )
+            return
         head_name = self._plan[current_key]
         head = self.model.get_submodule(head_name)
         if isinstance(target, StateCtrlLayer):
@@ -194,9 +241,10 @@ class StateCtrlModel(StrictLoadMixin, BaseTuner):
     def _unload_and_optionally_merge(self, merge: bool = True, **kwargs: Any) -> nn.Module:
         if merge:
             raise ValueError(MERGE_ERROR)
-        layers = [(name, m) for name, m in self.model.named_modules() if isinstance(m, StateCtrlLayer)]
+        layers = [(name, m) for name, m in self.model.named_modules() if isinstance(m, StateCtrlTunerLayer)]
         for name, layer in layers:
-            layer.remove_hooks()
+            if isinstance(layer, StateCtrlLayer):
+                layer.remove_hooks()
             parent_name, _, child_name = name.rpartition(".")
             parent = self.model.get_submodule(parent_name) if parent_name else self.model
             setattr(parent, child_name, layer.get_base_layer())
