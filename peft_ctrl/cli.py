@@ -19,11 +19,15 @@ from .chat_finetune import (
 )
 from .chat_finetune import summary_table as summary_table_chat
 from .finetune import DEFAULT_LR, DEFAULT_METHODS, METHODS, MODELS, FinetuneArgs, run_finetune, summary_table
+from .lm_bench import ABLATION, HEADLINE, MAIN_JOB, BenchArgs
+from .lm_bench import METHODS as BENCH_METHODS
 from .seal import cli as seal_cli
 from .state_ctrl.config import BLOCKS
 
 POSITIVE = float_arg(0.0, low_open=True)
 ALL_MODELS = ("smollm2", *MODELS)
+TASKS = ("commonsense", "stdlib")
+PRESETS = {"headline": HEADLINE, "main-job": MAIN_JOB, "ablation": ABLATION}
 
 
 class Parser(argparse.ArgumentParser):
@@ -55,13 +59,20 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "finetune",
         help="fine-tune state-ctrl, PEFT LoRA and DoRA side by side on a built-in pretrained model (offline)",
-        description="The main job. --model smollm2 (default): fine-tune SmolLM2-135M-Instruct on the stdlib-topics "
-        "task as a chat (answer the topic in words, exact match) with 7 methods x 3 seeds and report accuracy, "
-        "saved-activation bytes and step time side by side (about 20 minutes on 2 cores; --quick: about 3). "
-        "--model minilm: classify the same sentences with all-MiniLM-L6-v2. Flags left out take the model's "
-        "defaults (docs/finetune.md).",
+        description="The main job. --model smollm2 (default), --task commonsense (default): fine-tune "
+        "SmolLM2-135M-Instruct on the commonsense suite (BoolQ, ARC-Easy, ARC-Challenge, OpenBookQA) with PEFT LoRA "
+        "all-linear and q,k,v, state-ctrl mlp and Control+LoRA, one seed, and report per-task accuracy, saved bytes "
+        "and step time (about 15 minutes on 2 cores; --quick: about 3; docs/commonsense.md). --task stdlib: the "
+        "stdlib-topics chat task, 7 methods x 3 seeds (docs/finetune.md). --model minilm: classify the stdlib "
+        "sentences with all-MiniLM-L6-v2. Flags left out take the job's defaults.",
     )
     p.add_argument("--model", choices=ALL_MODELS, default="smollm2", help="the base model and its job")
+    p.add_argument(
+        "--task",
+        choices=TASKS,
+        help="smollm2: 'commonsense' (default: BoolQ, ARC-e, ARC-c, OBQA; the subset of `peft-ctrl bench commonsense` "
+        "in docs/commonsense.md) or 'stdlib' (the stdlib-topics chat task of docs/finetune.md)",
+    )
     p.add_argument(
         "--methods",
         nargs="+",
@@ -99,13 +110,39 @@ _SHARED_FLAGS = {
     "output_dir": "output_dir",
 }
 _ONLY = {"blocks": ("minilm", "tiny-llama"), "eval_per_class": ("smollm2",), "results_dir": ("smollm2",)}
+# flags the commonsense job does not take (its methods carry their own ranks and learning rates)
+_NOT_COMMONSENSE = ("rank_state_ctrl", "rank_lora", "lr_state_ctrl", "lr_lora", "max_length", "eval_per_class")
 
 
-def _finetune_settings(args: argparse.Namespace) -> FinetuneArgs | ChatFinetuneArgs:
-    """The job's settings from the flags given; the rest keep the model's defaults. Raises ValueError."""
+def _commonsense_settings(args: argparse.Namespace) -> BenchArgs:
+    for flag in _NOT_COMMONSENSE:
+        if getattr(args, flag) is not None:
+            raise ValueError(
+                f"--{flag.replace('_', '-')} applies to --task stdlib only; the commonsense rows carry their own "
+                "settings (use `peft-ctrl bench commonsense --lr METHOD=LR`)."
+            )
+    given: dict[str, Any] = {}
+    if args.quick:
+        given = {"methods": ("lora-all", "state-ctrl-mlp"), "steps": 20, "eval_items": 30}
+    for flag in ("methods", "seeds", "steps", "batch_size"):
+        value = getattr(args, flag)
+        if value is not None:
+            given[flag] = tuple(value) if isinstance(value, list) else value
+    given["results_dir"] = args.results_dir or f"{args.output_dir or 'runs/finetune'}/commonsense"
+    if not args.no_save:
+        given["save_adapters"] = f"{args.output_dir or 'runs/finetune'}/commonsense/adapters"
+    return BenchArgs.main_job(**given)
+
+
+def _finetune_settings(args: argparse.Namespace) -> FinetuneArgs | ChatFinetuneArgs | BenchArgs:
+    """The job's settings from the flags given; the rest keep the job's defaults. Raises ValueError."""
+    if args.task is not None and args.model != "smollm2":
+        raise ValueError("--task applies to --model smollm2 only")
     for flag, models in _ONLY.items():
         if getattr(args, flag) is not None and args.model not in models:
             raise ValueError(f"--{flag.replace('_', '-')} applies to --model {' / '.join(models)} only")
+    if args.model == "smollm2" and (args.task or "commonsense") == "commonsense":
+        return _commonsense_settings(args)
     given = {field: getattr(args, flag) for flag, field in _SHARED_FLAGS.items() if getattr(args, flag) is not None}
     for key in ("methods", "seeds"):
         if key in given:
@@ -136,7 +173,9 @@ def _finetune_settings(args: argparse.Namespace) -> FinetuneArgs | ChatFinetuneA
     return FinetuneArgs(model=args.model, **given)
 
 
-def _finetune(settings: FinetuneArgs | ChatFinetuneArgs) -> int:
+def _finetune(settings: FinetuneArgs | ChatFinetuneArgs | BenchArgs) -> int:
+    if isinstance(settings, BenchArgs):
+        return _run_bench(settings, "peft-ctrl finetune", settings.results_dir, "finetune_commonsense")
     if isinstance(settings, ChatFinetuneArgs):
         report = run_chat_finetune(settings)
         print(summary_table_chat(report))
@@ -152,6 +191,89 @@ def _finetune(settings: FinetuneArgs | ChatFinetuneArgs) -> int:
     print(summary_table(results))
     print(f"adapters and results.json: {settings.output_dir}/{settings.model}")
     return 0
+
+
+def _run_bench(settings: BenchArgs, command: str, report_dir: str, name: str) -> int:
+    from .lm_bench import run_bench, summary_table, write_report
+
+    results = run_bench(settings)
+    print(summary_table(results))
+    written = write_report(results, report_dir, name, command)
+    print(f"report: {', '.join(map(str, written))}")
+    if settings.save_adapters:
+        print(f"adapters: {settings.save_adapters}/METHOD/seedN")
+    return 0
+
+
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="method-comparison benchmarks on SmolLM2 (resumable)")
+    tasks = bench.add_subparsers(dest="bench_task", required=True)
+    p = tasks.add_parser(
+        "commonsense",
+        help="BoolQ, ARC-Easy, ARC-Challenge, OpenBookQA: every method trained on the train mixture, scored per task",
+        description="Train SmolLM2-135M-Instruct with each method on the mixture of the four train splits and score "
+        "each test split by the most likely answer option (docs/commonsense.md). One JSON per finished experiment in "
+        "RESULTS_DIR/SPLIT/: an interrupted run resumes where it stopped.",
+    )
+    p.add_argument(
+        "--preset", choices=PRESETS, default="headline", help="the rows to run (when --methods is not given)"
+    )
+    p.add_argument("--methods", nargs="+", metavar="METHOD", help=f"rows to run: {', '.join(BENCH_METHODS)}")
+    p.add_argument("--seeds", type=int_arg(0), nargs="+", help="one run per seed and method (default 0 1 2)")
+    p.add_argument("--steps", type=int_arg(1), help="optimizer steps per run (default 80)")
+    p.add_argument("--batch-size", type=int_arg(1), help="examples per step (default 8)")
+    p.add_argument("--split", choices=("test", "validation"), help="score the test splits (default) or validation")
+    p.add_argument("--eval-items", type=int_arg(0), help="items scored per task (default 150; 0 = the whole split)")
+    p.add_argument("--validation-items", type=int_arg(1), help="items per task held out of train (default 100)")
+    p.add_argument("--lr", nargs="+", metavar="METHOD=LR", help="peak learning rates replacing the rows' defaults")
+    p.add_argument("--results-dir", default="runs/commonsense", help="experiment JSONs (default runs/commonsense)")
+    p.add_argument("--report-dir", help="where the table, JSON and plot go (default RESULTS_DIR)")
+    p.add_argument("--report-name", default="commonsense", help="file name of the report (default commonsense)")
+    p.add_argument("--save-adapters", metavar="DIR", help="keep every trained adapter in DIR/METHOD/seedN")
+    p.add_argument("--no-bf16", action="store_true", help="train and score in fp32 instead of bf16 autocast")
+    p.add_argument("--eval-only", action="store_true", help="score saved adapters (--adapters) on --test-file")
+    p.add_argument("--adapters", help="--eval-only: folder holding saved adapters (any depth)")
+    p.add_argument("--test-file", nargs="+", help="--eval-only: files in the LLM-Adapters format to score")
+
+
+def _bench_settings(args: argparse.Namespace) -> BenchArgs:
+    """Raises ValueError on bad flags."""
+    given: dict[str, Any] = {"methods": tuple(args.methods) if args.methods else PRESETS[args.preset]}
+    for flag in ("steps", "batch_size", "split", "validation_items", "results_dir", "save_adapters"):
+        if getattr(args, flag) is not None:
+            given[flag] = getattr(args, flag)
+    if args.seeds is not None:
+        given["seeds"] = tuple(args.seeds)
+    if args.eval_items is not None:
+        given["eval_items"] = args.eval_items or None
+    if args.lr:
+        lr = {}
+        for word in args.lr:
+            method, sep, value = word.partition("=")
+            try:
+                lr[method] = float(value)
+            except ValueError:
+                sep = ""
+            if not sep:
+                raise ValueError(f"--lr takes METHOD=LR words, e.g. lora-all=1e-3; got {word!r}")
+        given["lr"] = lr
+    given["bf16"] = not args.no_bf16
+    return BenchArgs(**given)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.eval_only:
+        from .lm_bench import score_adapters
+
+        if not args.adapters or not args.test_file:
+            raise ValueError("--eval-only needs --adapters DIR and --test-file FILE [FILE ...]")
+        for record in score_adapters(args.adapters, args.test_file, bf16=not args.no_bf16):
+            cells = ", ".join(f"{task} {100 * acc:.1f}" for task, acc in record["accuracy"].items())
+            print(f"{record['adapter']}: {cells}")
+        return 0
+    settings = _bench_settings(args)
+    command = "peft-ctrl " + " ".join(args.argv)
+    return _run_bench(settings, command, args.report_dir or args.results_dir, args.report_name)
 
 
 def _zero_config_parser(sub: argparse._SubParsersAction) -> None:
@@ -182,9 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="peft-ctrl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _finetune_parser(sub)
+    _bench_parser(sub)
     seal_cli.add_parser(sub)
     _zero_config_parser(sub)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     if args.command == "zero-config":
         return _zero_config(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -195,6 +320,14 @@ def main(argv: list[str] | None = None) -> int:
             return seal_cli.run(args)
         except (ValueError, OSError, RuntimeError) as err:  # exit 2 = error, never 1 (= "not verified")
             print(f"peft-ctrl seal {args.seal_command}: error: {err}", file=sys.stderr)
+            return 2
+    if args.command == "bench":
+        if args.eval_only and (args.methods or args.seeds or args.steps or args.lr or args.save_adapters):
+            parser.error("bench: --eval-only scores saved adapters; training flags do not apply to it")
+        try:
+            return _bench(args) if args.eval_only else _run_checked(parser, args)
+        except (ValueError, OSError) as err:
+            print(f"peft-ctrl bench: error: {err}", file=sys.stderr)
             return 2
     if args.command == "finetune":
         try:
@@ -207,6 +340,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"peft-ctrl finetune: error: {err}", file=sys.stderr)
             return 2
     return 0
+
+
+def _run_checked(parser: Parser, args: argparse.Namespace) -> int:
+    """Bad bench flags are usage errors (exit 2, one line) before anything is loaded."""
+    try:
+        _bench_settings(args)
+    except ValueError as err:
+        parser.error(f"bench: {err}")
+    return _bench(args)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from peft_ctrl.chat_finetune import (
     summary_rows,
     write_report,
 )
+from peft_ctrl.lm_bench import BenchArgs
 
 PAD = 0
 
@@ -139,7 +140,10 @@ def test_quick_settings():
     [
         (["--blocks", "mlp"], "--blocks applies to --model minilm / tiny-llama only"),
         (["--model", "minilm", "--eval-per-class", "3"], "--eval-per-class applies to --model smollm2 only"),
-        (["--methods", "seal"], "method must be one of 'state-ctrl-mlp'"),
+        (["--task", "stdlib", "--methods", "seal"], "method must be one of 'state-ctrl-mlp'"),
+        (["--methods", "seal"], "method must be one of 'lora-all'"),
+        (["--lr-lora", "1e-3"], "--lr-lora applies to --task stdlib only"),
+        (["--model", "minilm", "--task", "stdlib"], "--task applies to --model smollm2 only"),
         (["--model", "minilm", "--methods", "dora"], "method must be one of 'state-ctrl', 'lora', 'seal'"),
         (["--quick", "--steps", "0"], "--steps: must be an integer >= 1"),
     ],
@@ -154,11 +158,16 @@ def test_finetune_flags_are_checked_before_anything_runs(flags, message, capsys)
 def test_flags_left_out_keep_each_models_defaults():
     parser = cli.Parser(prog="peft-ctrl")
     cli._finetune_parser(parser.add_subparsers(dest="command"))
-    chat = cli._finetune_settings(parser.parse_args(["finetune", "--lr-lora", "3e-4", "--quick"]))
+    chat = cli._finetune_settings(parser.parse_args(["finetune", "--task", "stdlib", "--lr-lora", "3e-4", "--quick"]))
     assert isinstance(chat, ChatFinetuneArgs) and chat.lr["lora"] == 3e-4 and chat.seeds == (0,)
     assert chat.lr["state-ctrl"] == ChatFinetuneArgs().lr["state-ctrl"]
     minilm = cli._finetune_settings(parser.parse_args(["finetune", "--model", "minilm", "--methods", "lora"]))
     assert minilm.model == "minilm" and minilm.methods == ("lora",) and minilm.steps == 200
+    commonsense = cli._finetune_settings(parser.parse_args(["finetune", "--steps", "7"]))
+    assert isinstance(commonsense, BenchArgs) and commonsense.steps == 7
+    assert commonsense.methods == BenchArgs.main_job().methods and commonsense.seeds == (0,)
+    quick = cli._finetune_settings(parser.parse_args(["finetune", "--quick", "--no-save"]))
+    assert quick.steps == 20 and quick.save_adapters is None
 
 
 def fake_report() -> dict:

@@ -1,0 +1,586 @@
+"""Method comparison on a causal LM: ``peft-ctrl bench commonsense`` (and the README's main job).
+
+In the spirit of upstream peft's ``method_comparison``: an experiment is data, a method of ``METHODS`` (an adapter
+config and its training settings) at one seed, and one runner trains and scores any of them. Each finished
+experiment writes one JSON file (``RESULTS/SPLIT/METHOD__seedN.json``) and a run skips the experiments whose file
+exists, so an interrupted comparison resumes where it stopped.
+
+Protocol. SmolLM2-135M-Instruct is fine-tuned on the shuffled mixture of the train splits of BoolQ, ARC-Easy,
+ARC-Challenge and OpenBookQA (``peft_ctrl.commonsense``), each question asked as a user turn of the model's chat
+template and answered with the reference response (``the correct answer is X``, then the end-of-turn token); the
+loss is on the response only. A fixed part of every train split (``validation_items`` per task, picked by hash) is
+held out as the validation split, on which learning rates and ablations are chosen; the test splits are never used
+for that. Scoring: for each question, the response with each answer option (``the correct answer is answer1``,
+``... answer2``, ...) and the option whose response the model gives the highest likelihood is the model's answer.
+The responses share their first tokens and, for these four tasks, differ in one last token, so one teacher-forced
+pass over the question and the shared part gives every option's likelihood (options of several tokens are scored
+by one pass each, summing their tokens' log-probabilities). Training and scoring run under bf16 autocast on CPU
+(fp32 weights and adapters), the same for every method.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from tqdm.auto import tqdm
+
+from ._checks import check_choice, check_float, check_int
+from .atomic import atomic_directory, atomic_file
+from .chat_finetune import ALL_LINEAR, ChatExample, answer_loss, collate
+from .commonsense import TASKS, Item, read_items, shipped_file, split_validation, subset
+from .finetune import length_bucketed_batches, lr_at
+from .metrics import SavedTensorMeter
+from .optim import bridge_input_rms, depth_scaled_param_groups
+from .state_ctrl import StateCtrlConfig
+
+QKV = ["q_proj", "k_proj", "v_proj"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the comparison: the adapter (``kind`` + ``options``), its learning rate and training switches."""
+
+    label: str
+    kind: str  # "lora" (peft LoraConfig), "state-ctrl" (StateCtrlConfig) or "seal" (SealConfig)
+    options: dict[str, Any]
+    lr: float
+    checkpointing: bool = False
+    depth_lr: bool = False  # bridges at lr / RMS(h) (peft_ctrl.optim.depth_lr)
+
+
+LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
+# Learning rates: the validation grid of docs/commonsense.md (seed 0).
+METHODS: dict[str, Method] = {
+    "lora-all": Method("PEFT LoRA all-linear", "lora", {**LORA, "target_modules": ALL_LINEAR}, 1e-3),
+    "lora-qkv": Method("PEFT LoRA q,k,v", "lora", {**LORA, "target_modules": QKV}, 1e-3),
+    "dora": Method("PEFT DoRA all-linear", "lora", {**LORA, "target_modules": ALL_LINEAR, "use_dora": True}, 1e-3),
+    "lora-all-ckpt": Method(
+        "PEFT LoRA all-linear + checkpointing", "lora", {**LORA, "target_modules": ALL_LINEAR}, 1e-3, True
+    ),
+    "seal-qkv": Method("SEAL q,k,v (twin of LoRA q,k,v)", "seal", {**LORA, "target_modules": QKV}, 1e-3),
+    "state-ctrl-mlp": Method("state-ctrl mlp", "state-ctrl", {"r": 64, "blocks": "mlp"}, 1e-3, depth_lr=True),
+    "state-ctrl-both": Method("state-ctrl both", "state-ctrl", {"r": 32, "blocks": "both"}, 1e-3, depth_lr=True),
+    "control-lora": Method(
+        "Control+LoRA (mlp bridge + LoRA q,k,v)",
+        "state-ctrl",
+        {"r": 64, "blocks": "mlp", "lora_target_modules": QKV, "lora_r": 32, "lora_alpha": 64.0, "lora_dropout": 0.05},
+        1e-3,
+        depth_lr=True,
+    ),
+    # Ablation rows (validation split): the state-ctrl mlp row with one setting changed.
+    "state-ctrl-mlp-one-lr": Method("state-ctrl mlp, one lr (no depth scaling)", "state-ctrl", {"r": 64}, 2e-4),
+    "state-ctrl-mlp-one-lr-high": Method("state-ctrl mlp, one lr 1e-3", "state-ctrl", {"r": 64}, 1e-3),
+    "state-ctrl-mlp-r16": Method("state-ctrl mlp r=16", "state-ctrl", {"r": 16}, 1e-3, depth_lr=True),
+    "state-ctrl-mlp-lr3x": Method("state-ctrl mlp, lr x3", "state-ctrl", {"r": 64}, 3e-3, depth_lr=True),
+}
+REFERENCE = "lora-all"
+MAIN_JOB = ("lora-all", "lora-qkv", "state-ctrl-mlp", "control-lora")
+HEADLINE = ("lora-all", "lora-qkv", "dora", "lora-all-ckpt", "state-ctrl-mlp", "state-ctrl-both", "control-lora")
+ABLATION = ("state-ctrl-mlp", "state-ctrl-mlp-one-lr", "state-ctrl-mlp-one-lr-high", "state-ctrl-mlp-r16")
+ABLATION += ("state-ctrl-mlp-lr3x", "state-ctrl-both", "control-lora")
+
+
+@dataclass
+class BenchArgs:
+    """Settings of ``peft-ctrl bench commonsense``; ``main_job()`` gives the README's 20-minute subset."""
+
+    methods: Sequence[str] = HEADLINE
+    seeds: Sequence[int] = (0, 1, 2)
+    steps: int = 80
+    batch_size: int = 8
+    split: str = "test"  # "test" or "validation"
+    eval_items: int | None = 150  # per task; None = the whole split
+    validation_items: int = 100  # per task, carved from train
+    max_tokens: int = 256  # training examples longer than this (prompt + response) are left out
+    lr: dict[str, float] = field(default_factory=dict)  # per-method overrides of METHODS' lr
+    results_dir: str = "runs/commonsense"
+    save_adapters: str | None = None
+    bf16: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            raise ValueError(f"methods is empty; choose from {list(METHODS)}.")
+        for method in (*self.methods, *self.lr):
+            check_choice("method", method, tuple(METHODS))
+        if not self.seeds:
+            raise ValueError("Give at least one seed.")
+        for seed in self.seeds:
+            check_int("seed", seed, low=0)
+        check_int("steps", self.steps, low=1)
+        check_int("batch_size", self.batch_size, low=1)
+        check_choice("split", self.split, ("test", "validation"))
+        if self.eval_items is not None:
+            check_int("eval_items", self.eval_items, low=1)
+        check_int("validation_items", self.validation_items, low=1)
+        check_int("max_tokens", self.max_tokens, low=16)
+        for key, value in self.lr.items():
+            check_float(f"lr[{key!r}]", value, 0.0, low_open=True)
+
+    @classmethod
+    def main_job(cls, **overrides: Any) -> BenchArgs:
+        """The README's main job: 4 rows (LoRA all-linear and q,k,v, state-ctrl mlp, Control+LoRA), one seed,
+        60 steps, 100 test items per task (about 15 minutes on 2 cores)."""
+        return cls(**{"methods": MAIN_JOB, "seeds": (0,), "steps": 60, "eval_items": 100, **overrides})
+
+    def lr_of(self, method: str) -> float:
+        return self.lr.get(method, METHODS[method].lr)
+
+
+# ---------------------------------------------------------------- data
+
+
+@dataclass
+class Query:
+    """One scoring pass: ``input_ids`` and, per option index, the option's remaining tokens (their targets)."""
+
+    input_ids: list[int]
+    targets: dict[int, list[int]]
+
+
+@dataclass
+class Scored:
+    item: Item
+    queries: list[Query]
+
+
+def prompt_ids(tokenizer: Any, instruction: str) -> list[int]:
+    """The instruction as one user turn of the model's chat template, ending with the assistant header."""
+    messages = [{"role": "user", "content": instruction}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def train_example(tokenizer: Any, item: Item) -> ChatExample:
+    answer = tokenizer(item.output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return ChatExample(item.instruction, item.answer, prompt_ids(tokenizer, item.instruction), answer)
+
+
+def scored_item(tokenizer: Any, item: Item) -> Scored:
+    """The passes that score every option of ``item``: the prompt plus the options' shared first tokens, then
+    each option's remaining tokens as targets. Options that differ in one last token share one pass."""
+    prompt = prompt_ids(tokenizer, item.instruction)
+    responses = [tokenizer(item.response(o), add_special_tokens=False)["input_ids"] for o in item.options]
+    shared = 0
+    while all(len(r) > shared + 1 for r in responses) and len({r[shared] for r in responses}) == 1:
+        shared += 1
+    queries: dict[tuple[int, ...], Query] = {}
+    for index, response in enumerate(responses):
+        rest = response[shared:]
+        ids = tuple(prompt + response[: shared + len(rest) - 1])
+        queries.setdefault(ids, Query(list(ids), {})).targets[index] = rest
+    return Scored(item, list(queries.values()))
+
+
+@dataclass
+class CommonsenseData:
+    train: list[ChatExample]
+    evaluation: dict[str, list[Scored]]  # task -> items of the scored split
+    dropped_long: int
+
+
+def load_data(tokenizer: Any, args: BenchArgs, test_files: Sequence[str | os.PathLike] = ()) -> CommonsenseData:
+    """The train mixture (validation items held out) and the scored items of ``args.split`` per task; with
+    ``test_files``, those files are scored instead of the shipped test splits."""
+    train: list[ChatExample] = []
+    validation: dict[str, list[Item]] = {}
+    for task in TASKS:
+        kept, held = split_validation(read_items(shipped_file(task, "train"), task), args.validation_items)
+        validation[task] = held
+        train += [train_example(tokenizer, it) for it in kept]
+    fits = [e for e in train if len(e.prompt_ids) + len(e.answer_ids) <= args.max_tokens]
+    if test_files:
+        scored = {}
+        for file in test_files:
+            items = read_items(file)
+            scored[items[0].task] = items
+    elif args.split == "validation":
+        scored = validation
+    else:
+        scored = {task: read_items(shipped_file(task, "test"), task) for task in TASKS}
+    evaluation = {
+        task: [scored_item(tokenizer, it) for it in subset(items, args.eval_items)] for task, items in scored.items()
+    }
+    return CommonsenseData(fits, evaluation, len(train) - len(fits))
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def _left_padded(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        ids[i, width - len(seq) :] = torch.tensor(seq)
+        mask[i, width - len(seq) :] = 1
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
+
+
+@torch.no_grad()
+def option_choices(
+    model: nn.Module, items: Sequence[Scored], pad_id: int, bf16: bool, batch_size: int = 32
+) -> list[int]:
+    """The option index each item's most likely response picks (see the module docstring)."""
+    model.eval()
+    jobs = [(i, q) for i, scored in enumerate(items) for q in scored.queries]
+    jobs.sort(key=lambda job: len(job[1].input_ids))
+    scores: list[dict[int, float]] = [{} for _ in items]
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        k = max(len(t) for _, q in chunk for t in q.targets.values())
+        batch = _left_padded([q.input_ids for _, q in chunk], pad_id)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(**batch, logits_to_keep=k).logits
+        logp = logits.float().log_softmax(-1)
+        for row, (i, query) in enumerate(chunk):
+            for option, target in query.targets.items():
+                positions = logp[row, k - len(target) :]
+                scores[i][option] = positions.gather(1, torch.tensor(target)[:, None]).sum().item()
+    return [max(s, key=s.get) for s in scores]
+
+
+def hits(model: nn.Module, data: CommonsenseData, pad_id: int, bf16: bool) -> dict[str, list[int]]:
+    """Per task, 1 where the model's choice is the reference answer, else 0 (item order of ``data``)."""
+    out = {}
+    for task, items in data.evaluation.items():
+        choices = option_choices(model, items, pad_id, bf16)
+        out[task] = [int(s.item.options[c] == s.item.answer) for s, c in zip(items, choices, strict=True)]
+    return out
+
+
+# ---------------------------------------------------------------- one experiment
+
+
+def peft_config(method: str) -> Any:
+    spec = METHODS[method]
+    if spec.kind == "state-ctrl":
+        return StateCtrlConfig(task_type="CAUSAL_LM", **spec.options)
+    if spec.kind == "seal":
+        from .seal import SealConfig
+
+        return SealConfig(task_type="CAUSAL_LM", **spec.options)
+    return LoraConfig(task_type="CAUSAL_LM", **spec.options)
+
+
+def adapter_bytes(model: PeftModel) -> int:
+    """Size on disk of the saved adapter (every file ``save_pretrained`` writes)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        return sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
+
+
+def train_and_score(method: str, seed: int, args: BenchArgs, data: CommonsenseData) -> dict[str, Any]:
+    """Train one method at one seed and score it; returns the experiment's result record."""
+    from .models import load_smollm2
+
+    spec = METHODS[method]
+    started = time.perf_counter()
+    base, tokenizer = load_smollm2()
+    if spec.checkpointing:
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(seed)
+    model = get_peft_model(base, peft_config(method))
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = args.lr_of(method)
+    lengths = torch.tensor([len(e.prompt_ids) + len(e.answer_ids) for e in data.train])
+    batches = length_bucketed_batches(lengths, args.batch_size, args.steps, seed)
+    pad = tokenizer.pad_token_id
+
+    def batch_at(step: int) -> dict[str, torch.Tensor]:
+        return collate([data.train[i] for i in batches[step].tolist()], pad)
+
+    def loss_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            return answer_loss(model, batch)
+
+    if spec.depth_lr:
+        first = {k: v for k, v in batch_at(0).items() if k != "targets"}
+        rms = bridge_input_rms(model, lambda: model(**first, logits_to_keep=1))
+        groups = depth_scaled_param_groups(model, lr, rms)
+    else:
+        groups = [{"params": params, "lr": lr}]
+    for group in groups:
+        group["peak_lr"] = group["lr"]
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    times, losses, saved, tokens = [], [], 0, 0
+    model.train()
+    bar = tqdm(range(args.steps), desc=f"{method} seed {seed}", leave=False, dynamic_ncols=True)
+    for step in bar:
+        batch = batch_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, args.steps, group["peak_lr"])
+        start = time.perf_counter()
+        if step == 0:  # the same first batch for every method of a seed
+            with SavedTensorMeter(exclude=model) as meter:
+                loss = loss_of(batch)
+                loss.backward()
+            saved, tokens = meter.total_bytes, int(batch["attention_mask"].numel())
+            start = time.perf_counter()
+        else:
+            loss = loss_of(batch)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{statistics.fmean(losses[-10:]):.3f}")
+    trained = time.perf_counter() - started
+    scored = hits(model, data, pad, args.bf16)
+    if args.save_adapters:
+        with atomic_directory(Path(args.save_adapters) / method / f"seed{seed}") as folder:
+            model.save_pretrained(folder)
+    steady = times[2:] if len(times) > 4 else times
+    return {
+        "method": method,
+        "label": spec.label,
+        "seed": seed,
+        "lr": lr,
+        "depth_lr": spec.depth_lr,
+        "trainable_params": sum(p.numel() for p in params),
+        "adapter_bytes": adapter_bytes(model),
+        "saved_activation_bytes": saved,
+        "measured_tokens": tokens,
+        "step_seconds": statistics.median(steady),
+        "train_seconds": round(trained, 1),
+        "losses": [round(x, 4) for x in losses],
+        "accuracy": {task: statistics.fmean(h) for task, h in scored.items()},
+        "hits": scored,
+    }
+
+
+def result_path(args: BenchArgs, method: str, seed: int) -> Path:
+    return Path(args.results_dir) / args.split / f"{method}__seed{seed}.json"
+
+
+def run_bench(args: BenchArgs) -> list[dict[str, Any]]:
+    """Run every (seed, method) experiment that has no result file yet, writing each file when it finishes; returns
+    all results of ``args.methods`` x ``args.seeds``. All methods of one seed run back to back."""
+    from .models import load_smollm2
+
+    _, tokenizer = load_smollm2()
+    data = load_data(tokenizer, args)
+    sizes = ", ".join(f"{task} {len(items)}" for task, items in data.evaluation.items())
+    print(
+        f"commonsense: {len(data.train)} train examples ({data.dropped_long} longer than {args.max_tokens} tokens "
+        f"left out), scored on the {args.split} split: {sizes}; {args.steps} steps x batch {args.batch_size}; "
+        f"seeds {list(args.seeds)}; results in {Path(args.results_dir) / args.split}"
+    )
+    runs = [(m, s) for s in args.seeds for m in args.methods]
+    todo = [(m, s) for m, s in runs if not result_path(args, m, s).is_file()]
+    if len(todo) < len(runs):
+        print(f"resuming: {len(runs) - len(todo)} of {len(runs)} experiments already have results")
+    for method, seed in tqdm(todo, desc="experiments", dynamic_ncols=True):
+        record = train_and_score(method, seed, args, data)
+        record.update(
+            {
+                "steps": args.steps,
+                "batch_size": args.batch_size,
+                "split": args.split,
+                "eval_items": args.eval_items,
+                "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+                "date": date.today().isoformat(),
+            }
+        )
+        with atomic_file(result_path(args, method, seed)) as tmp:
+            tmp.write_text(json.dumps(record) + "\n")
+    return [json.loads(result_path(args, m, s).read_text()) for m, s in runs]
+
+
+def score_adapters(
+    adapters: str | os.PathLike, test_files: Sequence[str | os.PathLike], bf16: bool = True
+) -> list[dict]:
+    """``--eval-only``: score every saved adapter under ``adapters`` (folders holding ``adapter_config.json``) on
+    each file in the LLM-Adapters format; returns one record per adapter with per-file accuracy."""
+    from .models import load_smollm2
+
+    folders = sorted(p.parent for p in Path(adapters).rglob("adapter_config.json"))
+    if not folders:
+        raise ValueError(f"No saved adapter (a folder with adapter_config.json) under {adapters}.")
+    if not test_files:
+        raise ValueError("--eval-only needs --test-file FILE (one or more files in the LLM-Adapters format).")
+    _, tokenizer = load_smollm2()
+    data = load_data(tokenizer, BenchArgs(eval_items=None), test_files)
+    out = []
+    for folder in tqdm(folders, desc="adapters", dynamic_ncols=True):
+        base, _ = load_smollm2()
+        model = PeftModel.from_pretrained(base, folder)
+        scored = hits(model, data, tokenizer.pad_token_id, bf16)
+        out.append({"adapter": str(folder), "accuracy": {t: statistics.fmean(h) for t, h in scored.items()}})
+    return out
+
+
+# ---------------------------------------------------------------- report
+
+
+def _average(accuracy: dict[str, float]) -> float:
+    return 100 * statistics.fmean(accuracy.values())
+
+
+def paired_difference(
+    runs: list[dict[str, Any]], reference: list[dict[str, Any]], resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """Average-accuracy difference (points) of ``runs`` minus ``reference`` and its 95% bootstrap interval, paired
+    over seeds and test items: per task, each item's hit is averaged over the seeds both ran, items are resampled
+    with replacement within each task, and the average over tasks is recomputed for each resample."""
+    import numpy as np
+
+    seeds = sorted({r["seed"] for r in runs} & {r["seed"] for r in reference})
+    if not seeds:
+        raise ValueError("The two rows share no seed; a paired difference needs the same seeds.")
+    mine = {r["seed"]: r["hits"] for r in runs}
+    ref = {r["seed"]: r["hits"] for r in reference}
+    rng = np.random.default_rng(seed)
+    point, draws = [], []
+    for task in mine[seeds[0]]:
+        d = np.mean([np.array(mine[s][task], float) - np.array(ref[s][task], float) for s in seeds], axis=0)
+        point.append(d.mean())
+        draws.append(d[rng.integers(0, len(d), size=(resamples, len(d)))].mean(axis=1))
+    boot = 100 * np.mean(draws, axis=0)
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return 100 * float(np.mean(point)), float(low), float(high)
+
+
+def summary_rows(results: list[dict[str, Any]], reference: str = REFERENCE) -> list[dict[str, Any]]:
+    """One row per method (in the order they ran): per-task and average accuracy (mean and std over seeds), the
+    paired difference to ``reference`` with its 95% interval, bytes, step time (ratios to ``reference``) and size."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault(r["method"], []).append(r)
+    step = {m: statistics.median(r["step_seconds"] for r in runs) for m, runs in groups.items()}
+    rows = []
+    for method, runs in groups.items():
+        averages = [_average(r["accuracy"]) for r in runs]
+        row = {
+            "method": method,
+            "label": runs[0]["label"],
+            "seeds": [r["seed"] for r in runs],
+            "tasks": {t: 100 * statistics.fmean(r["accuracy"][t] for r in runs) for t in runs[0]["accuracy"]},
+            "average": averages,
+            "average_mean": statistics.fmean(averages),
+            "average_std": statistics.stdev(averages) if len(averages) > 1 else 0.0,
+            "trainable_params": runs[0]["trainable_params"],
+            "adapter_bytes": runs[0]["adapter_bytes"],
+            "saved_bytes": runs[0]["saved_activation_bytes"],
+            "step_seconds": step[method],
+            "lr": runs[0]["lr"],
+        }
+        if reference in groups:
+            ref = groups[reference]
+            row["bytes_x_ref"] = row["saved_bytes"] / ref[0]["saved_activation_bytes"]
+            row["time_x_ref"] = row["step_seconds"] / step[reference]
+            if method != reference:
+                diff, low, high = paired_difference(runs, ref)
+                row["difference"] = {"points": diff, "low": low, "high": high, "tie": low <= 0 <= high}
+        rows.append(row)
+    return rows
+
+
+def summary_table(results: list[dict[str, Any]], reference: str = REFERENCE) -> str:
+    """The comparison as a markdown table (per task, average, difference to the reference, cost columns)."""
+    rows = summary_rows(results, reference)
+    tasks = list(rows[0]["tasks"])
+    names = {"boolq": "BoolQ", "openbookqa": "OBQA", "ARC-Easy": "ARC-e", "ARC-Challenge": "ARC-c"}
+    ref_label = "LoRA all-linear" if reference == REFERENCE else reference
+    head = ["method", "params", *[names.get(t, t) for t in tasks], "average (mean ± std)"]
+    head += [f"Δ vs {ref_label} [95% CI]", "saved MiB", "bytes x ref", "step s", "time x ref", "adapter MB", "lr"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for row in rows:
+        diff = row.get("difference")
+        if diff is None:
+            delta = "reference" if row["method"] == reference else ""
+        else:
+            verdict = " (tie)" if diff["tie"] else ""
+            delta = f"{diff['points']:+.1f} [{diff['low']:+.1f}, {diff['high']:+.1f}]{verdict}"
+        seeds = f" ({len(row['seeds'])} seeds)" if len(row["seeds"]) > 1 else ""
+        cells = [
+            row["label"],
+            f"{row['trainable_params'] / 1e6:.2f}M",
+            *[f"{row['tasks'][t]:.1f}" for t in tasks],
+            f"{row['average_mean']:.1f} ± {row['average_std']:.1f}{seeds}",
+            delta,
+            f"{row['saved_bytes'] / 2**20:.0f}",
+            f"{row.get('bytes_x_ref', float('nan')):.3f}",
+            f"{row['step_seconds']:.2f}",
+            f"{row.get('time_x_ref', float('nan')):.3f}",
+            f"{row['adapter_bytes'] / 1e6:.1f}",
+            f"{row['lr']:g}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict[str, Any]], path: str | os.PathLike, title: str) -> bool:
+    """Average accuracy (with the seeds' std), saved bytes and step time per method; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = summary_rows(results)
+    labels = [r["label"].replace("PEFT ", "").replace(" + checkpointing", "\n+ ckpt") for r in rows]
+    colors = ["tab:blue" if METHODS[r["method"]].kind == "state-ctrl" else "tab:gray" for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 0.5 * len(rows) + 2.5))
+    panels = [
+        (
+            "average accuracy % (mean ± std over seeds)",
+            [r["average_mean"] for r in rows],
+            [r["average_std"] for r in rows],
+        ),
+        ("saved for backward, MiB (first step)", [r["saved_bytes"] / 2**20 for r in rows], None),
+        ("median step time, s", [r["step_seconds"] for r in rows], None),
+    ]
+    for ax, (name, values, errors) in zip(axes, panels, strict=True):
+        ax.barh(labels, values, xerr=errors, color=colors)
+        ax.invert_yaxis()
+        ax.set_title(name)
+    for ax in axes[1:]:
+        ax.set_yticklabels([])
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_file(Path(path)) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(results: list[dict[str, Any]], folder: str | os.PathLike, name: str, command: str) -> list[Path]:
+    """``NAME.json`` (every experiment's record), ``NAME.md`` (the table and protocol line) and ``NAME.png``."""
+    folder = Path(folder)
+    first = results[0]
+    minutes = sum(r["train_seconds"] for r in results) / 60
+    text = (
+        f"Command: `{command}`. SmolLM2-135M-Instruct, {first['steps']} steps x batch {first['batch_size']}, "
+        f"{first['split']} split, {first['eval_items'] or 'all'} items per task, seeds "
+        f"{sorted({r['seed'] for r in results})}; {first['machine']}; {first['date']}; {minutes:.0f} minutes of "
+        "training and scoring in all.\n\n"
+        f"{summary_table(results)}\n\n"
+        "Accuracy: the option with the most likely response, per task and averaged over tasks. Δ: paired difference "
+        "to "
+        "LoRA all-linear in points with its 95% bootstrap interval over test items (hits averaged over the shared "
+        "seeds); an interval that holds 0 is a tie. Saved bytes: the first step's tensors saved for backward (same "
+        "batch for every method). Step time: median over steps and seeds, ratios from the same run.\n"
+    )
+    written = []
+    for suffix, content in ((".json", json.dumps(results, indent=1) + "\n"), (".md", text)):
+        with atomic_file(folder / f"{name}{suffix}") as tmp:
+            tmp.write_text(content)
+        written.append(folder / f"{name}{suffix}")
+    if plot(results, folder / f"{name}.png", f"SmolLM2-135M-Instruct, commonsense ({first['split']} split)"):
+        written.append(folder / f"{name}.png")
+    return written
