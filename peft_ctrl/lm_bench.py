@@ -20,13 +20,14 @@ by one pass each, summing their tokens' log-probabilities). Training and scoring
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -51,17 +52,25 @@ QKV = ["q_proj", "k_proj", "v_proj"]
 
 @dataclass(frozen=True)
 class Method:
-    """One row of the comparison: the adapter (``kind`` + ``options``), its learning rate and training switches."""
+    """One row of the comparison: the adapter (``kind`` + ``options``), its learning rate and training switches.
+
+    ``kind``: ``lora`` (peft ``LoraConfig``), ``adalora`` (peft ``AdaLoraConfig``), ``state-ctrl``, ``seal`` or
+    ``sublora`` (this package's configs). ``optimizer``: ``adamw`` or ``odelora-SCHEME`` (``create_odelora_optimizer``,
+    run for ``steps / evaluations per step`` steps so every row spends the same gradient evaluations).
+    """
 
     label: str
-    kind: str  # "lora" (peft LoraConfig), "state-ctrl" (StateCtrlConfig) or "seal" (SealConfig)
+    kind: str
     options: dict[str, Any]
     lr: float
     checkpointing: bool = False
     depth_lr: bool = False  # bridges at lr / RMS(h) (peft_ctrl.optim.depth_lr)
+    optimizer: str = "adamw"
 
 
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
+# AdaLoRA and SubLoRA: 12 components per module at the start, 8 on average at the end, on every linear.
+BUDGETED = {"lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ALL_LINEAR}
 # Learning rates: the validation grid of docs/commonsense.md (seed 0).
 METHODS: dict[str, Method] = {
     "lora-all": Method("PEFT LoRA all-linear", "lora", {**LORA, "target_modules": ALL_LINEAR}, 1e-3),
@@ -70,7 +79,6 @@ METHODS: dict[str, Method] = {
     "lora-all-ckpt": Method(
         "PEFT LoRA all-linear + checkpointing", "lora", {**LORA, "target_modules": ALL_LINEAR}, 1e-3, True
     ),
-    "seal-qkv": Method("SEAL q,k,v (twin of LoRA q,k,v)", "seal", {**LORA, "target_modules": QKV}, 1e-3),
     "state-ctrl-mlp": Method("state-ctrl mlp", "state-ctrl", {"r": 64, "blocks": "mlp"}, 1e-3, depth_lr=True),
     "state-ctrl-both": Method("state-ctrl both", "state-ctrl", {"r": 32, "blocks": "both"}, 1e-3, depth_lr=True),
     "control-lora": Method(
@@ -79,6 +87,16 @@ METHODS: dict[str, Method] = {
         {"r": 64, "blocks": "mlp", "lora_target_modules": QKV, "lora_r": 32, "lora_alpha": 64.0, "lora_dropout": 0.05},
         1e-3,
         depth_lr=True,
+    ),
+    "seal-qkv": Method("SEAL q,k,v (twin of LoRA q,k,v)", "seal", {**LORA, "target_modules": QKV}, 1e-3),
+    "adalora": Method("PEFT AdaLoRA all-linear 12 -> 8", "adalora", {**BUDGETED, "init_r": 12, "target_r": 8}, 1e-3),
+    "sublora": Method("SubLoRA all-linear 12 -> 8", "sublora", {**BUDGETED, "r": 12, "target_r": 8}, 1e-3),
+    "odelora": Method(
+        "ODELoRA (Euler) on LoRA all-linear",
+        "lora",
+        {**LORA, "target_modules": ALL_LINEAR},
+        0.3,
+        optimizer="odelora-euler",
     ),
     # Ablation rows (validation split): the state-ctrl mlp row with one setting changed.
     "state-ctrl-mlp-one-lr": Method("state-ctrl mlp, one lr (no depth scaling)", "state-ctrl", {"r": 64}, 2e-4),
@@ -89,6 +107,7 @@ METHODS: dict[str, Method] = {
 REFERENCE = "lora-all"
 MAIN_JOB = ("lora-all", "lora-qkv", "state-ctrl-mlp", "control-lora")
 HEADLINE = ("lora-all", "lora-qkv", "dora", "lora-all-ckpt", "state-ctrl-mlp", "state-ctrl-both", "control-lora")
+OTHERS = ("seal-qkv", "adalora", "sublora", "odelora")  # each beside its twin: lora-qkv, adalora, lora-all
 ABLATION = ("state-ctrl-mlp", "state-ctrl-mlp-one-lr", "state-ctrl-mlp-one-lr-high", "state-ctrl-mlp-r16")
 ABLATION += ("state-ctrl-mlp-lr3x", "state-ctrl-both", "control-lora")
 
@@ -230,10 +249,11 @@ def _left_padded(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def option_choices(
+def option_scores(
     model: nn.Module, items: Sequence[Scored], pad_id: int, bf16: bool, batch_size: int = 32
-) -> list[int]:
-    """The option index each item's most likely response picks (see the module docstring)."""
+) -> list[dict[int, float]]:
+    """Per item, the log-likelihood of each option's remaining tokens (option index -> log-probability) given
+    the question and the options' shared first tokens (see the module docstring)."""
     model.eval()
     jobs = [(i, q) for i, scored in enumerate(items) for q in scored.queries]
     jobs.sort(key=lambda job: len(job[1].input_ids))
@@ -249,22 +269,41 @@ def option_choices(
             for option, target in query.targets.items():
                 positions = logp[row, k - len(target) :]
                 scores[i][option] = positions.gather(1, torch.tensor(target)[:, None]).sum().item()
-    return [max(s, key=s.get) for s in scores]
+    return scores
 
 
-def hits(model: nn.Module, data: CommonsenseData, pad_id: int, bf16: bool) -> dict[str, list[int]]:
-    """Per task, 1 where the model's choice is the reference answer, else 0 (item order of ``data``)."""
-    out = {}
+def option_choices(
+    model: nn.Module, items: Sequence[Scored], pad_id: int, bf16: bool, batch_size: int = 32
+) -> list[int]:
+    """The option index each item's most likely response picks."""
+    return [max(s, key=s.get) for s in option_scores(model, items, pad_id, bf16, batch_size)]
+
+
+def evaluate(
+    model: nn.Module, data: CommonsenseData, pad_id: int, bf16: bool
+) -> tuple[dict[str, list[int]], dict[str, float]]:
+    """Per task: the hits (1 where the model's choice is the reference answer, else 0, in item order) and the mean
+    option NLL, ``-log softmax(option log-likelihoods)[reference]`` (nats; log(options) at chance, 0 when sure and
+    right). The NLL moves before accuracy does, so it separates methods that accuracy still ties."""
+    hits, nll = {}, {}
     for task, items in data.evaluation.items():
-        choices = option_choices(model, items, pad_id, bf16)
-        out[task] = [int(s.item.options[c] == s.item.answer) for s, c in zip(items, choices, strict=True)]
-    return out
+        scores = option_scores(model, items, pad_id, bf16)
+        hits[task], losses = [], []
+        for scored, by_option in zip(items, scores, strict=True):
+            answer = scored.item.options.index(scored.item.answer)
+            hits[task].append(int(max(by_option, key=by_option.get) == answer))
+            values = torch.tensor([by_option[o] for o in range(len(scored.item.options))], dtype=torch.float64)
+            losses.append(float(torch.logsumexp(values, 0) - values[answer]))
+        nll[task] = statistics.fmean(losses)
+    return hits, nll
 
 
 # ---------------------------------------------------------------- one experiment
 
 
-def peft_config(method: str) -> Any:
+def peft_config(method: str, steps: int) -> Any:
+    """The adapter config of ``method``; AdaLoRA's and SubLoRA's schedules are set from ``steps``: all
+    components for the first fifth, the budget reached at three quarters, allocations every tenth."""
     spec = METHODS[method]
     if spec.kind == "state-ctrl":
         return StateCtrlConfig(task_type="CAUSAL_LM", **spec.options)
@@ -272,6 +311,20 @@ def peft_config(method: str) -> Any:
         from .seal import SealConfig
 
         return SealConfig(task_type="CAUSAL_LM", **spec.options)
+    schedule = {"total_step": steps}
+    t_init, t_final, delta_t = steps // 5, steps // 4, max(1, steps // 10)
+    if spec.kind == "adalora":
+        from peft import AdaLoraConfig
+
+        return AdaLoraConfig(
+            task_type="CAUSAL_LM", tinit=t_init, tfinal=t_final, deltaT=delta_t, **schedule, **spec.options
+        )
+    if spec.kind == "sublora":
+        from .sublora import SubLoRAConfig
+
+        return SubLoRAConfig(
+            task_type="CAUSAL_LM", t_init=t_init, t_final=t_final, delta_t=delta_t, **schedule, **spec.options
+        )
     return LoraConfig(task_type="CAUSAL_LM", **spec.options)
 
 
@@ -282,64 +335,117 @@ def adapter_bytes(model: PeftModel) -> int:
         return sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
 
 
-def train_and_score(method: str, seed: int, args: BenchArgs, data: CommonsenseData) -> dict[str, Any]:
-    """Train one method at one seed and score it; returns the experiment's result record."""
+def _labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The batch's last k + 1 tokens as causal-LM labels (-100 outside the response), for models whose own loss
+    must run (AdaLoRA adds its orthogonality term to ``outputs.loss`` only); with ``logits_to_keep = k + 1`` the
+    model's loss equals ``answer_loss``."""
+    k = batch["targets"].shape[1]
+    return torch.cat([torch.full_like(batch["targets"][:, :1], -100), batch["targets"]], dim=1)[:, -(k + 1) :]
+
+
+def train_and_score(
+    method: str,
+    seed: int,
+    args: BenchArgs,
+    data: CommonsenseData,
+    load: Callable[[], tuple[nn.Module, Any]] | None = None,
+) -> dict[str, Any]:
+    """Train one method at one seed and score it; returns the experiment's result record. ``load`` gives the base
+    model and tokenizer (default: SmolLM2-135M-Instruct)."""
     from .models import load_smollm2
 
     spec = METHODS[method]
     started = time.perf_counter()
-    base, tokenizer = load_smollm2()
+    base, tokenizer = (load or load_smollm2)()
     if spec.checkpointing:
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(seed)
-    model = get_peft_model(base, peft_config(method))
+    model = get_peft_model(base, peft_config(method, args.steps))
     params = [p for p in model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
     lr = args.lr_of(method)
-    lengths = torch.tensor([len(e.prompt_ids) + len(e.answer_ids) for e in data.train])
-    batches = length_bucketed_batches(lengths, args.batch_size, args.steps, seed)
     pad = tokenizer.pad_token_id
+    lengths = torch.tensor([len(e.prompt_ids) + len(e.answer_ids) for e in data.train])
+    first_batches = length_bucketed_batches(lengths, args.batch_size, 1, seed)
 
-    def batch_at(step: int) -> dict[str, torch.Tensor]:
-        return collate([data.train[i] for i in batches[step].tolist()], pad)
+    def collated(indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        return collate([data.train[i] for i in indices.tolist()], pad)
 
     def loss_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            if spec.kind == "adalora":
+                inputs = {k: v for k, v in batch.items() if k != "targets"}
+                return model(**inputs, labels=_labels(batch), logits_to_keep=batch["targets"].shape[1] + 1).loss
             return answer_loss(model, batch)
 
-    if spec.depth_lr:
-        first = {k: v for k, v in batch_at(0).items() if k != "targets"}
-        rms = bridge_input_rms(model, lambda: model(**first, logits_to_keep=1))
-        groups = depth_scaled_param_groups(model, lr, rms)
+    if spec.optimizer.startswith("odelora"):
+        from .optim import create_odelora_optimizer
+
+        optimizer = create_odelora_optimizer(model, lr=lr, scheme=spec.optimizer.split("-", 1)[1])
+        steps = max(1, args.steps // optimizer.evaluations_per_step)  # the same gradient evaluations as AdamW rows
     else:
-        groups = [{"params": params, "lr": lr}]
-    for group in groups:
+        if spec.depth_lr:
+            first = {k: v for k, v in collated(first_batches[0]).items() if k != "targets"}
+            groups = depth_scaled_param_groups(
+                model, lr, bridge_input_rms(model, lambda: model(**first, logits_to_keep=1))
+            )
+        else:
+            groups = [{"params": params, "lr": lr}]
+        optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+        steps = args.steps
+    for group in optimizer.param_groups:
         group["peak_lr"] = group["lr"]
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    batches = length_bucketed_batches(lengths, args.batch_size, steps, seed)
+    allocator = None
+    if spec.kind == "sublora":
+        from .sublora.runtime import RankAllocator
+
+        allocator = RankAllocator(model, total_step=steps, loss_fn=answer_loss)
+        draw = torch.Generator().manual_seed(10_000 + seed)
+        curvature_batches = (
+            collated(torch.randperm(len(data.train), generator=draw)[: args.batch_size]) for _ in itertools.count()
+        )
     times, losses, saved, tokens = [], [], 0, 0
     model.train()
-    bar = tqdm(range(args.steps), desc=f"{method} seed {seed}", leave=False, dynamic_ncols=True)
+    bar = tqdm(range(steps), desc=f"{method} seed {seed}", leave=False, dynamic_ncols=True)
     for step in bar:
-        batch = batch_at(step)
+        batch = collated(batches[step])
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args.steps, group["peak_lr"])
+            group["lr"] = lr_at(step, steps, group["peak_lr"])
         start = time.perf_counter()
         if step == 0:  # the same first batch for every method of a seed
-            with SavedTensorMeter(exclude=model) as meter:
+            meter = SavedTensorMeter(exclude=model)
+            with meter:
                 loss = loss_of(batch)
                 loss.backward()
             saved, tokens = meter.total_bytes, int(batch["attention_mask"].numel())
+            model.zero_grad(set_to_none=True)  # the measured pass is not a training step: every row steps alike
             start = time.perf_counter()
+        if spec.optimizer.startswith("odelora"):
+
+            def closure(batch: dict[str, torch.Tensor] = batch) -> torch.Tensor:
+                loss = loss_of(batch)
+                loss.backward()
+                return loss
+
+            loss = optimizer.step(closure)
         else:
             loss = loss_of(batch)
             loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            if spec.kind == "adalora":
+                model.base_model.update_and_allocate(step)
         optimizer.zero_grad(set_to_none=True)
+        if allocator is not None and allocator.due(step):
+            allocator.allocate(step, curvature_batches, optimizer)
         times.append(time.perf_counter() - start)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{statistics.fmean(losses[-10:]):.3f}")
+    if allocator is not None:
+        model.base_model.truncate()
     trained = time.perf_counter() - started
-    scored = hits(model, data, pad, args.bf16)
+    scored, nll = evaluate(model, data, pad, args.bf16)
     if args.save_adapters:
         with atomic_directory(Path(args.save_adapters) / method / f"seed{seed}") as folder:
             model.save_pretrained(folder)
@@ -347,10 +453,13 @@ def train_and_score(method: str, seed: int, args: BenchArgs, data: CommonsenseDa
     return {
         "method": method,
         "label": spec.label,
+        "kind": spec.kind,
         "seed": seed,
         "lr": lr,
         "depth_lr": spec.depth_lr,
-        "trainable_params": sum(p.numel() for p in params),
+        "optimizer": spec.optimizer,
+        "optimizer_steps": steps,
+        "trainable_params": trainable,
         "adapter_bytes": adapter_bytes(model),
         "saved_activation_bytes": saved,
         "measured_tokens": tokens,
@@ -358,6 +467,7 @@ def train_and_score(method: str, seed: int, args: BenchArgs, data: CommonsenseDa
         "train_seconds": round(trained, 1),
         "losses": [round(x, 4) for x in losses],
         "accuracy": {task: statistics.fmean(h) for task, h in scored.items()},
+        "option_nll": nll,
         "hits": scored,
     }
 
@@ -370,7 +480,10 @@ def run_bench(args: BenchArgs) -> list[dict[str, Any]]:
     """Run every (seed, method) experiment that has no result file yet, writing each file when it finishes; returns
     all results of ``args.methods`` x ``args.seeds``. All methods of one seed run back to back."""
     from .models import load_smollm2
+    from .seal.keys import KEY_ENV
 
+    if any(METHODS[m].kind == "seal" for m in args.methods) and not os.environ.get(KEY_ENV):
+        raise ValueError(f"The SEAL row trains with the owner's key: set {KEY_ENV} (make one: peft-ctrl seal keygen).")
     _, tokenizer = load_smollm2()
     data = load_data(tokenizer, args)
     sizes = ", ".join(f"{task} {len(items)}" for task, items in data.evaluation.items())
@@ -418,8 +531,9 @@ def score_adapters(
     for folder in tqdm(folders, desc="adapters", dynamic_ncols=True):
         base, _ = load_smollm2()
         model = PeftModel.from_pretrained(base, folder)
-        scored = hits(model, data, tokenizer.pad_token_id, bf16)
-        out.append({"adapter": str(folder), "accuracy": {t: statistics.fmean(h) for t, h in scored.items()}})
+        scored, nll = evaluate(model, data, tokenizer.pad_token_id, bf16)
+        accuracy = {t: statistics.fmean(h) for t, h in scored.items()}
+        out.append({"adapter": str(folder), "accuracy": accuracy, "option_nll": nll})
     return out
 
 
@@ -472,11 +586,13 @@ def summary_rows(results: list[dict[str, Any]], reference: str = REFERENCE) -> l
             "average": averages,
             "average_mean": statistics.fmean(averages),
             "average_std": statistics.stdev(averages) if len(averages) > 1 else 0.0,
+            "option_nll": statistics.fmean(statistics.fmean(r["option_nll"].values()) for r in runs),
             "trainable_params": runs[0]["trainable_params"],
             "adapter_bytes": runs[0]["adapter_bytes"],
             "saved_bytes": runs[0]["saved_activation_bytes"],
             "step_seconds": step[method],
             "lr": runs[0]["lr"],
+            "kind": runs[0]["kind"],
         }
         if reference in groups:
             ref = groups[reference]
@@ -496,7 +612,16 @@ def summary_table(results: list[dict[str, Any]], reference: str = REFERENCE) -> 
     names = {"boolq": "BoolQ", "openbookqa": "OBQA", "ARC-Easy": "ARC-e", "ARC-Challenge": "ARC-c"}
     ref_label = "LoRA all-linear" if reference == REFERENCE else reference
     head = ["method", "params", *[names.get(t, t) for t in tasks], "average (mean ± std)"]
-    head += [f"Δ vs {ref_label} [95% CI]", "saved MiB", "bytes x ref", "step s", "time x ref", "adapter MB", "lr"]
+    head += [
+        f"Δ vs {ref_label} [95% CI]",
+        "option NLL",
+        "saved MiB",
+        "bytes x ref",
+        "step s",
+        "time x ref",
+        "adapter MB",
+        "lr",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for row in rows:
         diff = row.get("difference")
@@ -512,6 +637,7 @@ def summary_table(results: list[dict[str, Any]], reference: str = REFERENCE) -> 
             *[f"{row['tasks'][t]:.1f}" for t in tasks],
             f"{row['average_mean']:.1f} ± {row['average_std']:.1f}{seeds}",
             delta,
+            f"{row['option_nll']:.3f}",
             f"{row['saved_bytes'] / 2**20:.0f}",
             f"{row.get('bytes_x_ref', float('nan')):.3f}",
             f"{row['step_seconds']:.2f}",
@@ -523,7 +649,7 @@ def summary_table(results: list[dict[str, Any]], reference: str = REFERENCE) -> 
     return "\n".join(lines)
 
 
-def plot(results: list[dict[str, Any]], path: str | os.PathLike, title: str) -> bool:
+def plot(results: list[dict[str, Any]], path: str | os.PathLike, title: str, reference: str = REFERENCE) -> bool:
     """Average accuracy (with the seeds' std), saved bytes and step time per method; False without matplotlib."""
     try:
         import matplotlib
@@ -532,9 +658,9 @@ def plot(results: list[dict[str, Any]], path: str | os.PathLike, title: str) -> 
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    rows = summary_rows(results)
+    rows = summary_rows(results, reference)
     labels = [r["label"].replace("PEFT ", "").replace(" + checkpointing", "\n+ ckpt") for r in rows]
-    colors = ["tab:blue" if METHODS[r["method"]].kind == "state-ctrl" else "tab:gray" for r in rows]
+    colors = ["tab:blue" if r["kind"] == "state-ctrl" else "tab:gray" for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(16, 0.5 * len(rows) + 2.5))
     panels = [
         (
@@ -559,7 +685,9 @@ def plot(results: list[dict[str, Any]], path: str | os.PathLike, title: str) -> 
     return True
 
 
-def write_report(results: list[dict[str, Any]], folder: str | os.PathLike, name: str, command: str) -> list[Path]:
+def write_report(
+    results: list[dict[str, Any]], folder: str | os.PathLike, name: str, command: str, reference: str = REFERENCE
+) -> list[Path]:
     """``NAME.json`` (every experiment's record), ``NAME.md`` (the table and protocol line) and ``NAME.png``."""
     folder = Path(folder)
     first = results[0]
@@ -569,11 +697,12 @@ def write_report(results: list[dict[str, Any]], folder: str | os.PathLike, name:
         f"{first['split']} split, {first['eval_items'] or 'all'} items per task, seeds "
         f"{sorted({r['seed'] for r in results})}; {first['machine']}; {first['date']}; {minutes:.0f} minutes of "
         "training and scoring in all.\n\n"
-        f"{summary_table(results)}\n\n"
+        f"{summary_table(results, reference)}\n\n"
         "Accuracy: the option with the most likely response, per task and averaged over tasks. Δ: paired difference "
-        "to "
-        "LoRA all-linear in points with its 95% bootstrap interval over test items (hits averaged over the shared "
-        "seeds); an interval that holds 0 is a tie. Saved bytes: the first step's tensors saved for backward (same "
+        "to the reference row in points with its 95% bootstrap interval over test items (hits averaged over the "
+        "shared seeds); an interval that holds 0 is a tie. Option NLL: -log of the reference option's share of the "
+        "options' likelihoods, averaged over items and tasks (nats; chance: log 2 for BoolQ, log 4 for ARC and "
+        "OBQA, 1.04 averaged). Saved bytes: the first step's tensors saved for backward (same "
         "batch for every method). Step time: median over steps and seeds, ratios from the same run.\n"
     )
     written = []
@@ -581,6 +710,8 @@ def write_report(results: list[dict[str, Any]], folder: str | os.PathLike, name:
         with atomic_file(folder / f"{name}{suffix}") as tmp:
             tmp.write_text(content)
         written.append(folder / f"{name}{suffix}")
-    if plot(results, folder / f"{name}.png", f"SmolLM2-135M-Instruct, commonsense ({first['split']} split)"):
+    if plot(
+        results, folder / f"{name}.png", f"SmolLM2-135M-Instruct, commonsense ({first['split']} split)", reference
+    ):
         written.append(folder / f"{name}.png")
     return written

@@ -237,6 +237,31 @@ def test_the_runner_resumes_and_skips_finished_experiments(tmp_path, monkeypatch
     ran.clear()
     lm_bench.run_bench(args)  # everything done: nothing runs again
     assert ran == []
+    monkeypatch.delenv("PEFT_CTRL_SEAL_KEY", raising=False)
+    with pytest.raises(ValueError, match="PEFT_CTRL_SEAL_KEY"):
+        lm_bench.run_bench(lm_bench.BenchArgs(methods=("seal-qkv",), results_dir=str(tmp_path)))
+
+
+def tiny_data(tokenizer: WordTokenizer) -> lm_bench.CommonsenseData:
+    questions = [f"q{i} w{i % 3} x{i % 5}" for i in range(24)]
+    items = [item(("answer1", "answer2"), f"answer{1 + i % 2}", q) for i, q in enumerate(questions)]
+    train = [lm_bench.train_example(tokenizer, it) for it in items[:16]]
+    return lm_bench.CommonsenseData(train, {"t": [lm_bench.scored_item(tokenizer, it) for it in items[16:]]}, 0)
+
+
+@pytest.mark.parametrize("method", lm_bench.METHODS)
+def test_every_row_trains_scores_and_reports_on_a_tiny_llama(method, monkeypatch, tmp_path):
+    """Every row of the comparison (AdaLoRA's allocator, SubLoRA's, ODELoRA's closure steps included) runs its
+    loop, changes its adapter and returns a complete record."""
+    monkeypatch.setenv("PEFT_CTRL_SEAL_KEY", "bench-test-key-0123456789")
+    tokenizer = WordTokenizer()
+    data = tiny_data(tokenizer)
+    args = lm_bench.BenchArgs(methods=(method,), steps=10, batch_size=4, bf16=False, save_adapters=str(tmp_path))
+    out = lm_bench.train_and_score(method, 0, args, data, load=lambda: (build("llama"), tokenizer))
+    assert out["optimizer_steps"] == 10 and len(out["losses"]) == 10 and all(v == v for v in out["losses"])
+    assert out["saved_activation_bytes"] > 0 and out["adapter_bytes"] > 0 and out["trainable_params"] > 0
+    assert len(out["hits"]["t"]) == 8 and 0 <= out["accuracy"]["t"] <= 1
+    assert (tmp_path / method / "seed0" / "adapter_config.json").is_file()
 
 
 @pytest.mark.parametrize(
