@@ -66,6 +66,9 @@ class Method:
     checkpointing: bool = False
     depth_lr: bool = False  # bridges at lr / RMS(h) (peft_ctrl.optim.depth_lr)
     optimizer: str = "adamw"
+    # (reference, twin): train for the reference's wall-clock time, i.e. steps x (reference's median step time /
+    # twin's), both measured at the same seed in this run (the twin is this row at the fixed number of steps)
+    same_time_as: tuple[str, str] | None = None
 
 
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
@@ -88,6 +91,14 @@ METHODS: dict[str, Method] = {
         1e-3,
         depth_lr=True,
     ),
+    "state-ctrl-mlp-same-time": Method(
+        "state-ctrl mlp at LoRA all-linear's wall-clock time",
+        "state-ctrl",
+        {"r": 64, "blocks": "mlp"},
+        1e-3,
+        depth_lr=True,
+        same_time_as=("lora-all", "state-ctrl-mlp"),
+    ),
     "seal-qkv": Method("SEAL q,k,v (twin of LoRA q,k,v)", "seal", {**LORA, "target_modules": QKV}, 1e-3),
     "adalora": Method("PEFT AdaLoRA all-linear 12 -> 8", "adalora", {**BUDGETED, "init_r": 12, "target_r": 8}, 1e-3),
     "sublora": Method("SubLoRA all-linear 12 -> 8", "sublora", {**BUDGETED, "r": 12, "target_r": 8}, 1e-3),
@@ -107,6 +118,7 @@ METHODS: dict[str, Method] = {
 REFERENCE = "lora-all"
 MAIN_JOB = ("lora-all", "lora-qkv", "state-ctrl-mlp", "control-lora")
 HEADLINE = ("lora-all", "lora-qkv", "dora", "lora-all-ckpt", "state-ctrl-mlp", "state-ctrl-both", "control-lora")
+HEADLINE += ("state-ctrl-mlp-same-time",)
 OTHERS = ("seal-qkv", "adalora", "sublora", "odelora")  # each beside its twin: lora-qkv, adalora, lora-all
 ABLATION = ("state-ctrl-mlp", "state-ctrl-mlp-one-lr", "state-ctrl-mlp-one-lr-high", "state-ctrl-mlp-r16")
 ABLATION += ("state-ctrl-mlp-lr3x", "state-ctrl-both", "control-lora")
@@ -349,9 +361,11 @@ def train_and_score(
     args: BenchArgs,
     data: CommonsenseData,
     load: Callable[[], tuple[nn.Module, Any]] | None = None,
+    steps: int | None = None,
 ) -> dict[str, Any]:
     """Train one method at one seed and score it; returns the experiment's result record. ``load`` gives the base
-    model and tokenizer (default: SmolLM2-135M-Instruct)."""
+    model and tokenizer (default: SmolLM2-135M-Instruct); ``steps`` replaces ``args.steps`` (gradient
+    evaluations)."""
     from .models import load_smollm2
 
     spec = METHODS[method]
@@ -360,10 +374,11 @@ def train_and_score(
     if spec.checkpointing:
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(seed)
-    model = get_peft_model(base, peft_config(method, args.steps))
+    model = get_peft_model(base, peft_config(method, steps or args.steps))
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     lr = args.lr_of(method)
+    evaluations = steps or args.steps
     pad = tokenizer.pad_token_id
     lengths = torch.tensor([len(e.prompt_ids) + len(e.answer_ids) for e in data.train])
     first_batches = length_bucketed_batches(lengths, args.batch_size, 1, seed)
@@ -382,7 +397,7 @@ def train_and_score(
         from .optim import create_odelora_optimizer
 
         optimizer = create_odelora_optimizer(model, lr=lr, scheme=spec.optimizer.split("-", 1)[1])
-        steps = max(1, args.steps // optimizer.evaluations_per_step)  # the same gradient evaluations as AdamW rows
+        steps = max(1, evaluations // optimizer.evaluations_per_step)  # the same gradient evaluations as AdamW rows
     else:
         if spec.depth_lr:
             first = {k: v for k, v in collated(first_batches[0]).items() if k != "targets"}
@@ -392,7 +407,7 @@ def train_and_score(
         else:
             groups = [{"params": params, "lr": lr}]
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-        steps = args.steps
+        steps = evaluations
     for group in optimizer.param_groups:
         group["peak_lr"] = group["lr"]
     batches = length_bucketed_batches(lengths, args.batch_size, steps, seed)
@@ -476,6 +491,24 @@ def result_path(args: BenchArgs, method: str, seed: int) -> Path:
     return Path(args.results_dir) / args.split / f"{method}__seed{seed}.json"
 
 
+def same_time_steps(args: BenchArgs, method: str, seed: int) -> int | None:
+    """Steps for a ``same_time_as`` row: ``args.steps`` x the reference's median step time / the twin's, from their
+    result files at ``seed`` (``None`` for other rows). Raises ``ValueError`` when either has not run yet."""
+    pair = METHODS[method].same_time_as
+    if pair is None:
+        return None
+    times = []
+    for other in pair:
+        path = result_path(args, other, seed)
+        if not path.is_file():
+            raise ValueError(
+                f"{method} trains for {pair[0]}'s wall-clock time as measured beside {pair[1]}: run both at seed "
+                f"{seed} first (list them before {method} in methods)."
+            )
+        times.append(json.loads(path.read_text())["step_seconds"])
+    return max(1, round(args.steps * times[0] / times[1]))
+
+
 def run_bench(args: BenchArgs) -> list[dict[str, Any]]:
     """Run every (seed, method) experiment that has no result file yet, writing each file when it finishes; returns
     all results of ``args.methods`` x ``args.seeds``. All methods of one seed run back to back."""
@@ -497,10 +530,12 @@ def run_bench(args: BenchArgs) -> list[dict[str, Any]]:
     if len(todo) < len(runs):
         print(f"resuming: {len(runs) - len(todo)} of {len(runs)} experiments already have results")
     for method, seed in tqdm(todo, desc="experiments", dynamic_ncols=True):
-        record = train_and_score(method, seed, args, data)
+        steps = same_time_steps(args, method, seed)
+        record = train_and_score(method, seed, args, data, steps=steps)
         record.update(
             {
                 "steps": args.steps,
+                "budget_steps": steps or args.steps,
                 "batch_size": args.batch_size,
                 "split": args.split,
                 "eval_items": args.eval_items,

@@ -216,7 +216,7 @@ def test_depth_scaled_groups_divide_each_bridges_lr_by_the_rms_it_reads():
 def test_the_runner_resumes_and_skips_finished_experiments(tmp_path, monkeypatch):
     ran = []
 
-    def fake_train(method, seed, args, data):
+    def fake_train(method, seed, args, data, steps=None):
         ran.append((method, seed))
         return {"method": method, "seed": seed, "train_seconds": 1.0}
 
@@ -257,11 +257,22 @@ def test_every_row_trains_scores_and_reports_on_a_tiny_llama(method, monkeypatch
     tokenizer = WordTokenizer()
     data = tiny_data(tokenizer)
     args = lm_bench.BenchArgs(methods=(method,), steps=10, batch_size=4, bf16=False, save_adapters=str(tmp_path))
-    out = lm_bench.train_and_score(method, 0, args, data, load=lambda: (build("llama"), tokenizer))
+    out = lm_bench.train_and_score(method, 0, args, data, load=lambda: (build("llama"), tokenizer), steps=10)
     assert out["optimizer_steps"] == 10 and len(out["losses"]) == 10 and all(v == v for v in out["losses"])
     assert out["saved_activation_bytes"] > 0 and out["adapter_bytes"] > 0 and out["trainable_params"] > 0
     assert len(out["hits"]["t"]) == 8 and 0 <= out["accuracy"]["t"] <= 1
     assert (tmp_path / method / "seed0" / "adapter_config.json").is_file()
+
+
+def test_the_same_time_row_takes_its_steps_from_the_measured_step_times(tmp_path):
+    args = lm_bench.BenchArgs(methods=("state-ctrl-mlp-same-time",), steps=80, results_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="run both at seed 0 first"):
+        lm_bench.same_time_steps(args, "state-ctrl-mlp-same-time", 0)
+    for method, seconds in (("lora-all", 2.0), ("state-ctrl-mlp", 1.1)):
+        lm_bench.result_path(args, method, 0).parent.mkdir(parents=True, exist_ok=True)
+        lm_bench.result_path(args, method, 0).write_text(json.dumps({"step_seconds": seconds}))
+    assert lm_bench.same_time_steps(args, "state-ctrl-mlp-same-time", 0) == round(80 * 2.0 / 1.1)
+    assert lm_bench.same_time_steps(args, "state-ctrl-mlp", 0) is None
 
 
 @pytest.mark.parametrize(
