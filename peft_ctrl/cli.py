@@ -62,7 +62,7 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
         description="The main job. --model smollm2 (default), --task commonsense (default): fine-tune "
         "SmolLM2-135M-Instruct on the commonsense suite (BoolQ, ARC-Easy, ARC-Challenge, OpenBookQA) with PEFT LoRA "
         "all-linear and q,k,v, state-ctrl mlp and Control+LoRA, one seed, and report per-task accuracy, saved bytes "
-        "and step time (about 15 minutes on 2 cores; --quick: about 3; docs/commonsense.md). --task stdlib: the "
+        "and step time (about 12 minutes on 2 cores; --quick: about 3; docs/commonsense.md). --task stdlib: the "
         "stdlib-topics chat task, 7 methods x 3 seeds (docs/finetune.md). --model minilm: classify the stdlib "
         "sentences with all-MiniLM-L6-v2. Flags left out take the job's defaults.",
     )
@@ -128,9 +128,12 @@ def _commonsense_settings(args: argparse.Namespace) -> BenchArgs:
         value = getattr(args, flag)
         if value is not None:
             given[flag] = tuple(value) if isinstance(value, list) else value
-    given["results_dir"] = args.results_dir or f"{args.output_dir or 'runs/finetune'}/commonsense"
+    # The main job's experiments are the full comparison's seed-0 ones: `peft-ctrl bench commonsense` resumes from
+    # them. The quick run has other settings, so it keeps its own folder.
+    default = "runs/finetune/commonsense-quick" if args.quick else "runs/commonsense"
+    given["results_dir"] = args.results_dir or (f"{args.output_dir}/commonsense" if args.output_dir else default)
     if not args.no_save:
-        given["save_adapters"] = f"{args.output_dir or 'runs/finetune'}/commonsense/adapters"
+        given["save_adapters"] = f"{given['results_dir']}/adapters"
     return BenchArgs.main_job(**given)
 
 

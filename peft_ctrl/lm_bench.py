@@ -162,9 +162,10 @@ class BenchArgs:
 
     @classmethod
     def main_job(cls, **overrides: Any) -> BenchArgs:
-        """The README's main job: 4 rows (LoRA all-linear and q,k,v, state-ctrl mlp, Control+LoRA), one seed,
-        60 steps, 100 test items per task (about 15 minutes on 2 cores)."""
-        return cls(**{"methods": MAIN_JOB, "seeds": (0,), "steps": 60, "eval_items": 100, **overrides})
+        """The README's main job: 4 rows (LoRA all-linear and q,k,v, state-ctrl mlp, Control+LoRA) at seed 0 with
+        the full comparison's settings, so its results are that comparison's seed-0 experiments (about 12 minutes
+        on 2 cores)."""
+        return cls(**{"methods": MAIN_JOB, "seeds": (0,), **overrides})
 
     def lr_of(self, method: str) -> float:
         return self.lr.get(method, METHODS[method].lr)
@@ -491,6 +492,12 @@ def result_path(args: BenchArgs, method: str, seed: int) -> Path:
     return Path(args.results_dir) / args.split / f"{method}__seed{seed}.json"
 
 
+def settings_of(args: BenchArgs, method: str) -> dict[str, Any]:
+    """What an experiment's result depends on besides its method and seed; a resumed run must match it."""
+    keys = ("steps", "batch_size", "split", "eval_items", "validation_items", "max_tokens", "bf16")
+    return {**{k: getattr(args, k) for k in keys}, "lr": args.lr_of(method)}
+
+
 def same_time_steps(args: BenchArgs, method: str, seed: int) -> int | None:
     """Steps for a ``same_time_as`` row: ``args.steps`` x the reference's median step time / the twin's, from their
     result files at ``seed`` (``None`` for other rows). Raises ``ValueError`` when either has not run yet."""
@@ -526,6 +533,13 @@ def run_bench(args: BenchArgs) -> list[dict[str, Any]]:
         f"seeds {list(args.seeds)}; results in {Path(args.results_dir) / args.split}"
     )
     runs = [(m, s) for s in args.seeds for m in args.methods]
+    for method, seed in runs:
+        path = result_path(args, method, seed)
+        if path.is_file() and json.loads(path.read_text()).get("settings") != settings_of(args, method):
+            raise ValueError(
+                f"{path} was made with other settings ({json.loads(path.read_text()).get('settings')}); resuming "
+                "would mix them. Use another --results-dir, or delete the file to rerun it."
+            )
     todo = [(m, s) for m, s in runs if not result_path(args, m, s).is_file()]
     if len(todo) < len(runs):
         print(f"resuming: {len(runs) - len(todo)} of {len(runs)} experiments already have results")
@@ -534,6 +548,7 @@ def run_bench(args: BenchArgs) -> list[dict[str, Any]]:
         record = train_and_score(method, seed, args, data, steps=steps)
         record.update(
             {
+                "settings": settings_of(args, method),
                 "steps": args.steps,
                 "budget_steps": steps or args.steps,
                 "batch_size": args.batch_size,

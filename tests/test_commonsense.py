@@ -225,7 +225,8 @@ def test_the_runner_resumes_and_skips_finished_experiments(tmp_path, monkeypatch
     monkeypatch.setattr(lm_bench, "train_and_score", fake_train)
     args = lm_bench.BenchArgs(methods=("lora-all", "state-ctrl-mlp"), seeds=(0, 1), results_dir=str(tmp_path))
     lm_bench.result_path(args, "state-ctrl-mlp", 0).parent.mkdir(parents=True)
-    lm_bench.result_path(args, "state-ctrl-mlp", 0).write_text(json.dumps({"method": "state-ctrl-mlp", "seed": 0}))
+    done = {"method": "state-ctrl-mlp", "seed": 0, "settings": lm_bench.settings_of(args, "state-ctrl-mlp")}
+    lm_bench.result_path(args, "state-ctrl-mlp", 0).write_text(json.dumps(done))
     results = lm_bench.run_bench(args)
     assert ran == [("lora-all", 0), ("lora-all", 1), ("state-ctrl-mlp", 1)]
     assert [(r["method"], r["seed"]) for r in results] == [
@@ -237,6 +238,9 @@ def test_the_runner_resumes_and_skips_finished_experiments(tmp_path, monkeypatch
     ran.clear()
     lm_bench.run_bench(args)  # everything done: nothing runs again
     assert ran == []
+    other = lm_bench.BenchArgs(methods=args.methods, seeds=args.seeds, steps=7, results_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="made with other settings"):
+        lm_bench.run_bench(other)  # a result of other settings is never mixed in
     monkeypatch.delenv("PEFT_CTRL_SEAL_KEY", raising=False)
     with pytest.raises(ValueError, match="PEFT_CTRL_SEAL_KEY"):
         lm_bench.run_bench(lm_bench.BenchArgs(methods=("seal-qkv",), results_dir=str(tmp_path)))
