@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine: installs what is missing into a virtual environment, then runs a task.
-#   bash run.sh finetune [peft-ctrl finetune flags]   the main job (state-ctrl vs PEFT LoRA on MiniLM)
+#   bash run.sh finetune [peft-ctrl finetune flags]   the main job (SmolLM2 on the commonsense suite)
 #   bash run.sh test [pytest flags]                    the test suite, in the tested environment
 #   bash run.sh compat newest|oldest [pytest flags]    the compatibility subset against the newest releases
 #                                                      of transformers/peft/accelerate, or pyproject's lower bounds

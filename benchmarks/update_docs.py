@@ -44,6 +44,9 @@ SOURCES = {
     "sublora_pinn_unpruned": lambda: (RESULTS / "sublora_pinn_unpruned" / "sublora_pinn.md").read_text().strip(),
     "seal_robustness": lambda: (RESULTS / "seal_robustness.md").read_text().strip(),
     "odelora_overhead": lambda: (RESULTS / "odelora_overhead.md").read_text().strip(),
+    "commonsense": lambda: _blocks(RESULTS / "commonsense.md")[1],
+    "commonsense_grid": lambda: _blocks(RESULTS / "commonsense_grid.md")[1],
+    "finetune_commonsense": lambda: _blocks(RESULTS / "finetune_commonsense.md")[1],
     "zero_memory": lambda: _block_after(RESULTS / "zero_memory.md", "Measured with"),
     "zero_memory_7b": lambda: _block_after(RESULTS / "zero_memory.md", "Projected to LLaMA2-7B"),
 }
