@@ -140,6 +140,7 @@ class BenchArgs:
     results_dir: str = "runs/commonsense"
     save_adapters: str | None = None
     bf16: bool = True
+    eval_every: int | None = None  # also score every N steps (the record's "curve"); None: at the end only
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -157,6 +158,8 @@ class BenchArgs:
             check_int("eval_items", self.eval_items, low=1)
         check_int("validation_items", self.validation_items, low=1)
         check_int("max_tokens", self.max_tokens, low=16)
+        if self.eval_every is not None:
+            check_int("eval_every", self.eval_every, low=1)
         for key, value in self.lr.items():
             check_float(f"lr[{key!r}]", value, 0.0, low_open=True)
 
@@ -348,6 +351,10 @@ def adapter_bytes(model: PeftModel) -> int:
         return sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
 
 
+def _task_means(hits: dict[str, list[int]]) -> dict[str, float]:
+    return {task: statistics.fmean(h) for task, h in hits.items()}
+
+
 def _labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The batch's last k + 1 tokens as causal-LM labels (-100 outside the response), for models whose own loss
     must run (AdaLoRA adds its orthogonality term to ``outputs.loss`` only); with ``logits_to_keep = k + 1`` the
@@ -421,7 +428,7 @@ def train_and_score(
         curvature_batches = (
             collated(torch.randperm(len(data.train), generator=draw)[: args.batch_size]) for _ in itertools.count()
         )
-    times, losses, saved, tokens = [], [], 0, 0
+    times, losses, saved, tokens, curve = [], [], 0, 0, []
     model.train()
     bar = tqdm(range(steps), desc=f"{method} seed {seed}", leave=False, dynamic_ncols=True)
     for step in bar:
@@ -458,10 +465,15 @@ def train_and_score(
         times.append(time.perf_counter() - start)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{statistics.fmean(losses[-10:]):.3f}")
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < steps:
+            so_far, so_far_nll = evaluate(model, data, pad, args.bf16)
+            curve.append({"step": step + 1, "accuracy": _task_means(so_far), "option_nll": so_far_nll})
+            model.train()
     if allocator is not None:
         model.base_model.truncate()
     trained = time.perf_counter() - started
     scored, nll = evaluate(model, data, pad, args.bf16)
+    curve.append({"step": steps, "accuracy": _task_means(scored), "option_nll": nll})
     if args.save_adapters:
         with atomic_directory(Path(args.save_adapters) / method / f"seed{seed}") as folder:
             model.save_pretrained(folder)
@@ -482,8 +494,9 @@ def train_and_score(
         "step_seconds": statistics.median(steady),
         "train_seconds": round(trained, 1),
         "losses": [round(x, 4) for x in losses],
-        "accuracy": {task: statistics.fmean(h) for task, h in scored.items()},
+        "accuracy": _task_means(scored),
         "option_nll": nll,
+        "curve": curve,
         "hits": scored,
     }
 
@@ -494,7 +507,7 @@ def result_path(args: BenchArgs, method: str, seed: int) -> Path:
 
 def settings_of(args: BenchArgs, method: str) -> dict[str, Any]:
     """What an experiment's result depends on besides its method and seed; a resumed run must match it."""
-    keys = ("steps", "batch_size", "split", "eval_items", "validation_items", "max_tokens", "bf16")
+    keys = ("steps", "batch_size", "split", "eval_items", "validation_items", "max_tokens", "bf16", "eval_every")
     return {**{k: getattr(args, k) for k in keys}, "lr": args.lr_of(method)}
 
 
@@ -637,6 +650,7 @@ def summary_rows(results: list[dict[str, Any]], reference: str = REFERENCE) -> l
             "average_mean": statistics.fmean(averages),
             "average_std": statistics.stdev(averages) if len(averages) > 1 else 0.0,
             "option_nll": statistics.fmean(statistics.fmean(r["option_nll"].values()) for r in runs),
+            "final_loss": statistics.fmean(statistics.fmean(r["losses"][-20:]) for r in runs),
             "trainable_params": runs[0]["trainable_params"],
             "adapter_bytes": runs[0]["adapter_bytes"],
             "saved_bytes": runs[0]["saved_activation_bytes"],
@@ -665,6 +679,7 @@ def summary_table(results: list[dict[str, Any]], reference: str = REFERENCE) -> 
     head += [
         f"Δ vs {ref_label} [95% CI]",
         "option NLL",
+        "train loss",
         "saved MiB",
         "bytes x ref",
         "step s",
@@ -688,6 +703,7 @@ def summary_table(results: list[dict[str, Any]], reference: str = REFERENCE) -> 
             f"{row['average_mean']:.1f} ± {row['average_std']:.1f}{seeds}",
             delta,
             f"{row['option_nll']:.3f}",
+            f"{row['final_loss']:.3f}",
             f"{row['saved_bytes'] / 2**20:.0f}",
             f"{row.get('bytes_x_ref', float('nan')):.3f}",
             f"{row['step_seconds']:.2f}",
@@ -752,8 +768,9 @@ def write_report(
         "to the reference row in points with its 95% bootstrap interval over test items (hits averaged over the "
         "shared seeds); an interval that holds 0 is a tie. Option NLL: -log of the reference option's share of the "
         "options' likelihoods, averaged over items and tasks (nats; chance: log 2 for BoolQ, log 4 for ARC and "
-        "OBQA, 1.04 averaged). Saved bytes: the first step's tensors saved for backward (same "
-        "batch for every method). Step time: median over steps and seeds, ratios from the same run.\n"
+        "OBQA, 1.04 averaged). Train loss: the response loss of the last 20 steps (mean over seeds). Saved bytes: "
+        "the first step's tensors saved for backward (same batch for every method). Step time: median over steps "
+        "and seeds, ratios from the same run.\n"
     )
     written = []
     for suffix, content in ((".json", json.dumps(results, indent=1) + "\n"), (".md", text)):
