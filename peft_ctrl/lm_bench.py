@@ -76,6 +76,7 @@ LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
 BUDGETED = {"lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ALL_LINEAR}
 # Learning rates: the validation grid of docs/commonsense.md (seed 0).
 METHODS: dict[str, Method] = {
+    "base": Method("SmolLM2 without fine-tuning", "none", {}, 0.0),
     "lora-all": Method("PEFT LoRA all-linear", "lora", {**LORA, "target_modules": ALL_LINEAR}, 1e-3),
     "lora-qkv": Method("PEFT LoRA q,k,v", "lora", {**LORA, "target_modules": QKV}, 1e-3),
     "dora": Method("PEFT DoRA all-linear", "lora", {**LORA, "target_modules": ALL_LINEAR, "use_dora": True}, 1e-3),
@@ -117,7 +118,16 @@ METHODS: dict[str, Method] = {
 }
 REFERENCE = "lora-all"
 MAIN_JOB = ("lora-all", "lora-qkv", "state-ctrl-mlp", "control-lora")
-HEADLINE = ("lora-all", "lora-qkv", "dora", "lora-all-ckpt", "state-ctrl-mlp", "state-ctrl-both", "control-lora")
+HEADLINE = (
+    "base",
+    "lora-all",
+    "lora-qkv",
+    "dora",
+    "lora-all-ckpt",
+    "state-ctrl-mlp",
+    "state-ctrl-both",
+    "control-lora",
+)
 HEADLINE += ("state-ctrl-mlp-same-time",)
 OTHERS = ("seal-qkv", "adalora", "sublora", "odelora")  # each beside its twin: lora-qkv, adalora, lora-all
 ABLATION = ("state-ctrl-mlp", "state-ctrl-mlp-one-lr", "state-ctrl-mlp-one-lr-high", "state-ctrl-mlp-r16")
@@ -501,6 +511,36 @@ def train_and_score(
     }
 
 
+def score_base(
+    args: BenchArgs, data: CommonsenseData, load: Callable[[], tuple[nn.Module, Any]] | None = None
+) -> dict:
+    """The ``base`` row: the model without fine-tuning, scored like every other row (no costs: nothing trains)."""
+    from .models import load_smollm2
+
+    started = time.perf_counter()
+    model, tokenizer = (load or load_smollm2)()
+    scored, nll = evaluate(model, data, tokenizer.pad_token_id, args.bf16)
+    zero = {"trainable_params": 0, "adapter_bytes": 0, "saved_activation_bytes": 0, "measured_tokens": 0}
+    return {
+        "method": "base",
+        "label": METHODS["base"].label,
+        "kind": "none",
+        "seed": 0,
+        "lr": 0.0,
+        "depth_lr": False,
+        "optimizer": "none",
+        "optimizer_steps": 0,
+        **zero,
+        "step_seconds": 0.0,
+        "train_seconds": round(time.perf_counter() - started, 1),
+        "losses": [float("nan")],
+        "accuracy": _task_means(scored),
+        "option_nll": nll,
+        "curve": [],
+        "hits": scored,
+    }
+
+
 def result_path(args: BenchArgs, method: str, seed: int) -> Path:
     return Path(args.results_dir) / args.split / f"{method}__seed{seed}.json"
 
@@ -545,7 +585,8 @@ def run_bench(args: BenchArgs) -> list[dict[str, Any]]:
         f"left out), scored on the {args.split} split: {sizes}; {args.steps} steps x batch {args.batch_size}; "
         f"seeds {list(args.seeds)}; results in {Path(args.results_dir) / args.split}"
     )
-    runs = [(m, s) for s in args.seeds for m in args.methods]
+    # the base model does not depend on the seed: scored once, as seed 0
+    runs = list(dict.fromkeys((m, 0 if m == "base" else s) for s in args.seeds for m in args.methods))
     for method, seed in runs:
         path = result_path(args, method, seed)
         if path.is_file() and json.loads(path.read_text()).get("settings") != settings_of(args, method):
@@ -558,7 +599,7 @@ def run_bench(args: BenchArgs) -> list[dict[str, Any]]:
         print(f"resuming: {len(runs) - len(todo)} of {len(runs)} experiments already have results")
     for method, seed in tqdm(todo, desc="experiments", dynamic_ncols=True):
         steps = same_time_steps(args, method, seed)
-        record = train_and_score(method, seed, args, data, steps=steps)
+        record = score_base(args, data) if method == "base" else train_and_score(method, seed, args, data, steps=steps)
         record.update(
             {
                 "settings": settings_of(args, method),
@@ -696,13 +737,16 @@ def summary_table(results: list[dict[str, Any]], reference: str = REFERENCE) -> 
             verdict = " (tie)" if diff["tie"] else ""
             delta = f"{diff['points']:+.1f} [{diff['low']:+.1f}, {diff['high']:+.1f}]{verdict}"
         seeds = f" ({len(row['seeds'])} seeds)" if len(row["seeds"]) > 1 else ""
+        trained = row["kind"] != "none"
         cells = [
             row["label"],
-            f"{row['trainable_params'] / 1e6:.2f}M",
+            f"{row['trainable_params'] / 1e6:.2f}M" if trained else "0",
             *[f"{row['tasks'][t]:.1f}" for t in tasks],
             f"{row['average_mean']:.1f} ± {row['average_std']:.1f}{seeds}",
             delta,
             f"{row['option_nll']:.3f}",
+        ]
+        costs = [
             f"{row['final_loss']:.3f}",
             f"{row['saved_bytes'] / 2**20:.0f}",
             f"{row.get('bytes_x_ref', float('nan')):.3f}",
@@ -711,6 +755,7 @@ def summary_table(results: list[dict[str, Any]], reference: str = REFERENCE) -> 
             f"{row['adapter_bytes'] / 1e6:.1f}",
             f"{row['lr']:g}",
         ]
+        cells += costs if trained else [""] * len(costs)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
