@@ -62,7 +62,7 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
         description="The main job. --model smollm2 (default), --task commonsense (default): fine-tune "
         "SmolLM2-135M-Instruct on the commonsense suite (BoolQ, ARC-Easy, ARC-Challenge, OpenBookQA) with PEFT LoRA "
         "all-linear and q,k,v, state-ctrl mlp and Control+LoRA, one seed, and report per-task accuracy, saved bytes "
-        "and step time (about 12 minutes on 2 cores; --quick: about 3; docs/commonsense.md). --task stdlib: the "
+        "and step time (about 10 minutes on 2 cores; --quick: about 3; docs/commonsense.md). --task stdlib: the "
         "stdlib-topics chat task, 7 methods x 3 seeds (docs/finetune.md). --model minilm: classify the stdlib "
         "sentences with all-MiniLM-L6-v2. Flags left out take the job's defaults.",
     )
@@ -223,7 +223,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--methods", nargs="+", metavar="METHOD", help=f"rows to run: {', '.join(BENCH_METHODS)}")
     p.add_argument("--seeds", type=int_arg(0), nargs="+", help="one run per seed and method (default 0 1 2)")
-    p.add_argument("--steps", type=int_arg(1), help="optimizer steps per run (default 80)")
+    p.add_argument("--steps", type=int_arg(1), help="optimizer steps per run (default 60)")
     p.add_argument("--batch-size", type=int_arg(1), help="examples per step (default 8)")
     p.add_argument("--split", choices=("test", "validation"), help="score the test splits (default) or validation")
     p.add_argument("--eval-items", type=int_arg(0), help="items scored per task (default 150; 0 = the whole split)")

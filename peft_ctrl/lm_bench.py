@@ -140,7 +140,7 @@ class BenchArgs:
 
     methods: Sequence[str] = HEADLINE
     seeds: Sequence[int] = (0, 1, 2)
-    steps: int = 80
+    steps: int = 60
     batch_size: int = 8
     split: str = "test"  # "test" or "validation"
     eval_items: int | None = 150  # per task; None = the whole split
@@ -176,7 +176,7 @@ class BenchArgs:
     @classmethod
     def main_job(cls, **overrides: Any) -> BenchArgs:
         """The README's main job: 4 rows (LoRA all-linear and q,k,v, state-ctrl mlp, Control+LoRA) at seed 0 with
-        the full comparison's settings, so its results are that comparison's seed-0 experiments (about 12 minutes
+        the full comparison's settings, so its results are that comparison's seed-0 experiments (about 10 minutes
         on 2 cores)."""
         return cls(**{"methods": MAIN_JOB, "seeds": (0,), **overrides})
 
