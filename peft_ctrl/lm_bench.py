@@ -411,6 +411,7 @@ def train_and_score(
                 return model(**inputs, labels=_labels(batch), logits_to_keep=batch["targets"].shape[1] + 1).loss
             return answer_loss(model, batch)
 
+    rms: dict[str, float] = {}  # the state each bridge reads, when its lr is depth-scaled
     if spec.optimizer.startswith("odelora"):
         from .optim import create_odelora_optimizer
 
@@ -419,9 +420,8 @@ def train_and_score(
     else:
         if spec.depth_lr:
             first = {k: v for k, v in collated(first_batches[0]).items() if k != "targets"}
-            groups = depth_scaled_param_groups(
-                model, lr, bridge_input_rms(model, lambda: model(**first, logits_to_keep=1))
-            )
+            rms = bridge_input_rms(model, lambda: model(**first, logits_to_keep=1))
+            groups = depth_scaled_param_groups(model, lr, rms)
         else:
             groups = [{"params": params, "lr": lr}]
         optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
@@ -507,6 +507,7 @@ def train_and_score(
         "accuracy": _task_means(scored),
         "option_nll": nll,
         "curve": curve,
+        "bridge_input_rms": rms,
         "hits": scored,
     }
 
