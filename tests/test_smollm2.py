@@ -99,8 +99,27 @@ def test_attention_controller_refuses_cached_decoding_on_the_real_model(smollm2)
 
 
 @pytest.mark.slow
+def test_the_commonsense_main_job_end_to_end(smollm2, tmp_path, capsys):
+    """`peft-ctrl finetune --quick` (the commonsense job) cut to 2 steps: table, report files, adapters, and a
+    rerun that resumes from the result files instead of training again."""
+    flags = ["finetune", "--quick", "--steps", "2", "--output-dir", str(tmp_path)]
+    assert cli.main(flags) == 0
+    out = capsys.readouterr().out
+    assert "| PEFT LoRA all-linear | 4.88M |" in out and "| state-ctrl mlp | 2.21M |" in out
+    folder = tmp_path / "commonsense"
+    assert {p.name for p in folder.glob("finetune_commonsense.*")} == {
+        "finetune_commonsense.json",
+        "finetune_commonsense.md",
+        "finetune_commonsense.png",
+    }
+    assert (folder / "adapters" / "state-ctrl-mlp" / "seed0" / "adapter_config.json").is_file()
+    assert cli.main(flags) == 0
+    assert "resuming: 2 of 2 experiments already have results" in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_the_main_job_end_to_end(smollm2, tmp_path, capsys):
-    """`peft-ctrl finetune` on the real model, cut to two methods (one checkpointed), 2 steps, 12 test sentences:
+    """`peft-ctrl finetune --task stdlib` on the real model, cut to two methods (one checkpointed), 2 steps, 12 test sentences:
     the chat prompts, training, the one-pass score against generate, the adapters and the report files."""
     _, tokenizer = smollm2
     args = ChatFinetuneArgs.quick(
@@ -113,8 +132,8 @@ def test_the_main_job_end_to_end(smollm2, tmp_path, capsys):
     )
     assert tokenizer.decode(task.test[0].answer_ids) == task.test[0].answer + "<|im_end|>"
     assert len(task.test) == 12 and len({e.answer for e in task.test}) == 6
-    assert cli.main(["finetune", "--quick", "--methods", "state-ctrl-mlp", "lora-all-ckpt", "--steps", "2",
-                     "--eval-per-class", "2", "--output-dir", str(tmp_path)]) == 0  # fmt: skip
+    assert cli.main(["finetune", "--task", "stdlib", "--quick", "--methods", "state-ctrl-mlp", "lora-all-ckpt",
+                     "--steps", "2", "--eval-per-class", "2", "--output-dir", str(tmp_path)]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "| state-ctrl mlp | 2,211,840 |" in out and "| PEFT LoRA all-linear + checkpointing | 4,884,480 |" in out
     report = json.loads((tmp_path / "smollm2" / "finetune_smollm2.json").read_text())
