@@ -119,8 +119,8 @@ def test_the_commonsense_main_job_end_to_end(smollm2, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_the_main_job_end_to_end(smollm2, tmp_path, capsys):
-    """`peft-ctrl finetune --task stdlib` on the real model, cut to two methods (one checkpointed), 2 steps, 12 test sentences:
-    the chat prompts, training, the one-pass score against generate, the adapters and the report files."""
+    """`peft-ctrl finetune --task stdlib` on the real model, cut to two methods (one checkpointed), 2 steps, 12 test
+    sentences: the chat prompts, training, the one-pass score against generate, the adapters and the report files."""
     _, tokenizer = smollm2
     args = ChatFinetuneArgs.quick(
         methods=("state-ctrl-mlp", "lora-all-ckpt"), steps=2, eval_per_class=2, output_dir=str(tmp_path)
