@@ -74,7 +74,8 @@ class Method:
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
 # AdaLoRA and SubLoRA: 12 components per module at the start, 8 on average at the end, on every linear.
 BUDGETED = {"lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ALL_LINEAR}
-# Learning rates: the validation grid of docs/commonsense.md (seed 0).
+# Learning rates: the validation grid of docs/commonsense.md (benchmarks/commonsense_grid.py, seed 0, lowest option
+# NLL): LoRA all-linear 1e-3 for every LoRA-family row, state-ctrl mlp 3e-3 for every row with bridges.
 METHODS: dict[str, Method] = {
     "base": Method("SmolLM2 without fine-tuning", "none", {}, 0.0),
     "lora-all": Method("PEFT LoRA all-linear", "lora", {**LORA, "target_modules": ALL_LINEAR}, 1e-3),
@@ -83,20 +84,20 @@ METHODS: dict[str, Method] = {
     "lora-all-ckpt": Method(
         "PEFT LoRA all-linear + checkpointing", "lora", {**LORA, "target_modules": ALL_LINEAR}, 1e-3, True
     ),
-    "state-ctrl-mlp": Method("state-ctrl mlp", "state-ctrl", {"r": 64, "blocks": "mlp"}, 1e-3, depth_lr=True),
-    "state-ctrl-both": Method("state-ctrl both", "state-ctrl", {"r": 32, "blocks": "both"}, 1e-3, depth_lr=True),
+    "state-ctrl-mlp": Method("state-ctrl mlp", "state-ctrl", {"r": 64, "blocks": "mlp"}, 3e-3, depth_lr=True),
+    "state-ctrl-both": Method("state-ctrl both", "state-ctrl", {"r": 32, "blocks": "both"}, 3e-3, depth_lr=True),
     "control-lora": Method(
         "Control+LoRA (mlp bridge + LoRA q,k,v)",
         "state-ctrl",
         {"r": 64, "blocks": "mlp", "lora_target_modules": QKV, "lora_r": 32, "lora_alpha": 64.0, "lora_dropout": 0.05},
-        1e-3,
+        3e-3,
         depth_lr=True,
     ),
     "state-ctrl-mlp-same-time": Method(
         "state-ctrl mlp at LoRA all-linear's wall-clock time",
         "state-ctrl",
         {"r": 64, "blocks": "mlp"},
-        1e-3,
+        3e-3,
         depth_lr=True,
         same_time_as=("lora-all", "state-ctrl-mlp"),
     ),
@@ -114,7 +115,6 @@ METHODS: dict[str, Method] = {
     "state-ctrl-mlp-one-lr": Method("state-ctrl mlp, one lr (no depth scaling)", "state-ctrl", {"r": 64}, 2e-4),
     "state-ctrl-mlp-one-lr-high": Method("state-ctrl mlp, one lr 1e-3", "state-ctrl", {"r": 64}, 1e-3),
     "state-ctrl-mlp-r16": Method("state-ctrl mlp r=16", "state-ctrl", {"r": 16}, 1e-3, depth_lr=True),
-    "state-ctrl-mlp-lr3x": Method("state-ctrl mlp, lr x3", "state-ctrl", {"r": 64}, 3e-3, depth_lr=True),
 }
 REFERENCE = "lora-all"
 MAIN_JOB = ("lora-all", "lora-qkv", "state-ctrl-mlp", "control-lora")
@@ -131,7 +131,7 @@ HEADLINE = (
 HEADLINE += ("state-ctrl-mlp-same-time",)
 OTHERS = ("seal-qkv", "adalora", "sublora", "odelora")  # each beside its twin: lora-qkv, adalora, lora-all
 ABLATION = ("state-ctrl-mlp", "state-ctrl-mlp-one-lr", "state-ctrl-mlp-one-lr-high", "state-ctrl-mlp-r16")
-ABLATION += ("state-ctrl-mlp-lr3x", "state-ctrl-both", "control-lora")
+ABLATION += ("state-ctrl-both", "control-lora")
 
 
 @dataclass
