@@ -5,7 +5,7 @@
 Each (row, lr) is one experiment of ``peft-ctrl bench commonsense`` with its own results folder
 (``runs/commonsense_grid/lrLR/validation/METHOD__seedN.json``), so an interrupted grid resumes. Prints the table
 and writes docs/results/commonsense_grid.{json,md,png}; the row with the lowest option NLL of each method sets
-its lr in ``peft_ctrl.lm_bench.METHODS`` (docs/commonsense.md).
+its lr in ``peft_ctrl.lm_bench.METHODS`` (docs/commonsense.md). 2e-4 is the stdlib chat job's state-ctrl lr.
 """
 
 from __future__ import annotations
@@ -18,15 +18,11 @@ from peft_ctrl.lm_bench import METHODS, BenchArgs, run_bench, summary_table, wri
 
 GROUPS = {
     # the two rows whose lr every other row shares (LoRA-family rows use LoRA's, bridges use state-ctrl's)
-    "grid": [("lora-all", lr) for lr in (3e-4, 1e-3, 3e-3)] + [("state-ctrl-mlp", lr) for lr in (3e-4, 1e-3, 3e-3)],
-    # candidate causes of state-ctrl's slower learning, each the state-ctrl mlp row with one thing changed
-    "ablation": [
-        ("state-ctrl-mlp-one-lr", 2e-4),
-        ("state-ctrl-mlp-one-lr-high", 1e-3),
-        ("state-ctrl-mlp-r16", 1e-3),
-        ("state-ctrl-both", 1e-3),
-        ("control-lora", 1e-3),
-    ],
+    "grid": [("lora-all", lr) for lr in (3e-4, 1e-3, 3e-3)] + [("state-ctrl-mlp", lr) for lr in (2e-4, 1e-3)],
+    # candidate causes of state-ctrl's slower learning: one lr for bridges that read states of very different
+    # scale (depth-scaled lr instead, at three lr), the rank, and the placement with depth-scaled lr
+    "ablation": [("state-ctrl-mlp-depth-lr", lr) for lr in (3e-4, 1e-3, 3e-3)]
+    + [("state-ctrl-mlp-r16", 1e-3), ("state-ctrl-both-depth-lr", 1e-3), ("control-lora-depth-lr", 1e-3)],
     # ODELoRA integrates the gradient flow of W: its lr is a step of that flow, on another scale than Adam's
     "odelora": [("odelora", lr) for lr in (0.1, 0.3, 1.0)],
 }

@@ -141,7 +141,7 @@ def test_quick_settings():
         (["--blocks", "mlp"], "--blocks applies to --model minilm / tiny-llama only"),
         (["--model", "minilm", "--eval-per-class", "3"], "--eval-per-class applies to --model smollm2 only"),
         (["--task", "stdlib", "--methods", "seal"], "method must be one of 'state-ctrl-mlp'"),
-        (["--methods", "seal"], "method must be one of 'lora-all'"),
+        (["--methods", "seal"], "method must be one of 'base', 'lora-all'"),
         (["--lr-lora", "1e-3"], "--lr-lora applies to --task stdlib only"),
         (["--model", "minilm", "--task", "stdlib"], "--task applies to --model smollm2 only"),
         (["--model", "minilm", "--methods", "dora"], "method must be one of 'state-ctrl', 'lora', 'seal'"),
