@@ -19,7 +19,7 @@ from .chat_finetune import (
 )
 from .chat_finetune import summary_table as summary_table_chat
 from .finetune import DEFAULT_LR, DEFAULT_METHODS, METHODS, MODELS, FinetuneArgs, run_finetune, summary_table
-from .lm_bench import ABLATION, HEADLINE, MAIN_JOB, BenchArgs
+from .lm_bench import ABLATION, HEADLINE, MAIN_JOB, OTHERS, BenchArgs
 from .lm_bench import METHODS as BENCH_METHODS
 from .seal import cli as seal_cli
 from .state_ctrl.config import BLOCKS
@@ -27,7 +27,7 @@ from .state_ctrl.config import BLOCKS
 POSITIVE = float_arg(0.0, low_open=True)
 ALL_MODELS = ("smollm2", *MODELS)
 TASKS = ("commonsense", "stdlib")
-PRESETS = {"headline": HEADLINE, "main-job": MAIN_JOB, "ablation": ABLATION}
+PRESETS = {"headline": HEADLINE, "main-job": MAIN_JOB, "others": OTHERS, "ablation": ABLATION}
 
 
 class Parser(argparse.ArgumentParser):

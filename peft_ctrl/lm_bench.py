@@ -135,9 +135,11 @@ HEADLINE = (
     "state-ctrl-mlp",
     "state-ctrl-both",
     "control-lora",
+    "state-ctrl-mlp-same-time",
 )
-HEADLINE += ("state-ctrl-mlp-same-time",)
-OTHERS = ("seal-qkv", "adalora", "sublora", "odelora")  # each beside its twin: lora-qkv, adalora, lora-all
+# the project's other methods, each beside its twin: SEAL beside LoRA q,k,v, SubLoRA beside AdaLoRA, ODELoRA beside
+# LoRA all-linear (AdamW)
+OTHERS = ("lora-all", "lora-qkv", "seal-qkv", "adalora", "sublora", "odelora")
 ABLATION = ("state-ctrl-mlp", "state-ctrl-mlp-depth-lr", "state-ctrl-mlp-r16", "state-ctrl-both-depth-lr")
 ABLATION += ("control-lora-depth-lr",)
 
