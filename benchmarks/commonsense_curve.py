@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -49,7 +50,7 @@ def plot(results: list[dict], path: Path) -> None:
         axes[0].plot(steps, [100 * statistics.fmean(p["accuracy"].values()) for p in r["curve"]], "o-")
         axes[1].plot(steps, [statistics.fmean(p["option_nll"].values()) for p in r["curve"]], "o-", label=r["label"])
     axes[0].set(xlabel="step", ylabel="average accuracy %", title="validation accuracy")
-    axes[1].axhline(1.04, color="gray", ls=":", label="chance")
+    axes[1].axhline((math.log(2) + 3 * math.log(4)) / 4, color="gray", ls=":", label="chance")
     axes[1].set(xlabel="step", ylabel="nats", title="option NLL")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
@@ -83,7 +84,7 @@ def main() -> int:
     note = (
         f"Command: `{command.strip()}`. Validation split, 100 items per task, seed 0, batch 8, "
         f"{results[0]['date']}, {results[0]['machine']}. Chance: BoolQ 50 (majority about 60), the others 25; "
-        "option NLL at chance 1.04.\n\n"
+        "option NLL at chance (log 2 + 3 log 4) / 4 = 1.21.\n\n"
     )
     with atomic_file(folder / "commonsense_curve.md") as tmp:
         tmp.write_text(note + text + "\n")

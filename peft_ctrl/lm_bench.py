@@ -824,7 +824,7 @@ def write_report(
         "to the reference row in points with its 95% bootstrap interval over test items (hits averaged over the "
         "shared seeds); an interval that holds 0 is a tie. Option NLL: -log of the reference option's share of the "
         "options' likelihoods, averaged over items and tasks (nats; chance: log 2 for BoolQ, log 4 for ARC and "
-        "OBQA, 1.04 averaged). Train loss: the response loss of the last 20 steps (mean over seeds). Saved bytes: "
+        "OBQA, 1.21 averaged). Train loss: the response loss of the last 20 steps (mean over seeds). Saved bytes: "
         "the first step's tensors saved for backward (same batch for every method). Step time: median over steps "
         "and seeds, ratios from the same run.\n"
     )
