@@ -62,8 +62,9 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
         description="The main job. --model smollm2 (default), --task commonsense (default): fine-tune "
         "SmolLM2-135M-Instruct on the commonsense suite (BoolQ, ARC-Easy, ARC-Challenge, OpenBookQA) with PEFT LoRA "
         "all-linear and q,k,v, state-ctrl mlp and Control+LoRA, one seed, and report per-task accuracy, saved bytes "
-        "and step time (about 10 minutes on 2 cores; --quick: about 3; docs/commonsense.md). --task stdlib: the "
-        "stdlib-topics chat task, 7 methods x 3 seeds (docs/finetune.md). --model minilm: classify the stdlib "
+        "and step time (about 11 minutes on 2 cores; --quick: 2 rows, 20 steps, 30 items per task; "
+        "docs/commonsense.md). --task stdlib: the stdlib-topics chat task, 7 methods x 3 seeds (docs/finetune.md). "
+        "--model minilm: classify the stdlib "
         "sentences with all-MiniLM-L6-v2. Flags left out take the job's defaults.",
     )
     p.add_argument("--model", choices=ALL_MODELS, default="smollm2", help="the base model and its job")
@@ -80,7 +81,11 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
         help=f"methods to run; smollm2: {', '.join(CHAT_METHODS)} (default: all); minilm and tiny-llama: "
         f"{', '.join(METHODS)} (default: {', '.join(DEFAULT_METHODS)}; seal needs PEFT_CTRL_SEAL_KEY)",
     )
-    p.add_argument("--quick", action="store_true", help="a smoke run: one seed, few steps (about 3 minutes)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: one seed, few steps (commonsense: 2 rows, 20 steps, 30 items per task)",
+    )
     p.add_argument("--steps", type=int_arg(1), help="optimizer steps per run")
     p.add_argument("--seeds", type=int_arg(0), nargs="+", help="one run per seed and method")
     p.add_argument("--batch-size", type=int_arg(1))

@@ -186,7 +186,7 @@ class BenchArgs:
     @classmethod
     def main_job(cls, **overrides: Any) -> BenchArgs:
         """The README's main job: 4 rows (LoRA all-linear and q,k,v, state-ctrl mlp, Control+LoRA) at seed 0 with
-        the full comparison's settings, so its results are that comparison's seed-0 experiments (about 10 minutes
+        the full comparison's settings, so its results are that comparison's seed-0 experiments (about 11 minutes
         on 2 cores)."""
         return cls(**{"methods": MAIN_JOB, "seeds": (0,), **overrides})
 
