@@ -1,9 +1,9 @@
 """Depth-scaled learning rates for state-ctrl bridges: each bridge's lr divided by the RMS of the state it reads.
 
 A bridge adds ``alpha * B A h`` with h the residual stream, whose scale grows with depth (SmolLM2-135M: RMS 0.14
-before layer 0's MLP, 30 before layer 29's). Adam moves every entry of B by about lr per step, so the change of the
-control, ``dB A h``, is proportional to RMS(h): one lr is about 200x too small for the first layer when it is
-right for the last. LoRA does not meet this, because its linears read normed states (RMS about 1).
+before layer 0's MLP, up to about 100 deeper). Adam moves every entry of B by about lr per step, so the change of the
+control, ``dB A h``, is proportional to RMS(h): one lr is far too small for the first layer when it is right
+for the deepest. LoRA does not meet this, because its linears read normed states (RMS about 1).
 ``depth_scaled_param_groups`` gives bridge l the learning rate ``lr / RMS(h_l)``, measured once on a batch, so
 every layer's control moves at the rate of a unit-scale input, like LoRA; other trainable parameters (the LoRA
 part of Control+LoRA, ``modules_to_save``) keep ``lr``. Nothing changes in the model, its memory or its saved
