@@ -458,8 +458,16 @@ def report_markdown(report: dict[str, Any]) -> str:
     )
 
 
-def plot(report: dict[str, Any], path: Path) -> bool:
-    """Accuracy, saved bytes and step time per method, as three bar charts; False if matplotlib is missing."""
+def bar_charts(
+    path: str | os.PathLike,
+    labels: list[str],
+    colors: list[str],
+    panels: list[tuple[str, list[float], list[float] | None]],
+    title: str,
+    figsize: tuple[float, float],
+) -> bool:
+    """One horizontal bar chart per ``(title, values, errors)`` panel, side by side and sharing the row labels,
+    written atomically as a PNG; False if matplotlib is missing. Both SmolLM2 jobs plot their reports with it."""
     try:
         import matplotlib
 
@@ -467,9 +475,29 @@ def plot(report: dict[str, Any], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    fig, axes = plt.subplots(1, len(panels), figsize=figsize)
+    for ax, (name, values, errors) in zip(axes, panels, strict=True):
+        ax.barh(labels, values, xerr=errors, color=colors)
+        ax.invert_yaxis()
+        ax.set_title(name)
+    for ax in axes[1:]:
+        ax.set_yticklabels([])
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_file(Path(path)) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_labels(rows: list[dict[str, Any]]) -> list[str]:
+    """Row labels shortened for a chart's axis."""
+    return [r["label"].replace("PEFT ", "").replace(" + checkpointing", "\n+ ckpt") for r in rows]
+
+
+def plot(report: dict[str, Any], path: Path) -> bool:
+    """Accuracy, saved bytes and step time per method, as three bar charts; False if matplotlib is missing."""
     rows = summary_rows(report)
-    labels = [r["label"].replace("PEFT ", "").replace(" + checkpointing", "\n+ ckpt") for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     colors = ["tab:blue" if r["method"].startswith("state-ctrl") else "tab:gray" for r in rows]
     panels = [
         (
@@ -480,18 +508,8 @@ def plot(report: dict[str, Any], path: Path) -> bool:
         ("saved for backward, MiB (first step)", [r["saved_bytes"] / 2**20 for r in rows], None),
         ("median step time, s", [r["step_seconds"] for r in rows], None),
     ]
-    for ax, (title, values, errors) in zip(axes, panels, strict=True):
-        ax.barh(labels, values, xerr=errors, color=colors)
-        ax.invert_yaxis()
-        ax.set_title(title)
-    for ax in axes[1:]:
-        ax.set_yticklabels([])
-    fig.suptitle("SmolLM2-135M-Instruct, stdlib topics as chat (state-ctrl in blue)")
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return True
+    title = "SmolLM2-135M-Instruct, stdlib topics as chat (state-ctrl in blue)"
+    return bar_charts(path, plot_labels(rows), colors, panels, title, (15, 4.5))
 
 
 def write_report(report: dict[str, Any], folder: str | os.PathLike) -> list[Path]:

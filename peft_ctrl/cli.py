@@ -269,19 +269,15 @@ def _bench_settings(args: argparse.Namespace) -> BenchArgs:
     return BenchArgs(**given)
 
 
-def _bench(args: argparse.Namespace) -> int:
-    if args.eval_only:
-        from .lm_bench import score_adapters
+def _eval_only(args: argparse.Namespace) -> int:
+    from .lm_bench import score_adapters
 
-        if not args.adapters or not args.test_file:
-            raise ValueError("--eval-only needs --adapters DIR and --test-file FILE [FILE ...]")
-        for record in score_adapters(args.adapters, args.test_file, bf16=not args.no_bf16):
-            cells = ", ".join(f"{task} {100 * acc:.1f}" for task, acc in record["accuracy"].items())
-            print(f"{record['adapter']}: {cells}")
-        return 0
-    settings = _bench_settings(args)
-    command = "peft-ctrl " + " ".join(args.argv)
-    return _run_bench(settings, command, args.report_dir or args.results_dir, args.report_name)
+    if not args.adapters or not args.test_file:
+        raise ValueError("--eval-only needs --adapters DIR and --test-file FILE [FILE ...]")
+    for record in score_adapters(args.adapters, args.test_file, bf16=not args.no_bf16):
+        cells = ", ".join(f"{task} {100 * acc:.1f}" for task, acc in record["accuracy"].items())
+        print(f"{record['adapter']}: {cells}")
+    return 0
 
 
 def _zero_config_parser(sub: argparse._SubParsersAction) -> None:
@@ -317,7 +313,6 @@ def main(argv: list[str] | None = None) -> int:
     _zero_config_parser(sub)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    args.argv = argv
     if args.command == "zero-config":
         return _zero_config(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -332,8 +327,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         if args.eval_only and (args.methods or args.seeds or args.steps or args.lr or args.save_adapters):
             parser.error("bench: --eval-only scores saved adapters; training flags do not apply to it")
+        if not args.eval_only:
+            try:  # bad flags are usage errors (exit 2, one line) before anything is loaded
+                settings = _bench_settings(args)
+            except ValueError as err:
+                parser.error(f"bench: {err}")
         try:
-            return _bench(args) if args.eval_only else _run_checked(parser, args)
+            if args.eval_only:
+                return _eval_only(args)
+            report_dir = args.report_dir or args.results_dir
+            return _run_bench(settings, "peft-ctrl " + " ".join(argv), report_dir, args.report_name)
         except (ValueError, OSError) as err:
             print(f"peft-ctrl bench: error: {err}", file=sys.stderr)
             return 2
@@ -348,15 +351,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"peft-ctrl finetune: error: {err}", file=sys.stderr)
             return 2
     return 0
-
-
-def _run_checked(parser: Parser, args: argparse.Namespace) -> int:
-    """Bad bench flags are usage errors (exit 2, one line) before anything is loaded."""
-    try:
-        _bench_settings(args)
-    except ValueError as err:
-        parser.error(f"bench: {err}")
-    return _bench(args)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from ._checks import check_choice, check_float, check_int
 from .atomic import atomic_directory, atomic_file
-from .chat_finetune import ALL_LINEAR, ChatExample, answer_loss, collate
+from .chat_finetune import ALL_LINEAR, ChatExample, answer_loss, bar_charts, collate, plot_labels
 from .commonsense import TASKS, Item, read_items, shipped_file, split_validation, subset
 from .finetune import length_bucketed_batches, lr_at
 from .metrics import SavedTensorMeter
@@ -409,7 +409,8 @@ def train_and_score(
     evaluations = steps or args.steps
     pad = tokenizer.pad_token_id
     lengths = torch.tensor([len(e.prompt_ids) + len(e.answer_ids) for e in data.train])
-    first_batches = length_bucketed_batches(lengths, args.batch_size, 1, seed)
+    # every step's batch for the most steps this row can take; ODELoRA's multi-evaluation schemes take fewer
+    batches = length_bucketed_batches(lengths, args.batch_size, evaluations, seed)
 
     def collated(indices: torch.Tensor) -> dict[str, torch.Tensor]:
         return collate([data.train[i] for i in indices.tolist()], pad)
@@ -429,7 +430,7 @@ def train_and_score(
         steps = max(1, evaluations // optimizer.evaluations_per_step)  # the same gradient evaluations as AdamW rows
     else:
         if spec.depth_lr:
-            first = {k: v for k, v in collated(first_batches[0]).items() if k != "targets"}
+            first = {k: v for k, v in collated(batches[0]).items() if k != "targets"}
             rms = bridge_input_rms(model, lambda: model(**first, logits_to_keep=1))
             groups = depth_scaled_param_groups(model, lr, rms)
         else:
@@ -438,7 +439,7 @@ def train_and_score(
         steps = evaluations
     for group in optimizer.param_groups:
         group["peak_lr"] = group["lr"]
-    batches = length_bucketed_batches(lengths, args.batch_size, steps, seed)
+    batches = batches[:steps]
     allocator = None
     if spec.kind == "sublora":
         from .sublora.runtime import RankAllocator
@@ -773,17 +774,8 @@ def summary_table(results: list[dict[str, Any]], reference: str = REFERENCE) -> 
 
 def plot(results: list[dict[str, Any]], path: str | os.PathLike, title: str, reference: str = REFERENCE) -> bool:
     """Average accuracy (with the seeds' std), saved bytes and step time per method; False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
     rows = summary_rows(results, reference)
-    labels = [r["label"].replace("PEFT ", "").replace(" + checkpointing", "\n+ ckpt") for r in rows]
     colors = ["tab:blue" if r["kind"] == "state-ctrl" else "tab:gray" for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 0.5 * len(rows) + 2.5))
     panels = [
         (
             "average accuracy % (mean ± std over seeds)",
@@ -793,18 +785,7 @@ def plot(results: list[dict[str, Any]], path: str | os.PathLike, title: str, ref
         ("saved for backward, MiB (first step)", [r["saved_bytes"] / 2**20 for r in rows], None),
         ("median step time, s", [r["step_seconds"] for r in rows], None),
     ]
-    for ax, (name, values, errors) in zip(axes, panels, strict=True):
-        ax.barh(labels, values, xerr=errors, color=colors)
-        ax.invert_yaxis()
-        ax.set_title(name)
-    for ax in axes[1:]:
-        ax.set_yticklabels([])
-    fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_file(Path(path)) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return True
+    return bar_charts(path, plot_labels(rows), colors, panels, title, (16, 0.5 * len(rows) + 2.5))
 
 
 def write_report(

@@ -53,6 +53,11 @@ def _is_causal(model: nn.Module, config: StateCtrlConfig, table_causal: bool | N
     return getattr(getattr(model, "config", None), "is_decoder", None)
 
 
+def _tuner_prefixes(modules: dict[str, nn.Module]) -> list[str]:
+    """``"name."`` of every adapter layer already in the model: modules below one are not targets again."""
+    return [name + "." for name, m in modules.items() if isinstance(m, BaseTunerLayer)]
+
+
 def resolve_bridges(model: nn.Module, config: StateCtrlConfig) -> tuple[dict[str, str], bool | None]:
     """Map every tail module name to its head module name for ``config`` on ``model``.
 
@@ -72,7 +77,7 @@ def resolve_bridges(model: nn.Module, config: StateCtrlConfig) -> tuple[dict[str
         pairs, table_causal = bridges_for(model_type, config.blocks or "mlp")
 
     modules = dict(model.named_modules())
-    inside_tuner = [name + "." for name, m in modules.items() if isinstance(m, BaseTunerLayer)]
+    inside_tuner = _tuner_prefixes(modules)
     plan: dict[str, str] = {}
     for key in modules:
         if not key or any(key.startswith(prefix) for prefix in inside_tuner):
@@ -110,7 +115,7 @@ def resolve_lora_targets(model: nn.Module, config: StateCtrlConfig, plan: dict[s
     tail is wrapped whole, so a LoRA inside it would be hidden from the adapter's bookkeeping."""
     if config.lora_target_modules is None:
         return set()
-    inside_tuner = [name + "." for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+    inside_tuner = _tuner_prefixes(dict(model.named_modules()))
     found = set()
     for key, module in model.named_modules():
         if not key or any(key.startswith(prefix) for prefix in inside_tuner):
