@@ -18,6 +18,7 @@ COMPAT_TESTS=(
     integration_tests/test_odelora_trainer.py
     integration_tests/test_seal_trainer.py
     integration_tests/test_sublora_trainer.py
+    integration_tests/test_trl.py
 )
 
 # install VENV CONSTRAINTS [more pip install arguments]

@@ -22,10 +22,10 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peft_ctrl import StateCtrlConfig
+from peft_ctrl.ops import lean_lora, lean_mlp
 
 # ALL_LINEAR (re-exported for the benchmarks): the seven linears of a LLaMA block, as in the main job.
-from peft_ctrl.chat_finetune import ALL_LINEAR as ALL_LINEAR
-from peft_ctrl.ops import lean_lora, lean_mlp
+from peft_ctrl.training import ALL_LINEAR as ALL_LINEAR
 
 RESULTS = Path("docs/results")
 

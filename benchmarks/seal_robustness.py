@@ -54,8 +54,6 @@ from peft_ctrl.finetune import (
     accuracy,
     build_model,
     encode,
-    length_bucketed_batches,
-    lr_at,
     train_one,
     trim,
 )
@@ -65,12 +63,13 @@ from peft_ctrl.seal.io import LoraFactors, Proof, read_adapter, write_lora, writ
 from peft_ctrl.seal.keys import KEY_ENV, commitment, initial_a, new_salt
 from peft_ctrl.seal.release import CLAIM_FILE, release
 from peft_ctrl.seal.verify import DEFAULT_THRESHOLD, OWNER_THRESHOLD, Suspect, verify_key, verify_owner
+from peft_ctrl.training import length_bucketed_batches, lr_at
 
 SEEDS = (0, 1, 2)
 TRIALS = 1000
 RANK = 8
 FINETUNE_SWEEP = tuple((steps, lr) for steps in (100, 400) for lr in (5e-3, 2e-2, 5e-2))
-SMOL_STEPS, SMOL_LR, SMOL_ATTACK_STEPS = 60, 2e-3, 100
+SMOL_STEPS, SMOL_LR, SMOL_ATTACK_STEPS, SMOL_BATCH = 60, 2e-3, 100, 8
 
 
 def owner_key(seed: int | str) -> str:
@@ -302,24 +301,27 @@ def smollm2_part(root: Path) -> dict:
     """SEAL vs LoRA on SmolLM2's chat task, then merged-model rewrites, fine-tuning and distillation attacks."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from peft_ctrl.chat_finetune import (
+    from peft_ctrl.models import load_smollm2
+    from peft_ctrl.tasks import stdlib_items
+    from peft_ctrl.training import (
         ChatExample,
-        ChatFinetuneArgs,
         answer_logits,
         answer_loss,
-        chat_examples,
+        balanced_subset,
+        chat_example,
         collate,
         greedy_hits,
-        prepare_task,
     )
-    from peft_ctrl.models import load_smollm2
 
     _, tokenizer = load_smollm2()
-    args = ChatFinetuneArgs(save_adapters=False)
-    task = prepare_task(tokenizer, args)
-    shown = {e.sentence for e in task.test}
-    _, test_data = stdlib_topics()
-    attacker = [e for e in chat_examples(test_data, tokenizer, args.max_length) if e.sentence not in shown]
+    pad = tokenizer.pad_token_id
+    # the stdlib chat task (peft_ctrl.tasks): every train sentence, 20 test sentences per topic scored by greedy
+    # exact match; the attacker gets the other test sentences
+    train_examples = [chat_example(tokenizer, it) for it in stdlib_items("stdlib", "train", tokenizer)]
+    test_all = [chat_example(tokenizer, it) for it in stdlib_items("stdlib", "test", tokenizer)]
+    test = balanced_subset(test_all, 20)
+    shown = {e.sentence for e in test}
+    attacker = [e for e in test_all if e.sentence not in shown]
     options = {"r": RANK, "lora_alpha": 2 * RANK, "lora_dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
     key = owner_key("smollm2")
 
@@ -328,8 +330,8 @@ def smollm2_part(root: Path) -> dict:
 
     def batches(examples: list[ChatExample], steps: int, seed: int):
         lengths = torch.tensor([len(e.prompt_ids) + len(e.answer_ids) for e in examples])
-        for idx in length_bucketed_batches(lengths, args.batch_size, steps, seed):
-            yield collate([examples[i] for i in idx.tolist()], task.pad_id)
+        for idx in length_bucketed_batches(lengths, SMOL_BATCH, steps, seed):
+            yield collate([examples[i] for i in idx.tolist()], pad)
 
     def train(config) -> torch.nn.Module:
         torch.manual_seed(0)
@@ -337,7 +339,7 @@ def smollm2_part(root: Path) -> dict:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=SMOL_LR, weight_decay=0.0)
         model.train()
-        for step, batch in enumerate(batches(task.train, SMOL_STEPS, 0)):
+        for step, batch in enumerate(batches(train_examples, SMOL_STEPS, 0)):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, SMOL_STEPS, SMOL_LR)
             answer_loss(model, batch).backward()
@@ -347,7 +349,7 @@ def smollm2_part(root: Path) -> dict:
         return model.eval()
 
     def score(model: torch.nn.Module) -> float:
-        return statistics.fmean(greedy_hits(model, task.test, task.pad_id))
+        return statistics.fmean(greedy_hits(model, test, pad))
 
     lora_acc = score(train(LoraConfig(task_type="CAUSAL_LM", **options)))
     sealed = train(SealConfig(key=key, task_type="CAUSAL_LM", **options))
@@ -400,7 +402,7 @@ def smollm2_part(root: Path) -> dict:
     attacks.distill(teacher, student, data, SMOL_ATTACK_STEPS, lr=SMOL_LR, logits=answer_logits)
     suspect = Suspect.from_adapter(LoraFactors.from_model(student))
     table.add("distill", f"fresh LoRA, {SMOL_ATTACK_STEPS} steps on its outputs", score(student), suspect)
-    return {"task": {"lora": lora_acc, "seal": seal_acc, "test_sentences": len(task.test)}, "attacks": table.rows}
+    return {"task": {"lora": lora_acc, "seal": seal_acc, "test_sentences": len(test)}, "attacks": table.rows}
 
 
 def llama7b_timing() -> dict:

@@ -16,18 +16,18 @@ from peft import PeftModel, get_peft_model
 
 import peft_ctrl  # noqa: F401  (registers STATE_CTRL with peft)
 from peft_ctrl import StateCtrlConfig
-from peft_ctrl.chat_finetune import answer_loss, collate
 from peft_ctrl.commonsense import read_items, shipped_file, subset
-from peft_ctrl.lm_bench import option_choices, scored_item, train_example
+from peft_ctrl.lm_bench import option_choices, scored_item
 from peft_ctrl.models import load_smollm2
 from peft_ctrl.optim import bridge_input_rms, depth_scaled_param_groups
+from peft_ctrl.training import answer_loss, chat_example, collate
 
 torch.manual_seed(0)
 base, tokenizer = load_smollm2()
 model = get_peft_model(base, StateCtrlConfig.control_lora(task_type="CAUSAL_LM"))
 model.print_trainable_parameters()
 
-train = [train_example(tokenizer, it) for it in subset(read_items(shipped_file("openbookqa", "train")), 160)]
+train = [chat_example(tokenizer, it) for it in subset(read_items(shipped_file("openbookqa", "train")), 160)]
 test = [scored_item(tokenizer, it) for it in subset(read_items(shipped_file("openbookqa", "test")), 40)]
 batches = [collate(train[i : i + 8], tokenizer.pad_token_id) for i in range(0, len(train), 8)]
 

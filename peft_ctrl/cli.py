@@ -9,25 +9,16 @@ import warnings
 from typing import Any, NoReturn
 
 from ._checks import float_arg, int_arg
-from .chat_finetune import (
-    CHAT_METHODS,
-    DEFAULT_CHAT_LR,
-    ChatFinetuneArgs,
-    answers_table,
-    run_chat_finetune,
-    write_report,
-)
-from .chat_finetune import summary_table as summary_table_chat
 from .finetune import DEFAULT_LR, DEFAULT_METHODS, METHODS, MODELS, FinetuneArgs, run_finetune, summary_table
-from .lm_bench import ABLATION, HEADLINE, MAIN_JOB, OTHERS, BenchArgs
+from .lm_bench import ABLATION, HEADLINE, MAIN_JOB, OTHERS, STDLIB_JOB, TASKS, BenchArgs
 from .lm_bench import METHODS as BENCH_METHODS
 from .seal import cli as seal_cli
 from .state_ctrl.config import BLOCKS
 
 POSITIVE = float_arg(0.0, low_open=True)
 ALL_MODELS = ("smollm2", *MODELS)
-TASKS = ("commonsense", "stdlib")
-PRESETS = {"headline": HEADLINE, "main-job": MAIN_JOB, "others": OTHERS, "ablation": ABLATION}
+PRESETS = {"headline": HEADLINE, "main-job": MAIN_JOB, "others": OTHERS, "ablation": ABLATION, "stdlib": STDLIB_JOB}
+QUICK = {"methods": ("lora-all", "state-ctrl-mlp"), "seeds": (0,), "steps": 20, "eval_items": 30}
 
 
 class Parser(argparse.ArgumentParser):
@@ -63,14 +54,14 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
         "SmolLM2-135M-Instruct on the commonsense suite (BoolQ, ARC-Easy, ARC-Challenge, OpenBookQA) with PEFT LoRA "
         "all-linear and q,k,v, state-ctrl mlp and Control+LoRA, one seed, and report per-task accuracy, saved bytes "
         "and step time (about 11 minutes on 2 cores; --quick: 2 rows, 20 steps, 30 items per task; "
-        "docs/commonsense.md). --task stdlib: the stdlib-topics chat task, 7 methods x 3 seeds (docs/finetune.md). "
-        "--model minilm: classify the stdlib "
-        "sentences with all-MiniLM-L6-v2. Flags left out take the job's defaults.",
+        "docs/commonsense.md). --task stdlib: the stdlib-topics chat task, 6 methods x 3 seeds (docs/finetune.md), "
+        "by the same runner as `peft-ctrl bench`. --model minilm: classify the stdlib sentences with "
+        "all-MiniLM-L6-v2. Flags left out take the job's defaults.",
     )
     p.add_argument("--model", choices=ALL_MODELS, default="smollm2", help="the base model and its job")
     p.add_argument(
         "--task",
-        choices=TASKS,
+        choices=tuple(TASKS),
         help="smollm2: 'commonsense' (default: BoolQ, ARC-e, ARC-c, OBQA; the subset of `peft-ctrl bench commonsense` "
         "in docs/commonsense.md) or 'stdlib' (the stdlib-topics chat task of docs/finetune.md)",
     )
@@ -78,32 +69,38 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
         "--methods",
         nargs="+",
         metavar="METHOD",
-        help=f"methods to run; smollm2: {', '.join(CHAT_METHODS)} (default: all); minilm and tiny-llama: "
-        f"{', '.join(METHODS)} (default: {', '.join(DEFAULT_METHODS)}; seal needs PEFT_CTRL_SEAL_KEY)",
+        help="methods to run; smollm2: the rows of `peft-ctrl bench` (default: the task's main rows); minilm and "
+        f"tiny-llama: {', '.join(METHODS)} (default: {', '.join(DEFAULT_METHODS)}; seal needs PEFT_CTRL_SEAL_KEY)",
     )
     p.add_argument(
         "--quick",
         action="store_true",
-        help="a smoke run: one seed, few steps (commonsense: 2 rows, 20 steps, 30 items per task)",
+        help="a smoke run: one seed, few steps (smollm2: LoRA all-linear and state-ctrl mlp, 20 steps, 30 items per "
+        "subtask)",
     )
     p.add_argument("--steps", type=int_arg(1), help="optimizer steps per run")
     p.add_argument("--seeds", type=int_arg(0), nargs="+", help="one run per seed and method")
     p.add_argument("--batch-size", type=int_arg(1))
     p.add_argument("--max-length", type=int_arg(4), help="tokens kept of each sentence")
-    p.add_argument("--rank-state-ctrl", type=int_arg(1), help="state-ctrl rank (smollm2: of the mlp bridge)")
+    p.add_argument("--rank-state-ctrl", type=int_arg(1), help="state-ctrl rank")
     p.add_argument("--rank-lora", type=int_arg(1), help="rank of LoRA and DoRA")
     p.add_argument("--lr-state-ctrl", type=POSITIVE, help="peak learning rate of state-ctrl")
     p.add_argument("--lr-lora", type=POSITIVE, help="peak learning rate of LoRA, DoRA and SEAL")
     p.add_argument("--blocks", choices=BLOCKS, help="minilm, tiny-llama: the state-ctrl blocks to bridge")
-    p.add_argument("--eval-per-class", type=int_arg(1), help="smollm2: test sentences per topic")
-    p.add_argument("--output-dir", help="adapters go to OUTPUT_DIR/MODEL/METHOD/seedN (default runs/finetune)")
     p.add_argument(
-        "--results-dir", help="smollm2: where finetune_smollm2.json/.md/.png go (default OUTPUT_DIR/smollm2)"
+        "--output-dir",
+        help="minilm, tiny-llama: adapters go to OUTPUT_DIR/MODEL/METHOD/seedN (default runs/finetune); smollm2: "
+        "experiments and report go to OUTPUT_DIR/TASK",
+    )
+    p.add_argument(
+        "--results-dir",
+        help="smollm2: experiment JSONs, adapters and finetune_TASK.json/.md/.png (default runs/TASK, "
+        "runs/finetune/TASK-quick with --quick)",
     )
     p.add_argument("--no-save", action="store_true", help="do not write adapters")
 
 
-# flag -> the field it sets, in each job's settings
+# flag -> the field it sets, in the MiniLM / tiny-LLaMA job's settings
 _SHARED_FLAGS = {
     "methods": "methods",
     "steps": "steps",
@@ -114,60 +111,52 @@ _SHARED_FLAGS = {
     "rank_lora": "rank_lora",
     "output_dir": "output_dir",
 }
-_ONLY = {"blocks": ("minilm", "tiny-llama"), "eval_per_class": ("smollm2",), "results_dir": ("smollm2",)}
-# flags the commonsense job does not take (its methods carry their own ranks and learning rates)
-_NOT_COMMONSENSE = ("rank_state_ctrl", "rank_lora", "lr_state_ctrl", "lr_lora", "max_length", "eval_per_class")
+_CLASSIFIERS = ("minilm", "tiny-llama")
+# flags of one kind of job only (the SmolLM2 rows carry their own ranks and learning rates)
+_ONLY = {
+    "blocks": _CLASSIFIERS,
+    "max_length": _CLASSIFIERS,
+    "rank_state_ctrl": _CLASSIFIERS,
+    "rank_lora": _CLASSIFIERS,
+    "lr_state_ctrl": _CLASSIFIERS,
+    "lr_lora": _CLASSIFIERS,
+    "results_dir": ("smollm2",),
+}
 
 
-def _commonsense_settings(args: argparse.Namespace) -> BenchArgs:
-    for flag in _NOT_COMMONSENSE:
-        if getattr(args, flag) is not None:
-            raise ValueError(
-                f"--{flag.replace('_', '-')} applies to --task stdlib only; the commonsense rows carry their own "
-                "settings (use `peft-ctrl bench commonsense --lr METHOD=LR`)."
-            )
-    given: dict[str, Any] = {}
-    if args.quick:
-        given = {"methods": ("lora-all", "state-ctrl-mlp"), "steps": 20, "eval_items": 30}
+def _lm_settings(args: argparse.Namespace) -> BenchArgs:
+    """``peft-ctrl finetune`` on SmolLM2: the task's main job (``BenchArgs.main_job``) with the flags given."""
+    task = args.task or "commonsense"
+    given: dict[str, Any] = dict(QUICK) if args.quick else {}
     for flag in ("methods", "seeds", "steps", "batch_size"):
         value = getattr(args, flag)
         if value is not None:
             given[flag] = tuple(value) if isinstance(value, list) else value
-    # The main job's experiments are the full comparison's seed-0 ones: `peft-ctrl bench commonsense` resumes from
-    # them. The quick run has other settings, so it keeps its own folder.
-    default = "runs/finetune/commonsense-quick" if args.quick else "runs/commonsense"
-    given["results_dir"] = args.results_dir or (f"{args.output_dir}/commonsense" if args.output_dir else default)
+    # The commonsense main job's experiments are the full comparison's seed-0 ones: `peft-ctrl bench commonsense`
+    # resumes from them. The quick run has other settings, so it keeps its own folder.
+    default = f"runs/finetune/{task}-quick" if args.quick else f"runs/{task}"
+    given["results_dir"] = args.results_dir or (f"{args.output_dir}/{task}" if args.output_dir else default)
     if not args.no_save:
         given["save_adapters"] = f"{given['results_dir']}/adapters"
-    return BenchArgs.main_job(**given)
+    return BenchArgs.main_job(task, **given)
 
 
-def _finetune_settings(args: argparse.Namespace) -> FinetuneArgs | ChatFinetuneArgs | BenchArgs:
+def _finetune_settings(args: argparse.Namespace) -> FinetuneArgs | BenchArgs:
     """The job's settings from the flags given; the rest keep the job's defaults. Raises ValueError."""
     if args.task is not None and args.model != "smollm2":
         raise ValueError("--task applies to --model smollm2 only")
     for flag, models in _ONLY.items():
         if getattr(args, flag) is not None and args.model not in models:
-            raise ValueError(f"--{flag.replace('_', '-')} applies to --model {' / '.join(models)} only")
-    if args.model == "smollm2" and (args.task or "commonsense") == "commonsense":
-        return _commonsense_settings(args)
+            hint = " (SmolLM2 rows: `peft-ctrl bench TASK --lr METHOD=LR`)" if flag.startswith("lr_") else ""
+            raise ValueError(f"--{flag.replace('_', '-')} applies to --model {' / '.join(models)} only{hint}")
+    if args.model == "smollm2":
+        return _lm_settings(args)
     given = {field: getattr(args, flag) for flag, field in _SHARED_FLAGS.items() if getattr(args, flag) is not None}
     for key in ("methods", "seeds"):
         if key in given:
             given[key] = tuple(given[key])
     if args.no_save:
         given["save_adapters"] = False
-    if args.model == "smollm2":
-        lr = dict(DEFAULT_CHAT_LR)
-        for key, value in (("state-ctrl", args.lr_state_ctrl), ("lora", args.lr_lora)):
-            if value is not None:
-                lr[key] = value
-        given["lr"] = lr
-        if args.eval_per_class is not None:
-            given["eval_per_class"] = args.eval_per_class
-        if args.results_dir is not None:
-            given["results_dir"] = args.results_dir
-        return ChatFinetuneArgs.quick(**given) if args.quick else ChatFinetuneArgs(**given)
     lr = dict(DEFAULT_LR)
     if args.lr_state_ctrl is not None:
         lr["state-ctrl"] = args.lr_state_ctrl
@@ -181,20 +170,9 @@ def _finetune_settings(args: argparse.Namespace) -> FinetuneArgs | ChatFinetuneA
     return FinetuneArgs(model=args.model, **given)
 
 
-def _finetune(settings: FinetuneArgs | ChatFinetuneArgs | BenchArgs) -> int:
+def _finetune(settings: FinetuneArgs | BenchArgs, command: str) -> int:
     if isinstance(settings, BenchArgs):
-        return _run_bench(settings, "peft-ctrl finetune", settings.results_dir, "finetune_commonsense")
-    if isinstance(settings, ChatFinetuneArgs):
-        report = run_chat_finetune(settings)
-        print(summary_table_chat(report))
-        print()
-        print(answers_table(report))
-        folder = settings.results_dir or f"{settings.output_dir}/smollm2"
-        written = write_report(report, folder)
-        print(f"report: {', '.join(map(str, written))}")
-        if settings.save_adapters:
-            print(f"adapters: {settings.output_dir}/smollm2/METHOD/seedN")
-        return 0
+        return _run_bench(settings, command, settings.results_dir, f"finetune_{settings.task}")
     results = run_finetune(settings)
     print(summary_table(results))
     print(f"adapters and results.json: {settings.output_dir}/{settings.model}")
@@ -216,27 +194,41 @@ def _run_bench(settings: BenchArgs, command: str, report_dir: str, name: str) ->
 def _bench_parser(sub: argparse._SubParsersAction) -> None:
     bench = sub.add_parser("bench", help="method-comparison benchmarks on SmolLM2 (resumable)")
     tasks = bench.add_subparsers(dest="bench_task", required=True)
-    p = tasks.add_parser(
+    commonsense = tasks.add_parser(
         "commonsense",
         help="BoolQ, ARC-Easy, ARC-Challenge, OpenBookQA: every method trained on the train mixture, scored per task",
         description="Train SmolLM2-135M-Instruct with each method on the mixture of the four train splits and score "
         "each test split by the most likely answer option (docs/commonsense.md). One JSON per finished experiment in "
         "RESULTS_DIR/SPLIT/: an interrupted run resumes where it stopped.",
     )
+    stdlib = tasks.add_parser(
+        "stdlib",
+        help="the stdlib-topics chat task (six topics of Python docstring sentences), by the same runner",
+        description="Train SmolLM2-135M-Instruct with each method on the stdlib topics asked as a chat question and "
+        "score the test sentences by the most likely topic, each answer through its end-of-turn token "
+        "(docs/finetune.md). One JSON per finished experiment in RESULTS_DIR/SPLIT/: an interrupted run resumes.",
+    )
+    for p in (commonsense, stdlib):
+        _bench_flags(p)
+
+
+def _bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--preset", choices=PRESETS, default="headline", help="the rows to run (when --methods is not given)"
+        "--preset",
+        choices=PRESETS,
+        help="the rows to run when --methods is not given (default: headline for commonsense, stdlib for stdlib)",
     )
     p.add_argument("--methods", nargs="+", metavar="METHOD", help=f"rows to run: {', '.join(BENCH_METHODS)}")
     p.add_argument("--seeds", type=int_arg(0), nargs="+", help="one run per seed and method (default 0 1 2)")
-    p.add_argument("--steps", type=int_arg(1), help="optimizer steps per run (default 60)")
+    p.add_argument("--steps", type=int_arg(1), help="optimizer steps per run (default: commonsense 60, stdlib 22)")
     p.add_argument("--batch-size", type=int_arg(1), help="examples per step (default 8)")
     p.add_argument("--split", choices=("test", "validation"), help="score the test splits (default) or validation")
     p.add_argument("--eval-items", type=int_arg(0), help="items scored per task (default 150; 0 = the whole split)")
     p.add_argument("--validation-items", type=int_arg(1), help="items per task held out of train (default 100)")
     p.add_argument("--lr", nargs="+", metavar="METHOD=LR", help="peak learning rates replacing the rows' defaults")
-    p.add_argument("--results-dir", default="runs/commonsense", help="experiment JSONs (default runs/commonsense)")
+    p.add_argument("--results-dir", help="experiment JSONs (default runs/TASK)")
     p.add_argument("--report-dir", help="where the table, JSON and plot go (default RESULTS_DIR)")
-    p.add_argument("--report-name", default="commonsense", help="file name of the report (default commonsense)")
+    p.add_argument("--report-name", help="file name of the report (default: the task's name)")
     p.add_argument("--save-adapters", metavar="DIR", help="keep every trained adapter in DIR/METHOD/seedN")
     p.add_argument("--no-bf16", action="store_true", help="train and score in fp32 instead of bf16 autocast")
     p.add_argument("--eval-only", action="store_true", help="score saved adapters (--adapters) on --test-file")
@@ -246,7 +238,9 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
 
 def _bench_settings(args: argparse.Namespace) -> BenchArgs:
     """Raises ValueError on bad flags."""
-    given: dict[str, Any] = {"methods": tuple(args.methods) if args.methods else PRESETS[args.preset]}
+    preset = args.preset or ("stdlib" if args.bench_task == "stdlib" else "headline")
+    methods = tuple(args.methods) if args.methods else PRESETS[preset]
+    given: dict[str, Any] = {"task": args.bench_task, "methods": methods, "steps": TASKS[args.bench_task].steps}
     for flag in ("steps", "batch_size", "split", "validation_items", "results_dir", "save_adapters"):
         if getattr(args, flag) is not None:
             given[flag] = getattr(args, flag)
@@ -335,8 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.eval_only:
                 return _eval_only(args)
-            report_dir = args.report_dir or args.results_dir
-            return _run_bench(settings, "peft-ctrl " + " ".join(argv), report_dir, args.report_name)
+            report_dir = args.report_dir or settings.results_dir
+            name = args.report_name or settings.task
+            return _run_bench(settings, "peft-ctrl " + " ".join(argv), report_dir, name)
         except (ValueError, OSError) as err:
             print(f"peft-ctrl bench: error: {err}", file=sys.stderr)
             return 2
@@ -346,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as err:
             parser.error(f"finetune: {err}")
         try:
-            return _finetune(settings)
+            return _finetune(settings, "peft-ctrl " + " ".join(argv))
         except ImportError as err:  # a model's package is missing: say which one to install
             print(f"peft-ctrl finetune: error: {err}", file=sys.stderr)
             return 2

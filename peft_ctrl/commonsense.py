@@ -24,13 +24,15 @@ _FORMAT = re.compile(r"Answer format:\s*(\S+)\s*$")
 
 @dataclass(frozen=True)
 class Item:
-    """One question: the instruction shown to the model, the reference response, its answer and every option."""
+    """One question: the instruction shown to the model, the reference response, its answer and every option;
+    ``system``, when set, is a system message shown before the instruction."""
 
     task: str
     instruction: str
     output: str
     answer: str
     options: tuple[str, ...]
+    system: str | None = None
 
     def response(self, option: str) -> str:
         """The response that picks ``option``, in the wording of the reference (``the correct answer is X``)."""

@@ -29,6 +29,7 @@ from .metrics import SavedTensorMeter
 from .seal import SealConfig
 from .state_ctrl import StateCtrlConfig
 from .state_ctrl.config import BLOCKS
+from .training import length_bucketed_batches, lr_at
 
 MODELS = ("minilm", "tiny-llama")
 METHODS = ("state-ctrl", "lora", "seal")
@@ -63,7 +64,7 @@ class FinetuneArgs:
 
 
 def check_run_settings(args: Any, methods: Sequence[str]) -> None:
-    """The checks both jobs' settings share: methods among ``methods``, steps, seeds, batch size, learning rates."""
+    """Checks of the run settings: methods among ``methods``, steps, seeds, batch size, learning rates."""
     if not args.methods:
         raise ValueError(f"methods is empty; choose from {list(methods)}.")
     for method in args.methods:
@@ -148,14 +149,6 @@ def encode(data: TextDataset, max_length: int) -> dict[str, torch.Tensor]:
     }
 
 
-def lr_at(step: int, total: int, peak: float) -> float:
-    """10% linear warm-up to ``peak``, then linear decay to 0 at ``total``."""
-    warmup = max(1, total // 10)
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * max(0.0, (total - step) / (total - warmup))
-
-
 @torch.no_grad()
 def accuracy(model: nn.Module, data: dict[str, torch.Tensor], batch_size: int = 128) -> float:
     model.eval()
@@ -166,23 +159,6 @@ def accuracy(model: nn.Module, data: dict[str, torch.Tensor], batch_size: int = 
         ).logits
         correct += (logits.argmax(-1) == data["labels"][i : i + batch_size]).sum().item()
     return correct / len(data["labels"])
-
-
-def length_bucketed_batches(lengths: torch.Tensor, batch_size: int, steps: int, seed: int) -> list[torch.Tensor]:
-    """``steps`` batches of indices: each epoch is shuffled, cut into pools of 50 batches, each pool sorted by
-    length (so a batch holds sentences of similar length and little padding), and the batch order shuffled."""
-    g = torch.Generator().manual_seed(seed)
-    out: list[torch.Tensor] = []
-    while len(out) < steps:
-        perm = torch.randperm(len(lengths), generator=g)
-        epoch = []
-        pool = 50 * batch_size
-        for i in range(0, len(perm) - batch_size + 1, pool):
-            chunk = perm[i : i + pool]
-            chunk = chunk[torch.argsort(lengths[chunk], stable=True)]
-            epoch += [chunk[j : j + batch_size] for j in range(0, len(chunk) - batch_size + 1, batch_size)]
-        out += [epoch[k] for k in torch.randperm(len(epoch), generator=g).tolist()]
-    return out[:steps]
 
 
 def trim(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

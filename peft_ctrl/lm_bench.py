@@ -1,21 +1,23 @@
-"""Method comparison on a causal LM: ``peft-ctrl bench commonsense`` (and the README's main job).
+"""Method comparison on a causal LM: ``peft-ctrl bench TASK`` and ``peft-ctrl finetune`` (the README's main job).
 
 In the spirit of upstream peft's ``method_comparison``: an experiment is data, a method of ``METHODS`` (an adapter
-config and its training settings) at one seed, and one runner trains and scores any of them. Each finished
-experiment writes one JSON file (``RESULTS/SPLIT/METHOD__seedN.json``) and a run skips the experiments whose file
-exists, so an interrupted comparison resumes where it stopped.
+config and its training settings) on a task of ``TASKS`` (``peft_ctrl.tasks``) at one seed, and one runner trains
+and scores any of them. Each finished experiment writes one JSON file (``RESULTS/SPLIT/METHOD__seedN.json``) and a
+run skips the experiments whose file exists, so an interrupted comparison resumes where it stopped.
 
-Protocol. SmolLM2-135M-Instruct is fine-tuned on the shuffled mixture of the train splits of BoolQ, ARC-Easy,
-ARC-Challenge and OpenBookQA (``peft_ctrl.commonsense``), each question asked as a user turn of the model's chat
-template and answered with the reference response (``the correct answer is X``, then the end-of-turn token); the
-loss is on the response only. A fixed part of every train split (``validation_items`` per task, picked by hash) is
-held out as the validation split, on which learning rates and ablations are chosen; the test splits are never used
-for that. Scoring: for each question, the response with each answer option (``the correct answer is answer1``,
-``... answer2``, ...) and the option whose response the model gives the highest likelihood is the model's answer.
-The responses share their first tokens and, for these four tasks, differ in one last token, so one teacher-forced
-pass over the question and the shared part gives every option's likelihood (options of several tokens are scored
-by one pass each, summing their tokens' log-probabilities). Training and scoring run under bf16 autocast on CPU
-(fp32 weights and adapters), the same for every method.
+Protocol (the commonsense task; the stdlib task differs only in its data, a system message and scoring through
+the end-of-turn token, ``peft_ctrl.tasks``). SmolLM2-135M-Instruct is fine-tuned on the shuffled mixture of the
+train splits of BoolQ, ARC-Easy, ARC-Challenge and OpenBookQA (``peft_ctrl.commonsense``), each question asked as
+a user turn of the model's chat template and answered with the reference response (``the correct answer is X``,
+then the end-of-turn token); the loss is on the response only. A fixed part of every train split
+(``validation_items`` per task, picked by hash) is held out as the validation split, on which learning rates and
+ablations are chosen; the test splits are never used for that. Scoring: for each question, the response with each
+answer option (``the correct answer is answer1``, ``... answer2``, ...) and the option whose response the model
+gives the highest likelihood is the model's answer. The responses share their first tokens and, for these four
+tasks, differ in one last token, so one teacher-forced pass over the question and the shared part gives every
+option's likelihood (options of several tokens are scored by one pass each, summing their tokens'
+log-probabilities). Training and scoring run under bf16 autocast on CPU (fp32 weights and adapters), the same for
+every method.
 """
 
 from __future__ import annotations
@@ -40,12 +42,22 @@ from tqdm.auto import tqdm
 
 from ._checks import check_choice, check_float, check_int
 from .atomic import atomic_directory, atomic_file
-from .chat_finetune import ALL_LINEAR, ChatExample, answer_loss, bar_charts, collate, plot_labels
-from .commonsense import TASKS, Item, read_items, shipped_file, split_validation, subset
-from .finetune import length_bucketed_batches, lr_at
+from .commonsense import TASKS as COMMONSENSE_TASKS
+from .commonsense import Item, read_items, split_validation, subset
 from .metrics import SavedTensorMeter
 from .optim import bridge_input_rms, depth_scaled_param_groups
 from .state_ctrl import StateCtrlConfig
+from .tasks import Task, commonsense_items, stdlib_items
+from .training import (
+    ALL_LINEAR,
+    ChatExample,
+    answer_loss,
+    chat_example,
+    collate,
+    length_bucketed_batches,
+    lr_at,
+    prompt_ids,
+)
 
 QKV = ["q_proj", "k_proj", "v_proj"]
 
@@ -142,12 +154,40 @@ HEADLINE = (
 OTHERS = ("lora-all", "lora-qkv", "seal-qkv", "adalora", "sublora", "odelora")
 ABLATION = ("state-ctrl-mlp", "state-ctrl-mlp-depth-lr", "state-ctrl-mlp-r16", "state-ctrl-both-depth-lr")
 ABLATION += ("control-lora-depth-lr",)
+STDLIB_JOB = ("lora-all", "lora-qkv", "dora", "lora-all-ckpt", "state-ctrl-mlp", "state-ctrl-both")
+
+TASKS: dict[str, Task] = {
+    "commonsense": Task(
+        "commonsense",
+        "commonsense (BoolQ, ARC-e, ARC-c, OBQA)",
+        COMMONSENSE_TASKS,
+        commonsense_items,
+        main_methods=MAIN_JOB,
+        main_seeds=(0,),
+        steps=60,
+    ),
+    # The stdlib topics as a chat question. Its learning rates come from the grid of docs/finetune.md (22 steps,
+    # seed 0): 2e-4 for every row with bridges, 2e-3 for every LoRA-family row.
+    "stdlib": Task(
+        "stdlib",
+        "stdlib topics as chat",
+        ("stdlib",),
+        stdlib_items,
+        main_methods=STDLIB_JOB,
+        main_seeds=(0, 1, 2),
+        steps=22,
+        end_of_turn=True,
+        lr={"state-ctrl": 2e-4, "lora": 2e-3},
+    ),
+}
 
 
 @dataclass
 class BenchArgs:
-    """Settings of ``peft-ctrl bench commonsense``; ``main_job()`` gives the README's 20-minute subset."""
+    """Settings of ``peft-ctrl bench TASK``; ``main_job(task)`` gives ``peft-ctrl finetune``'s (for commonsense the
+    README's 20-minute subset)."""
 
+    task: str = "commonsense"
     methods: Sequence[str] = HEADLINE
     seeds: Sequence[int] = (0, 1, 2)
     steps: int = 60
@@ -157,12 +197,15 @@ class BenchArgs:
     validation_items: int = 100  # per task, carved from train
     max_tokens: int = 256  # training examples longer than this (prompt + response) are left out
     lr: dict[str, float] = field(default_factory=dict)  # per-method overrides of METHODS' lr
-    results_dir: str = "runs/commonsense"
+    results_dir: str | None = None  # default runs/TASK
     save_adapters: str | None = None
     bf16: bool = True
     eval_every: int | None = None  # also score every N steps (the record's "curve"); None: at the end only
 
     def __post_init__(self) -> None:
+        check_choice("task", self.task, tuple(TASKS))
+        if self.results_dir is None:
+            self.results_dir = f"runs/{self.task}"
         if not self.methods:
             raise ValueError(f"methods is empty; choose from {list(METHODS)}.")
         for method in (*self.methods, *self.lr):
@@ -184,14 +227,22 @@ class BenchArgs:
             check_float(f"lr[{key!r}]", value, 0.0, low_open=True)
 
     @classmethod
-    def main_job(cls, **overrides: Any) -> BenchArgs:
-        """The README's main job: 4 rows (LoRA all-linear and q,k,v, state-ctrl mlp, Control+LoRA) at seed 0 with
-        the full comparison's settings, so its results are that comparison's seed-0 experiments (about 11 minutes
-        on 2 cores)."""
-        return cls(**{"methods": MAIN_JOB, "seeds": (0,), **overrides})
+    def main_job(cls, task: str = "commonsense", **overrides: Any) -> BenchArgs:
+        """``peft-ctrl finetune --task TASK``: the task's main rows, seeds and steps. For commonsense (the README's
+        main job): 4 rows (LoRA all-linear and q,k,v, state-ctrl mlp, Control+LoRA) at seed 0 with the full
+        comparison's settings, so its results are that comparison's seed-0 experiments (about 11 minutes on 2
+        cores)."""
+        check_choice("task", task, tuple(TASKS))
+        spec = TASKS[task]
+        defaults = {"methods": spec.main_methods, "seeds": spec.main_seeds, "steps": spec.steps}
+        return cls(**{"task": task, **defaults, **overrides})
 
     def lr_of(self, method: str) -> float:
-        return self.lr.get(method, METHODS[method].lr)
+        """The flag's lr, else the task's for the method's kind (AdamW rows: another optimizer's lr is on another
+        scale), else the method's own."""
+        spec = METHODS[method]
+        task_lr = TASKS[self.task].lr if spec.optimizer == "adamw" else {}
+        return self.lr.get(method, task_lr.get(spec.kind, spec.lr))
 
 
 # ---------------------------------------------------------------- data
@@ -211,23 +262,13 @@ class Scored:
     queries: list[Query]
 
 
-def prompt_ids(tokenizer: Any, instruction: str) -> list[int]:
-    """The instruction as one user turn of the model's chat template, ending with the assistant header."""
-    messages = [{"role": "user", "content": instruction}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def train_example(tokenizer: Any, item: Item) -> ChatExample:
-    answer = tokenizer(item.output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return ChatExample(item.instruction, item.answer, prompt_ids(tokenizer, item.instruction), answer)
-
-
-def scored_item(tokenizer: Any, item: Item) -> Scored:
+def scored_item(tokenizer: Any, item: Item, end_of_turn: bool = False) -> Scored:
     """The passes that score every option of ``item``: the prompt plus the options' shared first tokens, then
-    each option's remaining tokens as targets. Options that differ in one last token share one pass."""
-    prompt = prompt_ids(tokenizer, item.instruction)
-    responses = [tokenizer(item.response(o), add_special_tokens=False)["input_ids"] for o in item.options]
+    each option's remaining tokens (and the end-of-turn token with ``end_of_turn``) as targets. Options that differ
+    in one last token share one pass."""
+    prompt = prompt_ids(tokenizer, item.instruction, item.system)
+    end = [tokenizer.eos_token_id] if end_of_turn else []
+    responses = [tokenizer(item.response(o), add_special_tokens=False)["input_ids"] + end for o in item.options]
     shared = 0
     while all(len(r) > shared + 1 for r in responses) and len({r[shared] for r in responses}) == 1:
         shared += 1
@@ -240,21 +281,22 @@ def scored_item(tokenizer: Any, item: Item) -> Scored:
 
 
 @dataclass
-class CommonsenseData:
+class BenchData:
     train: list[ChatExample]
     evaluation: dict[str, list[Scored]]  # task -> items of the scored split
     dropped_long: int
 
 
-def load_data(tokenizer: Any, args: BenchArgs, test_files: Sequence[str | os.PathLike] = ()) -> CommonsenseData:
-    """The train mixture (validation items held out) and the scored items of ``args.split`` per task; with
-    ``test_files``, those files are scored instead of the shipped test splits."""
+def load_data(tokenizer: Any, args: BenchArgs, test_files: Sequence[str | os.PathLike] = ()) -> BenchData:
+    """The train mixture of ``args.task``'s subtasks (validation items held out) and the scored items of
+    ``args.split`` per subtask; with ``test_files``, those files are scored instead of the test splits."""
+    spec = TASKS[args.task]
     train: list[ChatExample] = []
     validation: dict[str, list[Item]] = {}
-    for task in TASKS:
-        kept, held = split_validation(read_items(shipped_file(task, "train"), task), args.validation_items)
+    for task in spec.subtasks:
+        kept, held = split_validation(spec.load(task, "train", tokenizer), args.validation_items)
         validation[task] = held
-        train += [train_example(tokenizer, it) for it in kept]
+        train += [chat_example(tokenizer, it) for it in kept]
     fits = [e for e in train if len(e.prompt_ids) + len(e.answer_ids) <= args.max_tokens]
     if test_files:
         scored = {}
@@ -264,11 +306,12 @@ def load_data(tokenizer: Any, args: BenchArgs, test_files: Sequence[str | os.Pat
     elif args.split == "validation":
         scored = validation
     else:
-        scored = {task: read_items(shipped_file(task, "test"), task) for task in TASKS}
+        scored = {task: spec.load(task, "test", tokenizer) for task in spec.subtasks}
     evaluation = {
-        task: [scored_item(tokenizer, it) for it in subset(items, args.eval_items)] for task, items in scored.items()
+        task: [scored_item(tokenizer, it, spec.end_of_turn) for it in subset(items, args.eval_items)]
+        for task, items in scored.items()
     }
-    return CommonsenseData(fits, evaluation, len(train) - len(fits))
+    return BenchData(fits, evaluation, len(train) - len(fits))
 
 
 # ---------------------------------------------------------------- scoring
@@ -316,7 +359,7 @@ def option_choices(
 
 
 def evaluate(
-    model: nn.Module, data: CommonsenseData, pad_id: int, bf16: bool
+    model: nn.Module, data: BenchData, pad_id: int, bf16: bool
 ) -> tuple[dict[str, list[int]], dict[str, float]]:
     """Per task: the hits (1 where the model's choice is the reference answer, else 0, in item order) and the mean
     option NLL, ``-log softmax(option log-likelihoods)[reference]`` (nats; log(options) at chance, 0 when sure and
@@ -387,7 +430,7 @@ def train_and_score(
     method: str,
     seed: int,
     args: BenchArgs,
-    data: CommonsenseData,
+    data: BenchData,
     load: Callable[[], tuple[nn.Module, Any]] | None = None,
     steps: int | None = None,
 ) -> dict[str, Any]:
@@ -523,9 +566,7 @@ def train_and_score(
     }
 
 
-def score_base(
-    args: BenchArgs, data: CommonsenseData, load: Callable[[], tuple[nn.Module, Any]] | None = None
-) -> dict:
+def score_base(args: BenchArgs, data: BenchData, load: Callable[[], tuple[nn.Module, Any]] | None = None) -> dict:
     """The ``base`` row: the model without fine-tuning, scored like every other row (no costs: nothing trains)."""
     from .models import load_smollm2
 
@@ -559,8 +600,24 @@ def result_path(args: BenchArgs, method: str, seed: int) -> Path:
 
 def settings_of(args: BenchArgs, method: str) -> dict[str, Any]:
     """What an experiment's result depends on besides its method and seed; a resumed run must match it."""
-    keys = ("steps", "batch_size", "split", "eval_items", "validation_items", "max_tokens", "bf16", "eval_every")
+    keys = (
+        "task",
+        "steps",
+        "batch_size",
+        "split",
+        "eval_items",
+        "validation_items",
+        "max_tokens",
+        "bf16",
+        "eval_every",
+    )
     return {**{k: getattr(args, k) for k in keys}, "lr": args.lr_of(method)}
+
+
+def _recorded_settings(path: Path) -> dict[str, Any] | None:
+    """The settings a result file was made with; files from before tasks existed are commonsense experiments."""
+    settings = json.loads(path.read_text()).get("settings")
+    return {"task": "commonsense", **settings} if isinstance(settings, dict) else settings
 
 
 def same_time_steps(args: BenchArgs, method: str, seed: int) -> int | None:
@@ -593,7 +650,7 @@ def run_bench(args: BenchArgs) -> list[dict[str, Any]]:
     data = load_data(tokenizer, args)
     sizes = ", ".join(f"{task} {len(items)}" for task, items in data.evaluation.items())
     print(
-        f"commonsense: {len(data.train)} train examples ({data.dropped_long} longer than {args.max_tokens} tokens "
+        f"{args.task}: {len(data.train)} train examples ({data.dropped_long} longer than {args.max_tokens} tokens "
         f"left out), scored on the {args.split} split: {sizes}; {args.steps} steps x batch {args.batch_size}; "
         f"seeds {list(args.seeds)}; results in {Path(args.results_dir) / args.split}"
     )
@@ -601,10 +658,10 @@ def run_bench(args: BenchArgs) -> list[dict[str, Any]]:
     runs = list(dict.fromkeys((m, 0 if m == "base" else s) for s in args.seeds for m in args.methods))
     for method, seed in runs:
         path = result_path(args, method, seed)
-        if path.is_file() and json.loads(path.read_text()).get("settings") != settings_of(args, method):
+        if path.is_file() and _recorded_settings(path) != settings_of(args, method):
             raise ValueError(
-                f"{path} was made with other settings ({json.loads(path.read_text()).get('settings')}); resuming "
-                "would mix them. Use another --results-dir, or delete the file to rerun it."
+                f"{path} was made with other settings ({_recorded_settings(path)}); resuming would mix them. Use "
+                "another --results-dir, or delete the file to rerun it."
             )
     todo = [(m, s) for m, s in runs if not result_path(args, m, s).is_file()]
     if len(todo) < len(runs):
@@ -615,6 +672,7 @@ def run_bench(args: BenchArgs) -> list[dict[str, Any]]:
         record.update(
             {
                 "settings": settings_of(args, method),
+                "task": args.task,
                 "steps": args.steps,
                 "budget_steps": steps or args.steps,
                 "batch_size": args.batch_size,
@@ -626,7 +684,8 @@ def run_bench(args: BenchArgs) -> list[dict[str, Any]]:
         )
         with atomic_file(result_path(args, method, seed)) as tmp:
             tmp.write_text(json.dumps(record) + "\n")
-    return [json.loads(result_path(args, m, s).read_text()) for m, s in runs]
+    # files from before tasks existed are commonsense experiments (as in _recorded_settings)
+    return [{"task": "commonsense", **json.loads(result_path(args, m, s).read_text())} for m, s in runs]
 
 
 def score_adapters(
@@ -772,6 +831,38 @@ def summary_table(results: list[dict[str, Any]], reference: str = REFERENCE) -> 
     return "\n".join(lines)
 
 
+def bar_charts(
+    path: str | os.PathLike,
+    labels: list[str],
+    colors: list[str],
+    panels: list[tuple[str, list[float], list[float] | None]],
+    title: str,
+    figsize: tuple[float, float],
+) -> bool:
+    """One horizontal bar chart per ``(title, values, errors)`` panel, side by side and sharing the row labels,
+    written atomically as a PNG; False if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=figsize)
+    for ax, (name, values, errors) in zip(axes, panels, strict=True):
+        ax.barh(labels, values, xerr=errors, color=colors)
+        ax.invert_yaxis()
+        ax.set_title(name)
+    for ax in axes[1:]:
+        ax.set_yticklabels([])
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_file(Path(path)) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return True
+
+
 def plot(results: list[dict[str, Any]], path: str | os.PathLike, title: str, reference: str = REFERENCE) -> bool:
     """Average accuracy (with the seeds' std), saved bytes and step time per method; False without matplotlib."""
     rows = summary_rows(results, reference)
@@ -785,7 +876,8 @@ def plot(results: list[dict[str, Any]], path: str | os.PathLike, title: str, ref
         ("saved for backward, MiB (first step)", [r["saved_bytes"] / 2**20 for r in rows], None),
         ("median step time, s", [r["step_seconds"] for r in rows], None),
     ]
-    return bar_charts(path, plot_labels(rows), colors, panels, title, (16, 0.5 * len(rows) + 2.5))
+    labels = [r["label"].replace("PEFT ", "").replace(" + checkpointing", "\n+ ckpt") for r in rows]
+    return bar_charts(path, labels, colors, panels, title, (16, 0.5 * len(rows) + 2.5))
 
 
 def write_report(
@@ -794,18 +886,21 @@ def write_report(
     """``NAME.json`` (every experiment's record), ``NAME.md`` (the table and protocol line) and ``NAME.png``."""
     folder = Path(folder)
     first = results[0]
+    task = TASKS[first["task"]]
     minutes = sum(r["train_seconds"] for r in results) / 60
     text = (
-        f"Command: `{command}`. SmolLM2-135M-Instruct, {first['steps']} steps x batch {first['batch_size']}, "
-        f"{first['split']} split, {first['eval_items'] or 'all'} items per task, seeds "
+        f"Command: `{command}`. SmolLM2-135M-Instruct, {task.title}, {first['steps']} steps x batch "
+        f"{first['batch_size']}, "
+        f"{first['split']} split, {first['eval_items'] or 'all'} items per subtask, seeds "
         f"{sorted({r['seed'] for r in results})}; {first['machine']}; {first['date']}; {minutes:.0f} minutes of "
         "training and scoring in all.\n\n"
         f"{summary_table(results, reference)}\n\n"
         "Accuracy: the option with the most likely response, per task and averaged over tasks. Δ: paired difference "
         "to the reference row in points with its 95% bootstrap interval over test items (hits averaged over the "
         "shared seeds); an interval that holds 0 is a tie. Option NLL: -log of the reference option's share of the "
-        "options' likelihoods, averaged over items and tasks (nats; chance: log 2 for BoolQ, log 4 for ARC and "
-        "OBQA, 1.21 averaged). Train loss: the response loss of the last 20 steps (mean over seeds). Saved bytes: "
+        "options' likelihoods, averaged over items and tasks (nats; chance: the log of the number of options, for "
+        "commonsense log 2 for BoolQ and log 4 for ARC and OBQA, 1.21 averaged). Train loss: the response loss of "
+        "the last 20 steps (mean over seeds). Saved bytes: "
         "the first step's tensors saved for backward (same batch for every method). Step time: median over steps "
         "and seeds, ratios from the same run.\n"
     )
@@ -815,7 +910,7 @@ def write_report(
             tmp.write_text(content)
         written.append(folder / f"{name}{suffix}")
     if plot(
-        results, folder / f"{name}.png", f"SmolLM2-135M-Instruct, commonsense ({first['split']} split)", reference
+        results, folder / f"{name}.png", f"SmolLM2-135M-Instruct, {task.title} ({first['split']} split)", reference
     ):
         written.append(folder / f"{name}.png")
     return written

@@ -11,9 +11,11 @@ import torch
 from models import VOCAB, build
 from peft import get_peft_model
 
-from peft_ctrl import StateCtrlConfig, lm_bench, models
+from peft_ctrl import StateCtrlConfig, cli, lm_bench, models
 from peft_ctrl.commonsense import DATA_DIR, TASKS, Item, read_items, shipped_file, split_validation, subset
 from peft_ctrl.optim import bridge_input_rms, depth_scaled_param_groups
+from peft_ctrl.tasks import STDLIB_MAX_TOKENS, STDLIB_SYSTEM, stdlib_items
+from peft_ctrl.training import chat_example, prompt_ids
 
 SIZES = {
     ("boolq", "train"): 9427,
@@ -118,15 +120,21 @@ class WordTokenizer:
 
     def __init__(self) -> None:
         self.ids: dict[str, int] = {}
+        self.words: dict[int, str] = {}
 
     def _id(self, word: str) -> int:
-        return self.ids.setdefault(word, 2 + len(self.ids) % (VOCAB - 2))
+        token = self.ids.setdefault(word, 2 + len(self.ids) % (VOCAB - 2))
+        self.words.setdefault(token, word)
+        return token
 
     def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
-        return "<user> " + messages[0]["content"] + " <assistant>"
+        return " ".join(f"<{m['role']}> {m['content']}" for m in messages) + " <assistant>"
 
     def __call__(self, text, add_special_tokens=False):
         return {"input_ids": [self._id(w) for w in text.split()]}
+
+    def decode(self, ids):
+        return " ".join(self.words[i] for i in ids)
 
 
 def item(options: tuple[str, ...], answer: str, question: str = "which one") -> Item:
@@ -135,12 +143,13 @@ def item(options: tuple[str, ...], answer: str, question: str = "which one") -> 
     )
 
 
-def brute_force_choice(model, tokenizer, it: Item) -> int:
-    """The option whose whole response is most likely, one full pass per option."""
-    prompt = lm_bench.prompt_ids(tokenizer, it.instruction)
+def brute_force_choice(model, tokenizer, it: Item, end_of_turn: bool = False) -> int:
+    """The option whose whole response (then the end-of-turn token, with ``end_of_turn``) is most likely, one full
+    pass per option."""
+    prompt = prompt_ids(tokenizer, it.instruction, it.system)
     scores = []
     for option in it.options:
-        response = tokenizer(it.response(option))["input_ids"]
+        response = tokenizer(it.response(option))["input_ids"] + ([tokenizer.eos_token_id] if end_of_turn else [])
         ids = torch.tensor([prompt + response])
         logp = model(input_ids=ids).logits.float().log_softmax(-1)[0, len(prompt) - 1 : -1]
         scores.append(logp.gather(1, torch.tensor(response)[:, None]).sum().item())
@@ -169,6 +178,51 @@ def test_options_of_several_tokens_are_scored_by_their_whole_likelihood():
     assert all(len(s.queries) == 2 for s in scored)
     choices = lm_bench.option_choices(model, scored, tokenizer.pad_token_id, bf16=False)
     assert choices == [brute_force_choice(model, tokenizer, it) for it in items]
+
+
+def test_options_of_different_lengths_are_scored_through_the_end_of_turn_token():
+    """The stdlib task's scoring: "files and OS" against "text" is decided by each whole answer and its end of turn,
+    so a short option does not win for having fewer tokens to pay for."""
+    tokenizer, model = WordTokenizer(), build("llama").eval()
+    options = ("networking", "files and OS", "text")
+    items = [Item("stdlib", q, "text", "text", options, STDLIB_SYSTEM) for q in ("a b", "c", "d e f", "g")]
+    scored = [lm_bench.scored_item(tokenizer, it, end_of_turn=True) for it in items]
+    assert all(len(s.queries) == 3 for s in scored)
+    assert all(q.targets[i][-1] == tokenizer.eos_token_id for s in scored for q in s.queries for i in q.targets)
+    choices = lm_bench.option_choices(model, scored, tokenizer.pad_token_id, bf16=False, batch_size=3)
+    assert choices == [brute_force_choice(model, tokenizer, it, end_of_turn=True) for it in items]
+
+
+# ---------------------------------------------------------------- the stdlib task
+
+
+def test_the_stdlib_task_is_data_for_the_same_runner():
+    tokenizer = WordTokenizer()
+    items = stdlib_items("stdlib", "test", tokenizer)
+    assert len(items) == 832 and all(it.system == STDLIB_SYSTEM and it.output == it.answer for it in items)
+    assert items[0].options == ("networking", "files and OS", "numbers", "text", "concurrency", "dates and time")
+    assert max(len(it.instruction.split()) for it in items) == STDLIB_MAX_TOKENS
+    assert prompt_ids(tokenizer, "s", STDLIB_SYSTEM)[:1] == tokenizer("<system>")["input_ids"]
+    args = lm_bench.BenchArgs.main_job("stdlib", eval_items=12, validation_items=5)
+    data = lm_bench.load_data(tokenizer, args)
+    assert list(data.evaluation) == ["stdlib"] and len(data.evaluation["stdlib"]) == 12
+    assert len(data.train) + data.dropped_long == 3360 - 5
+    with pytest.raises(ValueError, match="one subtask, 'stdlib'"):
+        stdlib_items("stdlib", "validation", tokenizer)
+
+
+def test_each_task_has_its_main_job_and_learning_rates():
+    stdlib = lm_bench.BenchArgs.main_job("stdlib")
+    assert stdlib.methods == lm_bench.STDLIB_JOB and stdlib.seeds == (0, 1, 2) and stdlib.steps == 22
+    assert stdlib.results_dir == "runs/stdlib" and stdlib.lr_of("state-ctrl-both") == 2e-4
+    assert stdlib.lr_of("dora") == 2e-3 and stdlib.lr_of("odelora") == lm_bench.METHODS["odelora"].lr
+    assert lm_bench.BenchArgs(task="stdlib", lr={"dora": 5e-4}).lr_of("dora") == 5e-4
+    commonsense = lm_bench.BenchArgs.main_job()
+    assert commonsense.methods == lm_bench.MAIN_JOB and commonsense.seeds == (0,) and commonsense.steps == 60
+    assert commonsense.lr_of("state-ctrl-mlp") == 1e-3 and commonsense.results_dir == "runs/commonsense"
+    assert lm_bench.settings_of(stdlib, "dora")["task"] == "stdlib"  # a resumed run never mixes tasks
+    with pytest.raises(ValueError, match="task must be one of"):
+        lm_bench.BenchArgs(task="piqa")
 
 
 # ---------------------------------------------------------------- paired difference
@@ -221,13 +275,16 @@ def test_the_runner_resumes_and_skips_finished_experiments(tmp_path, monkeypatch
         return {"method": method, "seed": seed, "train_seconds": 1.0}
 
     monkeypatch.setattr(models, "load_smollm2", lambda: (None, None))
-    monkeypatch.setattr(lm_bench, "load_data", lambda tok, args: lm_bench.CommonsenseData([], {"t": []}, 0))
+    monkeypatch.setattr(lm_bench, "load_data", lambda tok, args: lm_bench.BenchData([], {"t": []}, 0))
     monkeypatch.setattr(lm_bench, "train_and_score", fake_train)
     args = lm_bench.BenchArgs(methods=("lora-all", "state-ctrl-mlp"), seeds=(0, 1), results_dir=str(tmp_path))
     lm_bench.result_path(args, "state-ctrl-mlp", 0).parent.mkdir(parents=True)
-    done = {"method": "state-ctrl-mlp", "seed": 0, "settings": lm_bench.settings_of(args, "state-ctrl-mlp")}
+    # a file written before tasks existed (no "task" in its settings) is a commonsense experiment
+    settings = {k: v for k, v in lm_bench.settings_of(args, "state-ctrl-mlp").items() if k != "task"}
+    done = {"method": "state-ctrl-mlp", "seed": 0, "settings": settings}
     lm_bench.result_path(args, "state-ctrl-mlp", 0).write_text(json.dumps(done))
     results = lm_bench.run_bench(args)
+    assert results[1]["task"] == "commonsense"
     assert ran == [("lora-all", 0), ("lora-all", 1), ("state-ctrl-mlp", 1)]
     assert [(r["method"], r["seed"]) for r in results] == [
         ("lora-all", 0),
@@ -246,11 +303,11 @@ def test_the_runner_resumes_and_skips_finished_experiments(tmp_path, monkeypatch
         lm_bench.run_bench(lm_bench.BenchArgs(methods=("seal-qkv",), results_dir=str(tmp_path)))
 
 
-def tiny_data(tokenizer: WordTokenizer) -> lm_bench.CommonsenseData:
+def tiny_data(tokenizer: WordTokenizer) -> lm_bench.BenchData:
     questions = [f"q{i} w{i % 3} x{i % 5}" for i in range(24)]
     items = [item(("answer1", "answer2"), f"answer{1 + i % 2}", q) for i, q in enumerate(questions)]
-    train = [lm_bench.train_example(tokenizer, it) for it in items[:16]]
-    return lm_bench.CommonsenseData(train, {"t": [lm_bench.scored_item(tokenizer, it) for it in items[16:]]}, 0)
+    train = [chat_example(tokenizer, it) for it in items[:16]]
+    return lm_bench.BenchData(train, {"t": [lm_bench.scored_item(tokenizer, it) for it in items[16:]]}, 0)
 
 
 @pytest.mark.parametrize("method", [m for m in lm_bench.METHODS if m != "base"])
@@ -326,3 +383,91 @@ def test_one_experiment_on_the_real_smollm2(tmp_path):
     assert (tmp_path / "adapters" / "state-ctrl-mlp" / "seed0" / "adapter_config.json").is_file()
     scored = lm_bench.score_adapters(tmp_path / "adapters", [shipped_file("openbookqa", "test")])
     assert len(scored) == 1 and 0 <= scored[0]["accuracy"]["openbookqa"] <= 1
+
+
+# ---------------------------------------------------------------- report and command line
+
+
+def fake_record(method: str, seed: int, hits: list[int], saved: int, step: float) -> dict:
+    return {
+        "method": method,
+        "label": lm_bench.METHODS[method].label,
+        "kind": lm_bench.METHODS[method].kind,
+        "seed": seed,
+        "task": "stdlib",
+        "lr": 1e-3,
+        "trainable_params": 10,
+        "adapter_bytes": 1000,
+        "saved_activation_bytes": saved,
+        "step_seconds": step,
+        "train_seconds": 30.0,
+        "losses": [0.5, 0.4],
+        "accuracy": {"stdlib": sum(hits) / len(hits)},
+        "option_nll": {"stdlib": 1.0},
+        "hits": {"stdlib": hits},
+        "steps": 22,
+        "batch_size": 8,
+        "split": "test",
+        "eval_items": 4,
+        "machine": "test",
+        "date": "2026-12-04",
+    }
+
+
+def test_the_report_files_carry_the_task_and_the_ratios(tmp_path):
+    pytest.importorskip("matplotlib")
+    results = [fake_record("lora-all", seed, [1, 0, 1, 0], 1000, 2.0 + seed) for seed in (0, 1)] + [
+        fake_record("state-ctrl-mlp", seed, [1, 1, 1, 0], 400, 1.0 + seed) for seed in (0, 1)
+    ]
+    rows = {r["method"]: r for r in lm_bench.summary_rows(results)}
+    assert rows["state-ctrl-mlp"]["bytes_x_ref"] == pytest.approx(0.4)
+    assert rows["state-ctrl-mlp"]["time_x_ref"] == pytest.approx(1.5 / 2.5)
+    assert rows["state-ctrl-mlp"]["difference"]["points"] == pytest.approx(25.0)
+    written = lm_bench.write_report(results, tmp_path, "finetune_stdlib", "peft-ctrl finetune --task stdlib")
+    assert sorted(p.name for p in written) == ["finetune_stdlib.json", "finetune_stdlib.md", "finetune_stdlib.png"]
+    markdown = (tmp_path / "finetune_stdlib.md").read_text()
+    assert "SmolLM2-135M-Instruct, stdlib topics as chat, 22 steps" in markdown
+    assert "| state-ctrl mlp | 0.00M | 75.0 | 75.0 ± 0.0 (2 seeds) | +25.0 [" in markdown
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--blocks", "mlp"], "--blocks applies to --model minilm / tiny-llama only"),
+        (["--task", "stdlib", "--methods", "seal"], "method must be one of 'base', 'lora-all'"),
+        (["--lr-lora", "1e-3"], "--lr-lora applies to --model minilm / tiny-llama only (SmolLM2 rows: `peft-ctrl"),
+        (["--task", "stdlib", "--rank-lora", "4"], "--rank-lora applies to --model minilm / tiny-llama only"),
+        (["--model", "minilm", "--task", "stdlib"], "--task applies to --model smollm2 only"),
+        (["--model", "minilm", "--results-dir", "x"], "--results-dir applies to --model smollm2 only"),
+        (["--model", "minilm", "--methods", "dora"], "method must be one of 'state-ctrl', 'lora', 'seal'"),
+        (["--quick", "--steps", "0"], "--steps: must be an integer >= 1"),
+    ],
+)
+def test_finetune_flags_are_checked_before_anything_runs(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["finetune", *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_flags_left_out_keep_each_jobs_defaults():
+    parser = cli.Parser(prog="peft-ctrl")
+    sub = parser.add_subparsers(dest="command")
+    cli._finetune_parser(sub)
+    cli._bench_parser(sub)
+    stdlib = cli._finetune_settings(parser.parse_args(["finetune", "--task", "stdlib", "--seeds", "4"]))
+    assert stdlib.task == "stdlib" and stdlib.seeds == (4,) and stdlib.steps == 22
+    assert stdlib.methods == lm_bench.STDLIB_JOB and stdlib.save_adapters == "runs/stdlib/adapters"
+    quick = cli._finetune_settings(parser.parse_args(["finetune", "--task", "stdlib", "--quick", "--no-save"]))
+    assert quick.steps == 20 and quick.eval_items == 30 and quick.save_adapters is None
+    assert quick.results_dir == "runs/finetune/stdlib-quick" and quick.seeds == (0,)
+    minilm = cli._finetune_settings(parser.parse_args(["finetune", "--model", "minilm", "--methods", "lora"]))
+    assert minilm.model == "minilm" and minilm.methods == ("lora",) and minilm.steps == 200
+    commonsense = cli._finetune_settings(parser.parse_args(["finetune", "--steps", "7"]))
+    assert commonsense.task == "commonsense" and commonsense.steps == 7
+    assert commonsense.methods == lm_bench.MAIN_JOB and commonsense.seeds == (0,)
+    bench = cli._bench_settings(parser.parse_args(["bench", "stdlib", "--lr", "dora=5e-4"]))
+    assert bench.task == "stdlib" and bench.steps == 22 and bench.methods == lm_bench.STDLIB_JOB
+    assert bench.lr_of("dora") == 5e-4 and bench.results_dir == "runs/stdlib"
+    headline = cli._bench_settings(parser.parse_args(["bench", "commonsense"]))
+    assert headline.methods == lm_bench.HEADLINE and headline.steps == 60

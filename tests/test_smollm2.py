@@ -16,8 +16,9 @@ import torch
 from peft import get_peft_model
 
 from peft_ctrl import StateCtrlConfig, cli, models
-from peft_ctrl.chat_finetune import ChatFinetuneArgs, prepare_task
 from peft_ctrl.state_ctrl import StateCtrlLayer
+from peft_ctrl.tasks import stdlib_items
+from peft_ctrl.training import chat_example
 
 
 def test_a_missing_package_names_the_install_command(monkeypatch):
@@ -118,26 +119,22 @@ def test_the_commonsense_main_job_end_to_end(smollm2, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_the_main_job_end_to_end(smollm2, tmp_path, capsys):
-    """`peft-ctrl finetune --task stdlib` on the real model, cut to two methods (one checkpointed), 2 steps, 12 test
-    sentences: the chat prompts, training, the one-pass score against generate, the adapters and the report files."""
+def test_the_stdlib_job_end_to_end(smollm2, tmp_path, capsys):
+    """`peft-ctrl finetune --task stdlib --quick` on the real model, cut to two methods (one checkpointed) and 2 steps,
+    by the same runner as the commonsense job: the chat prompts, training, scoring, the adapters and the report."""
     _, tokenizer = smollm2
-    args = ChatFinetuneArgs.quick(
-        methods=("state-ctrl-mlp", "lora-all-ckpt"), steps=2, eval_per_class=2, output_dir=str(tmp_path)
-    )
-    task = prepare_task(tokenizer, args)
-    prompt = tokenizer.decode(task.test[0].prompt_ids)
+    example = chat_example(tokenizer, stdlib_items("stdlib", "test", tokenizer)[0])
+    prompt = tokenizer.decode(example.prompt_ids)
     assert prompt.startswith("<|im_start|>system\nTopic of this Python doc sentence") and prompt.endswith(
         "<|im_start|>assistant\n"
     )
-    assert tokenizer.decode(task.test[0].answer_ids) == task.test[0].answer + "<|im_end|>"
-    assert len(task.test) == 12 and len({e.answer for e in task.test}) == 6
-    assert cli.main(["finetune", "--task", "stdlib", "--quick", "--methods", "state-ctrl-mlp", "lora-all-ckpt",
-                     "--steps", "2", "--eval-per-class", "2", "--output-dir", str(tmp_path)]) == 0  # fmt: skip
+    assert tokenizer.decode(example.answer_ids) == example.answer + "<|im_end|>"
+    flags = ["finetune", "--task", "stdlib", "--quick", "--methods", "state-ctrl-mlp", "lora-all-ckpt", "--steps", "2"]
+    assert cli.main([*flags, "--output-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "| state-ctrl mlp | 2,211,840 |" in out and "| PEFT LoRA all-linear + checkpointing | 4,884,480 |" in out
-    report = json.loads((tmp_path / "smollm2" / "finetune_smollm2.json").read_text())
-    assert report["generate_disagreements"] == []
-    assert all(r["saved_activation_bytes"] > 0 and 0 <= r["accuracy"] <= 1 for r in report["runs"])
-    config = json.loads((tmp_path / "smollm2" / "state-ctrl-mlp" / "seed0" / "adapter_config.json").read_text())
+    assert "| state-ctrl mlp | 2.21M |" in out and "| PEFT LoRA all-linear + checkpointing | 4.88M |" in out
+    report = json.loads((tmp_path / "stdlib" / "finetune_stdlib.json").read_text())
+    assert all(r["saved_activation_bytes"] > 0 and len(r["hits"]["stdlib"]) == 30 for r in report)
+    adapter = tmp_path / "stdlib" / "adapters" / "state-ctrl-mlp" / "seed0"
+    config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["peft_type"] == "STATE_CTRL"
