@@ -1,10 +1,11 @@
-"""Learning-rate grid and state-ctrl ablation on the commonsense validation split (never the test splits).
+"""Learning-rate grid and state-ctrl ablation on a task's validation split (never the test splits).
 
     python benchmarks/commonsense_grid.py [--groups grid ablation odelora] [--steps 60] [--seeds 0]
-                                          [--report-name commonsense_grid]
+                                          [--report-name commonsense_grid] [--task commonsense]
+    python benchmarks/commonsense_grid.py --task stdlib --groups grid --steps 22 --report-name stdlib_grid
 
 Each (row, lr) is one experiment of ``peft-ctrl bench commonsense`` with its own results folder
-(``runs/commonsense_grid/lrLR/validation/METHOD__seedN.json``), so an interrupted grid resumes. Prints the table
+(``runs/TASK_grid/lrLR/validation/METHOD__seedN.json``), so an interrupted grid resumes. Prints the table
 and writes docs/results/REPORT_NAME.{json,md,png}; the ODELoRA group has its own report (``--groups odelora
 --report-name commonsense_grid_odelora``), so it does not replace the main grid's. The row with the lowest option
 NLL of each method sets its lr in ``peft_ctrl.lm_bench.METHODS`` (docs/commonsense.md). 2e-4 is the stdlib chat
@@ -38,7 +39,8 @@ def main() -> int:
     parser.add_argument("--groups", nargs="+", choices=GROUPS, default=["grid", "ablation"])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--results-dir", default="runs/commonsense_grid")
+    parser.add_argument("--task", default="commonsense", choices=("commonsense", "stdlib"))
+    parser.add_argument("--results-dir", help="default runs/TASK_grid")
     parser.add_argument("--report-dir", default="docs/results")
     parser.add_argument("--report-name", default="commonsense_grid", help="file stem of the report")
     options = parser.parse_args()
@@ -46,13 +48,14 @@ def main() -> int:
     results = []
     for method, lr in rows:
         args = BenchArgs(
+            task=options.task,
             methods=(method,),
             seeds=tuple(options.seeds),
             steps=options.steps,
             split="validation",
             eval_items=100,
             lr={method: lr},
-            results_dir=str(Path(options.results_dir) / f"lr{lr:g}"),
+            results_dir=str(Path(options.results_dir or f"runs/{options.task}_grid") / f"lr{lr:g}"),
         )
         for record in run_bench(args):
             record["method"] = f"{method}@{lr:g}"

@@ -97,6 +97,7 @@ BUDGETED = {"lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ALL_LINEAR
 # Learning rates: the validation grid and ablation of docs/commonsense.md (benchmarks/commonsense_grid.py, seed 0,
 # lowest option NLL): 1e-3 for LoRA all-linear (every LoRA-family row) and for state-ctrl mlp with one lr (every row
 # with bridges); depth-scaled learning rates did worse than one lr there, so they are an ablation row, not the default.
+# ODELoRA's step is on another scale: 3e-2 from its own grid (--groups odelora; 0.1 and above diverge).
 METHODS: dict[str, Method] = {
     "base": Method("SmolLM2 without fine-tuning", "none", {}, 0.0),
     "lora-all": Method("PEFT LoRA all-linear", "lora", {**LORA, "target_modules": ALL_LINEAR}, 1e-3),
@@ -122,7 +123,7 @@ METHODS: dict[str, Method] = {
         "ODELoRA (Euler) on LoRA all-linear",
         "lora",
         {**LORA, "target_modules": ALL_LINEAR},
-        0.3,
+        3e-2,
         optimizer="odelora-euler",
     ),
     # Ablation rows (validation split): a state-ctrl row with one thing changed, here depth-scaled learning rates
