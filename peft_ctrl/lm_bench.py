@@ -167,8 +167,8 @@ TASKS: dict[str, Task] = {
         main_seeds=(0,),
         steps=60,
     ),
-    # The stdlib topics as a chat question. Its learning rates come from the grid of docs/finetune.md (22 steps,
-    # seed 0): 2e-4 for every row with bridges, 2e-3 for every LoRA-family row.
+    # The stdlib topics as a chat question. Its validation grid (benchmarks/commonsense_grid.py --task stdlib, 22
+    # steps, seed 0, docs/finetune.md) picks the rows' own 1e-3 for LoRA all-linear and state-ctrl mlp.
     "stdlib": Task(
         "stdlib",
         "stdlib topics as chat",
@@ -178,7 +178,6 @@ TASKS: dict[str, Task] = {
         main_seeds=(0, 1, 2),
         steps=22,
         end_of_turn=True,
-        lr={"state-ctrl": 2e-4, "lora": 2e-3},
     ),
 }
 
@@ -239,11 +238,8 @@ class BenchArgs:
         return cls(**{"task": task, **defaults, **overrides})
 
     def lr_of(self, method: str) -> float:
-        """The flag's lr, else the task's for the method's kind (AdamW rows: another optimizer's lr is on another
-        scale), else the method's own."""
-        spec = METHODS[method]
-        task_lr = TASKS[self.task].lr if spec.optimizer == "adamw" else {}
-        return self.lr.get(method, task_lr.get(spec.kind, spec.lr))
+        """The flag's lr, else the method's own."""
+        return self.lr.get(method, METHODS[method].lr)
 
 
 # ---------------------------------------------------------------- data

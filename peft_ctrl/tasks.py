@@ -8,8 +8,8 @@ the model finds most likely.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from .commonsense import Item, read_items, shipped_file
@@ -26,9 +26,8 @@ class Task:
     """One task: ``load(subtask, split, tokenizer)`` gives the items of a subtask's ``train`` or ``test`` split.
 
     ``end_of_turn``: score each option's response through the end-of-turn token, for options of different lengths
-    (without it a short option would win by having fewer tokens to pay for). ``lr``: learning rates of this task
-    per method kind (``state-ctrl``, ``lora``, ...), replacing the AdamW rows' own; ``main_*``: the main job's rows,
-    seeds and steps.
+    (without it a short option would win by having fewer tokens to pay for). ``main_*``: the main job's rows, seeds
+    and steps.
     """
 
     name: str
@@ -39,7 +38,6 @@ class Task:
     main_seeds: tuple[int, ...]
     steps: int
     end_of_turn: bool = False
-    lr: Mapping[str, float] = field(default_factory=dict)
 
 
 def commonsense_items(subtask: str, split: str, tokenizer: Any = None) -> list[Item]:

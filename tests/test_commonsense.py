@@ -214,8 +214,8 @@ def test_the_stdlib_task_is_data_for_the_same_runner():
 def test_each_task_has_its_main_job_and_learning_rates():
     stdlib = lm_bench.BenchArgs.main_job("stdlib")
     assert stdlib.methods == lm_bench.STDLIB_JOB and stdlib.seeds == (0, 1, 2) and stdlib.steps == 22
-    assert stdlib.results_dir == "runs/stdlib" and stdlib.lr_of("state-ctrl-both") == 2e-4
-    assert stdlib.lr_of("dora") == 2e-3 and stdlib.lr_of("odelora") == lm_bench.METHODS["odelora"].lr
+    assert stdlib.results_dir == "runs/stdlib" and stdlib.lr_of("state-ctrl-both") == 1e-3
+    assert stdlib.lr_of("odelora") == lm_bench.METHODS["odelora"].lr
     assert lm_bench.BenchArgs(task="stdlib", lr={"dora": 5e-4}).lr_of("dora") == 5e-4
     commonsense = lm_bench.BenchArgs.main_job()
     assert commonsense.methods == lm_bench.MAIN_JOB and commonsense.seeds == (0,) and commonsense.steps == 60
