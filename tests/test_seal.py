@@ -262,6 +262,14 @@ def test_cli_release_verify_attack(released, tmp_path, monkeypatch, capsys):
     merged = tmp_path / "merged.safetensors"
     assert cli(["seal", "attack", str(released / "release"), str(merged), "--kind", "merge", "--base", str(base)]) == 0
     assert cli(["seal", "verify", str(merged), "--base", str(base), "--mode", "key", "--r", str(R)]) == 0
+    # a base of another architecture, and an r no module can hold, are errors (exit 2), not "not verified"
+    other = tmp_path / "gpt2.safetensors"
+    save_file({k: v.clone().contiguous() for k, v in build("gpt2").state_dict().items()}, other)  # tied weights
+    capsys.readouterr()
+    assert cli(["seal", "verify", str(merged), "--base", str(other), "--mode", "key", "--r", str(R)]) == 2
+    assert "have a weight of the same name and shape in --base" in capsys.readouterr().err
+    assert cli(["seal", "verify", str(merged), "--base", str(base), "--mode", "key", "--r", "1000"]) == 2
+    assert "r = 1000 is not below the input features" in capsys.readouterr().err
     (tmp_path / "forger.key").write_text("forger-key-0123456789abcdef")
     forged = tmp_path / "forged.safetensors"
     assert (

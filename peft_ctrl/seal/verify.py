@@ -115,8 +115,22 @@ class Suspect:
         is first brought back to the base's coordinates (``peft_ctrl.seal.canonical.align_merged``: residual
         rotations, folded norm gains, head and neuron permutations); ``rank`` bounds the delta rank that the
         norm-gain fit leaves alone (the owner's LoRA rank or more)."""
+        matrices = [n for n, w in weights.items() if w.dim() == 2]
+        shared = sum(n in base and base[n].shape == weights[n].shape for n in matrices)
+        if 2 * shared < len(matrices):  # a merge into the base keeps every name and shape
+            raise ValueError(
+                f"Only {shared} of the merged model's {len(matrices)} 2-D weights have a weight of the same name and "
+                f"shape in --base ({sum(w.dim() == 2 for w in base.values())} 2-D weights): --base is not the model "
+                "the adapter was merged into (another architecture, size or naming)."
+            )
         aligned, alignment = align_merged(weights, base, rank)
         deltas = {n[: -len(".weight")]: w - base[n].double() for n, w in aligned.items() if n.endswith(".weight")}
+        if not deltas and alignment.unmatched:
+            shown = ", ".join(alignment.unmatched[:5]) + (" ..." if len(alignment.unmatched) > 5 else "")
+            raise ValueError(
+                f"{len(alignment.unmatched)} weights of the merged model differ from the base, but no documented "
+                f"transform (residual rotation, norm gains, head and neuron permutations) aligns them: {shown}."
+            )
         if not deltas:
             raise ValueError(
                 "The merged model does not differ from the base model in any 2-D weight that could be aligned with "
@@ -209,6 +223,14 @@ def verify_key(
         check_commitment(raw, claim.key_commitment, claim.salt, "the claim record")
         suspect, renamed = align_to_claim(suspect, claim)
         ranks = claim.ranks()
+    if r is not None and ranks is None:
+        too_small = [m for m in suspect.modules() if suspect.shape(m)[1] <= r]
+        if too_small:
+            raise ValueError(
+                f"r = {r} is not below the input features of {len(too_small)} suspect module(s) (e.g. {too_small[0]}: "
+                f"{suspect.shape(too_small[0])[1]}): r is the owner's LoRA rank, smaller than every adapted module's "
+                "input features."
+            )
     log_ps, overlaps, skipped = [], [], []
     for module in suspect.modules():
         m, n = suspect.shape(module)
