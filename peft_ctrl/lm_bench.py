@@ -54,6 +54,7 @@ from .training import (
     answer_loss,
     chat_example,
     collate,
+    left_padded,
     length_bucketed_batches,
     lr_at,
     prompt_ids,
@@ -166,7 +167,6 @@ STDLIB_JOB = ("lora-all", "lora-qkv", "dora", "lora-all-ckpt", "state-ctrl-mlp",
 
 TASKS: dict[str, Task] = {
     "commonsense": Task(
-        "commonsense",
         "commonsense (BoolQ, ARC-e, ARC-c, OBQA)",
         COMMONSENSE_TASKS,
         commonsense_items,
@@ -177,7 +177,6 @@ TASKS: dict[str, Task] = {
     # The stdlib topics as a chat question. Its validation grid (benchmarks/commonsense_grid.py --task stdlib, 22
     # steps, seed 0, docs/finetune.md) picks the rows' own 1e-3 for LoRA all-linear and state-ctrl mlp.
     "stdlib": Task(
-        "stdlib",
         "stdlib topics as chat",
         ("stdlib",),
         stdlib_items,
@@ -321,16 +320,6 @@ def load_data(tokenizer: Any, args: BenchArgs, test_files: Sequence[str | os.Pat
 # ---------------------------------------------------------------- scoring
 
 
-def _left_padded(seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, seq in enumerate(seqs):
-        ids[i, width - len(seq) :] = torch.tensor(seq)
-        mask[i, width - len(seq) :] = 1
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
-
-
 @torch.no_grad()
 def option_scores(
     model: nn.Module, items: Sequence[Scored], pad_id: int, bf16: bool, batch_size: int = 32
@@ -344,7 +333,7 @@ def option_scores(
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start : start + batch_size]
         k = max(len(t) for _, q in chunk for t in q.targets.values())
-        batch = _left_padded([q.input_ids for _, q in chunk], pad_id)
+        batch = left_padded([q.input_ids for _, q in chunk], pad_id)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(**batch, logits_to_keep=k).logits
         logp = logits.float().log_softmax(-1)
@@ -618,10 +607,12 @@ def settings_of(args: BenchArgs, method: str) -> dict[str, Any]:
     return {**{k: getattr(args, k) for k in keys}, "lr": args.lr_of(method)}
 
 
-def _recorded_settings(path: Path) -> dict[str, Any] | None:
-    """The settings a result file was made with; files from before tasks existed are commonsense experiments."""
-    settings = json.loads(path.read_text()).get("settings")
-    return {"task": "commonsense", **settings} if isinstance(settings, dict) else settings
+def _read_result(path: Path) -> dict[str, Any]:
+    """An experiment's result record; files from before tasks existed are commonsense experiments."""
+    record = json.loads(path.read_text())
+    if isinstance(record.get("settings"), dict):
+        record["settings"] = {"task": "commonsense", **record["settings"]}
+    return {"task": "commonsense", **record}
 
 
 def same_time_steps(args: BenchArgs, method: str, seed: int) -> int | None:
@@ -662,10 +653,11 @@ def run_bench(args: BenchArgs) -> list[dict[str, Any]]:
     runs = list(dict.fromkeys((m, 0 if m == "base" else s) for s in args.seeds for m in args.methods))
     for method, seed in runs:
         path = result_path(args, method, seed)
-        if path.is_file() and _recorded_settings(path) != settings_of(args, method):
+        recorded = _read_result(path).get("settings") if path.is_file() else None
+        if path.is_file() and recorded != settings_of(args, method):
             raise ValueError(
-                f"{path} was made with other settings ({_recorded_settings(path)}); resuming would mix them. Use "
-                "another --results-dir, or delete the file to rerun it."
+                f"{path} was made with other settings ({recorded}); resuming would mix them. Use another "
+                "--results-dir, or delete the file to rerun it."
             )
     todo = [(m, s) for m, s in runs if not result_path(args, m, s).is_file()]
     if len(todo) < len(runs):
@@ -688,8 +680,7 @@ def run_bench(args: BenchArgs) -> list[dict[str, Any]]:
         )
         with atomic_file(result_path(args, method, seed)) as tmp:
             tmp.write_text(json.dumps(record) + "\n")
-    # files from before tasks existed are commonsense experiments (as in _recorded_settings)
-    return [{"task": "commonsense", **json.loads(result_path(args, m, s).read_text())} for m, s in runs]
+    return [_read_result(result_path(args, m, s)) for m, s in runs]
 
 
 def score_adapters(

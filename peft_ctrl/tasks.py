@@ -30,7 +30,6 @@ class Task:
     and steps.
     """
 
-    name: str
     title: str
     subtasks: tuple[str, ...]
     load: Callable[[str, str, Any], list[Item]]

@@ -79,20 +79,25 @@ def balanced_subset(examples: list[ChatExample], per_class: int) -> list[ChatExa
     return out
 
 
-def collate(examples: Sequence[ChatExample], pad_id: int, with_answers: bool = True) -> dict[str, torch.Tensor]:
-    """Left-padded batch (so every answer ends at the last position) with explicit position ids (so padding does
-    not shift positions), and ``targets``: the last k tokens, -100 where a shorter answer leaves prompt tokens."""
-    seqs = [e.prompt_ids + (e.answer_ids if with_answers else []) for e in examples]
+def left_padded(seqs: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Token sequences as one left-padded batch (so every sequence ends at the last position) with explicit
+    position ids (so padding does not shift positions)."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, seq in enumerate(seqs):
         ids[i, width - len(seq) :] = torch.tensor(seq)
         mask[i, width - len(seq) :] = 1
-    batch = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
+
+
+def collate(examples: Sequence[ChatExample], pad_id: int, with_answers: bool = True) -> dict[str, torch.Tensor]:
+    """Prompts (and answers) as a ``left_padded`` batch, and ``targets``: the last k tokens, -100 where a shorter
+    answer leaves prompt tokens."""
+    batch = left_padded([e.prompt_ids + (e.answer_ids if with_answers else []) for e in examples], pad_id)
     if with_answers:
         k = max(len(e.answer_ids) for e in examples)
-        targets = torch.full((len(seqs), k), -100, dtype=torch.long)
+        targets = torch.full((len(examples), k), -100, dtype=torch.long)
         for i, e in enumerate(examples):
             targets[i, k - len(e.answer_ids) :] = torch.tensor(e.answer_ids)
         batch["targets"] = targets
