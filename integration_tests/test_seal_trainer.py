@@ -15,11 +15,11 @@ from peft_ctrl.seal.verify import Suspect, verify_owner
 KEY = "trainer-owner-key-0123456789abcdef"
 
 
-def secrets_of(modules: list[str], r: int) -> dict[str, bytes]:
+def secrets_of(schedule: str, modules: list[str], r: int) -> dict[str, bytes]:
     """Byte patterns that must never be written: the key (raw and hex) and every passport as stored tensors."""
     found = {"key": KEY.encode(), "key hex": KEY.encode().hex().encode()}
     for module in modules:
-        C = passport(KEY.encode(), module, r)
+        C = passport(KEY.encode(), schedule, module, r)
         found[f"passport {module} fp64"] = C.numpy().tobytes()
         found[f"passport {module} fp32"] = C.float().numpy().tobytes()
         found[f"passport {module} first row fp32"] = C[0].float().numpy().tobytes()
@@ -62,7 +62,8 @@ def test_trainer_release_verify_write_no_secret(tmp_path, monkeypatch, capsys):
     assert verify_owner(Suspect.from_adapter(tmp_path / "release"), proof, digest).verified
     log = capsys.readouterr()
 
-    patterns = secrets_of(modules, 16)
+    schedule = model.peft_config["default"].schedule
+    patterns = secrets_of(schedule, modules, 16)
     assert sum(len(files) for _, _, files in os.walk(tmp_path)) > 10
     assert leaks(tmp_path, patterns) == []
     for name in ("key", "key hex"):
@@ -71,7 +72,7 @@ def test_trainer_release_verify_write_no_secret(tmp_path, monkeypatch, capsys):
     # The scan itself finds a passport saved the way torch saves tensors.
     control = tmp_path.parent / f"{tmp_path.name}-control"
     control.mkdir()
-    torch.save({"c": passport(KEY.encode(), modules[0], 16).float()}, control / "leak.pt")
+    torch.save({"c": passport(KEY.encode(), schedule, modules[0], 16).float()}, control / "leak.pt")
     assert leaks(control, patterns) == [
         f"passport {modules[0]} fp32 in leak.pt",
         f"passport {modules[0]} first row fp32 in leak.pt",

@@ -18,7 +18,7 @@ from peft_ctrl.cli import main as cli
 from peft_ctrl.seal import attacks
 from peft_ctrl.seal.claim import read_claim
 from peft_ctrl.seal.io import LoraFactors, read_adapter, write_lora
-from peft_ctrl.seal.keys import KEY_ENV, initial_a, passport
+from peft_ctrl.seal.keys import KEY_ENV, initial_a, key_schedule, passport
 from peft_ctrl.seal.release import release
 from peft_ctrl.seal.verify import Suspect, verify_key, verify_owner, verify_passport
 
@@ -73,10 +73,14 @@ def test_registered_and_forward_is_w_plus_s_b_c_a():
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     x = torch.randn(3, layer.in_features)
     A, B = layer.seal_A["default"].weight, layer.seal_B["default"].weight
-    C = passport(KEY.encode(), "model.layers.0.self_attn.q_proj", 4).float()
+    schedule = model.peft_config["default"].schedule
+    modules = model.base_model.model.named_modules()
+    structure = [(n, m.out_features, m.in_features, 4) for n, m in modules if n.endswith(tuple(TARGETS))]
+    assert len(structure) == 6 and schedule == key_schedule(structure)
+    C = passport(KEY.encode(), schedule, "model.layers.0.self_attn.q_proj", 4).float()
     expected = layer.base_layer(x) + (8 / 4) * x @ (B @ C @ A).T
     torch.testing.assert_close(layer(x), expected)
-    torch.testing.assert_close(A, initial_a(KEY.encode(), "model.layers.0.self_attn.q_proj", 4, 32).float())
+    torch.testing.assert_close(A, initial_a(KEY.encode(), schedule, "model.layers.0.self_attn.q_proj", 4, 32).float())
     assert not C.requires_grad and all("passport" not in n for n, _ in model.named_parameters())
 
 
@@ -111,7 +115,7 @@ def test_release_is_plain_lora_that_stock_peft_loads_alone(released, monkeypatch
     sealed, plain = read_adapter(released / "sealed", expect=("SEAL",)), read_adapter(released / "release")
     assert plain.config["peft_type"] == "LORA"
     for module, (B, A) in sealed.factors.items():
-        C = passport(KEY.encode(), module, R)
+        C = passport(KEY.encode(), sealed.config["schedule"], module, R)
         Bp, Ap = plain.factors[module]
         torch.testing.assert_close(Bp.double() @ Ap.double(), B.double() @ C @ A.double(), atol=1e-6, rtol=1e-5)
     x = inputs("llama")
@@ -179,17 +183,70 @@ def test_forged_key_claims_and_unrelated_keys_fail(released, tmp_path):
         verify_owner(suspect, tmp_path / "forged.safetensors", published(released), key=forged_key)
     # Had the forger published a digest of their own, the statistics reject it.
     forged = verify_owner(suspect, tmp_path / "forged.safetensors", attacks.claim_of(proof).digest(), key=forged_key)
-    assert forged.components["passport"]["verified"], "the forgery fools the passport test alone by construction"
+    alone = verify_passport(suspect, tmp_path / "forged.safetensors", forged_key.encode(), 2.0**-64)
+    assert alone.verified, "the forgery fools the passport test alone by construction"
     assert not forged.verified and forged.p_value > 0.01
     assert not verify_key(suspect, key="unrelated-key-0123456789").verified
 
 
-def test_key_only_p_values_are_uniform_under_the_null(released):
-    """Exactness of the null: 400 unrelated keys against one adapter give uniform p-values."""
-    suspect = Suspect.from_adapter(read_adapter(released / "release"))
-    p = np.array([verify_key(suspect, key=f"null-key-{i:04d}-0123456789").p_value for i in range(400)])
-    assert stats.kstest(p, "uniform").pvalue > 1e-3
+def assert_valid_null(results):
+    """Each pairing's p is exactly uniform under the null; the verdict's (twice the smaller) is never below its
+    nominal rate: at most a fraction a of the trials under a, for every a."""
+    for pairing in ("by_name", "by_structure"):
+        p = np.array([10 ** r.components[pairing]["log10_p"] for r in results if r.components[pairing]["rows"]])
+        assert len(p) >= 50 and stats.kstest(p, "uniform").pvalue > 1e-3, pairing
+    p = np.array([r.p_value for r in results])
+    for a in (0.01, 0.05, 0.1, 0.2, 0.5):
+        assert (p <= a).mean() <= a + 3 * (a / len(p)) ** 0.5, a
     assert (p < 1e-6).sum() == 0
+
+
+def test_key_only_p_values_are_valid_under_the_null(released):
+    """The null: 400 unrelated keys against one adapter."""
+    suspect = Suspect.from_adapter(read_adapter(released / "release"))
+    assert_valid_null([verify_key(suspect, key=f"null-key-{i:04d}-0123456789") for i in range(400)])
+
+
+def test_key_rows_depend_on_the_whole_structure():
+    """Finding 1 of the SEAL issue: rows derived from (key, module name) alone let a forger search names one module
+    at a time. Every key row now depends on the whole structure: change one module's name or rank and every
+    module's rows change."""
+    structure = [(f"layers.{i}.q", 32, 32, 8) for i in range(3)]
+    key = KEY.encode()
+
+    def rows(s):
+        return initial_a(key, key_schedule(s), "layers.0.q", 8, 32)
+
+    assert torch.equal(rows(structure), rows(list(reversed(structure))))  # the order of listing does not matter
+    for changed in ([*structure[:2], ("layers.2.k", 32, 32, 8)], [*structure[:2], ("layers.2.q", 32, 32, 4)]):
+        assert not torch.allclose(rows(structure), rows(changed))
+    assert not torch.allclose(rows(structure), rows(structure[:2]))  # a subset is another structure
+
+
+def test_a_claimant_choosing_names_ranks_subsets_and_keys_gets_a_valid_null(released):
+    """Findings 1 and 2: 300 claims over the owner's release, each with a key, module names (permuted, prefixed or
+    invented), ranks (1 to 16 per module) and a module subset of the claimant's choosing, give p-values that are
+    never below their nominal rate: a whole-claim search needs about 1/p tries per verdict."""
+    from peft_ctrl.seal.claim import Claim, weights_sha256
+    from peft_ctrl.seal.keys import commitment
+
+    plain = read_adapter(released / "release")
+    suspect = Suspect.from_adapter(plain)
+    modules = sorted(plain.factors)
+    rng = np.random.default_rng(0)
+    results = []
+    for i in range(300):
+        key = f"forger-{i:05d}-0123456789abcdef"
+        chosen = sorted(rng.choice(len(modules), size=rng.integers(1, len(modules) + 1), replace=False))
+        names = [modules[j] for j in rng.permutation(chosen)] if i % 3 == 0 else [f"x{i}.{j}" for j in chosen]
+        structure = tuple(
+            (name, *suspect.shape(modules[j]), int(rng.integers(1, R + 1)))
+            for name, j in zip(names, chosen, strict=True)
+        )
+        salt = f"{i:032x}"
+        claim = Claim(commitment(key.encode(), salt), salt, structure, weights_sha256(plain.factors, plain.scaling))
+        results.append(verify_key(suspect, key=key, claim=claim))
+    assert_valid_null(results)
 
 
 def test_passport_p_values_are_uniform_enough_under_the_null(released):
@@ -245,6 +302,25 @@ def test_bad_input_gets_clear_errors_and_writes_nothing(released, tmp_path, monk
     factors = {m: (torch.randn(3, 4), a) for m, (_, a) in lora_factors(other).items()}
     result = verify_owner(Suspect(factors=factors), released / "proof.safetensors", digest, key=KEY)
     assert not result.verified
+
+
+def test_adapters_without_a_key_schedule_are_refused(released, tmp_path, monkeypatch):
+    """A SEAL adapter trained before key schedules (its rows came from module names alone) or whose schedule was
+    edited: loading and releasing it are errors, not a model with the wrong passports."""
+    import shutil
+
+    for schedule in (None, "0" * 64):
+        shutil.rmtree(tmp_path / "old", ignore_errors=True)
+        shutil.copytree(released / "sealed", tmp_path / "old")
+        config = json.loads((tmp_path / "old" / "adapter_config.json").read_text())
+        config["schedule"] = schedule
+        (tmp_path / "old" / "adapter_config.json").write_text(json.dumps(config))
+        with pytest.raises(ValueError, match="does not hash to the key schedule"):
+            release(tmp_path / "old", tmp_path / "out", tmp_path / "proof", key=KEY)
+        assert not (tmp_path / "out").exists() and not (tmp_path / "proof").exists()
+        monkeypatch.setenv(KEY_ENV, KEY)
+        with pytest.raises(ValueError, match="no key schedule" if schedule is None else "another structure"):
+            PeftModel.from_pretrained(build("llama"), tmp_path / "old")
 
 
 def test_cli_release_verify_attack(released, tmp_path, monkeypatch, capsys):
@@ -340,10 +416,11 @@ def test_the_key_and_passports_are_never_pickled(tmp_path):
     torch.testing.assert_close(output(copy.deepcopy(model), x), output(model, x))
 
 
-def test_key_mode_says_when_the_rank_comes_from_the_suspect(released):
+def test_key_mode_says_when_the_structure_comes_from_the_suspect(released):
     suspect = Suspect.from_adapter(read_adapter(released / "release"))
-    assert "suspect's own rank" in verify_key(suspect, key=KEY).message
-    assert "suspect's own rank" not in verify_key(suspect, key=KEY, r=R).message
+    record = read_claim(released / "release" / "seal_claim.json")
+    assert "structure the suspect shows" in verify_key(suspect, key=KEY).message
+    assert "structure the suspect shows" not in verify_key(suspect, key=KEY, claim=record).message
 
 
 def test_near_null_rank_padding_does_not_dilute_a_claim(released):
@@ -361,18 +438,38 @@ def test_near_null_rank_padding_does_not_dilute_a_claim(released):
     assert verify_key(suspect, key=KEY, r=R).verified
 
 
-def test_renamed_modules_are_matched_to_the_claim_by_shape_and_order(released):
-    """The release saved under other module names (as for the backbone; stock peft still loads it): owner mode
-    pairs modules of one shape in model order and still verifies; key mode, which has no claim, does not."""
+def shifted(module: str) -> str:
+    """Layer i saved as layer (i + 1) % 2: every name exists in the claim, each on the wrong module."""
+    head, index, tail = module.split(".", 3)[:2], module.split(".")[2], module.split(".", 3)[3]
+    return ".".join([*head, str((int(index) + 1) % 2), tail])
+
+
+RENAMINGS = {
+    "backbone prefix": lambda m: m.replace("model.layers.", "backbone.blocks."),
+    "one layer off (finding 3)": shifted,
+    "opaque names, reversed order": lambda m: f"m{999 - sum(map(ord, m)) * 7 % 1000:03d}",
+}
+
+
+@pytest.mark.parametrize("renaming", list(RENAMINGS))
+def test_modules_are_paired_by_structure_whatever_their_names(released, renaming):
+    """The release saved under other module names: prefixed (as for the backbone), shifted by one layer (each name
+    of the claim on another module) or opaque. Owner mode and key mode with the owner's record pair modules by
+    structure and verify past 2^-64; key mode from the suspect's own names finds nothing once the set of names
+    differs (and says why)."""
     plain = read_adapter(released / "release")
-    renamed = {m.replace("model.layers.", "backbone.blocks."): f for m, f in plain.factors.items()}
+    renamed = {RENAMINGS[renaming](m): f for m, f in plain.factors.items()}
+    assert len(renamed) == len(plain.factors) and all(RENAMINGS[renaming](m) != m for m in plain.factors)
     suspect = Suspect.from_adapter(LoraFactors(renamed, plain.scaling))
     owner = verify_owner(suspect, released / "proof.safetensors", published(released), key=KEY)
-    assert owner.verified and owner.security_bits > 64 and "matched to the claim by shape" in owner.message
-    assert not verify_key(suspect, key=KEY).verified  # without the record, key rows come from the names it sees
-    record = read_claim(released / "release" / "seal_claim.json")  # the owner's public record: names and ranks
+    assert owner.verified and owner.security_bits > 64, owner
+    assert "paired by structure" in owner.message and "6 suspect modules carry another name" in owner.message
+    assert owner.components["passport"]["statistic"] > 0.99  # the passport test follows the same pairing
+    record = read_claim(released / "release" / "seal_claim.json")  # the owner's public record
     with_record = verify_key(suspect, key=KEY, claim=record)
-    assert with_record.verified and "matched to the claim by shape" in with_record.message
+    assert with_record.verified and with_record.components["by_structure"]["renamed"] == 6
+    alone = verify_key(suspect, key=KEY)  # key rows from the names the suspect shows: right only if the set is
+    assert alone.verified == (set(renamed) == set(plain.factors)) and "structure the suspect shows" in alone.message
     with pytest.raises(ValueError, match="does not match the commitment"):
         verify_key(suspect, key="another-key-0123456789", claim=record)
 

@@ -229,16 +229,16 @@ def forge_proof(adapter: LoraFactors, forged_key: str | bytes, rank: int | None 
     they would publish, after the owner). ``rank`` is the number of key rows the forger writes into that claim
     (default: the adapter's rank). The key-only part of owner verification rejects the claim."""
     raw = resolve_key(forged_key)
-    factors = {}
-    for module, (B, A) in adapter.factors.items():
-        C = passport(raw, module, A.shape[0])
-        factors[module] = ((B.double() @ torch.linalg.inv(C)).to(B.dtype), A.clone())
     salt = new_salt()
     key_commitment = commitment(raw, salt)
     structure = structure_of(adapter.factors)
     if rank is not None:
         structure = tuple((m, out, inp, rank) for m, out, inp, _ in structure)
     claim = Claim(key_commitment, salt, structure, weights_sha256(adapter.factors, adapter.scaling))
+    factors = {}
+    for module, (B, A) in adapter.factors.items():
+        C = passport(raw, claim.schedule(), module, A.shape[0])
+        factors[module] = ((B.double() @ torch.linalg.inv(C)).to(B.dtype), A.clone())
     return Proof(factors, key_commitment, salt, structure[0][3], claim.fields())
 
 

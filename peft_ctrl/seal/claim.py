@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .keys import key_schedule
+
 CLAIM_FORMAT = "peft-ctrl-seal-claim/1"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -52,6 +54,10 @@ class Claim:
 
     def ranks(self) -> dict[str, int]:
         return {module: r for module, _, _, r in self.structure}
+
+    def schedule(self) -> str:
+        """The key schedule of the claimed structure (``keys.key_schedule``): the key rows a test uses."""
+        return key_schedule(self.structure)
 
     @classmethod
     def from_fields(cls, fields: dict) -> Claim:

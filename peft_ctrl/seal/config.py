@@ -31,6 +31,9 @@ class SealConfig(PeftConfig):
             random as well (for tests).
         commitment (`str`, *optional*): Public SHA-256 commitment to the key, filled when the model is built.
         salt (`str`, *optional*): Random salt of the commitment, filled with it.
+        schedule (`str`, *optional*): SHA-256 of the adapter's structure (every adapted module's name, shape and
+            rank; ``keys.key_schedule``), filled when the model is built. Every key-derived tensor depends on it;
+            a saved adapter only loads onto a model that gives the same structure.
         key (`str | bytes`, *optional*, init only): The owner's secret key; defaults to the environment variable
             ``PEFT_CTRL_SEAL_KEY``. Never saved: not a field, so not in ``adapter_config.json`` or ``repr``.
     """
@@ -56,6 +59,12 @@ class SealConfig(PeftConfig):
         default=None, metadata={"help": "Public SHA-256 commitment to the owner's key (filled automatically)."}
     )
     salt: str | None = field(default=None, metadata={"help": "Salt of the commitment (filled automatically)."})
+    schedule: str | None = field(
+        default=None,
+        metadata={
+            "help": "SHA-256 of the adapter's structure, on which key-derived tensors depend (filled automatically)."
+        },
+    )
     key: InitVar[str | bytes | None] = None
 
     def __post_init__(self, key: str | bytes | None) -> None:

@@ -1,9 +1,12 @@
 """The owner's secret key: where it comes from, what is derived from it, and the public commitment.
 
-Passports C and the initial A of every adapted module come from a keyed PRF: HMAC-SHA256(key, purpose and
-module name) seeds a torch generator that draws Gaussian entries. The key itself is never stored; a
-configuration carries only ``commitment = SHA-256(domain, salt, key)`` and the random salt, which an
-owner may publish to date their claim.
+Passports C and the initial A of every adapted module come from a keyed PRF: HMAC-SHA256(key, purpose, the
+adapter's key schedule and the module name) seeds a torch generator that draws Gaussian entries. The key
+schedule is the SHA-256 of the adapter's whole structure (every module's name, shape and rank), so the rows of
+one module change whenever anything in the structure does: a claimant who varies one module's name or rank draws
+fresh rows for every module, and each variation is one whole-claim try (docs/seal.md, "What a claimant chooses").
+The key itself is never stored; a configuration carries only ``commitment = SHA-256(domain, salt, key)`` and the
+random salt, which an owner may publish to date their claim.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import hmac
+import json
 import os
 import secrets
 
@@ -20,6 +24,10 @@ from ..factors import haar_orthogonal
 
 KEY_ENV = "PEFT_CTRL_SEAL_KEY"
 MIN_KEY_BYTES = 16
+SCHEDULE_FORMAT = "peft-ctrl-seal-schedule/1"
+
+# An adapter's structure: (module name, out_features, in_features, r) per adapted module.
+Structure = tuple[tuple[str, int, int, int], ...]
 
 
 def generate_key() -> str:
@@ -62,26 +70,34 @@ def check_commitment(key: bytes, expected: str, salt: str, where: str) -> None:
         )
 
 
-def _generator(key: bytes, purpose: str, module_name: str) -> torch.Generator:
-    digest = hmac.new(key, f"{purpose}\x00{module_name}".encode(), hashlib.sha256).digest()
+def key_schedule(structure: Structure) -> str:
+    """SHA-256 (hex) of an adapter's whole structure, in module order: what every key-derived tensor depends on
+    besides the key and its own module name. Public (it reveals only the structure)."""
+    rows = sorted([str(m), int(o), int(i), int(r)] for m, o, i, r in structure)
+    canonical = json.dumps({"format": SCHEDULE_FORMAT, "structure": rows}, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _generator(key: bytes, purpose: str, schedule: str, module_name: str) -> torch.Generator:
+    digest = hmac.new(key, f"{purpose}\x00{schedule}\x00{module_name}".encode(), hashlib.sha256).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
 
 
-def passport(key: bytes, module_name: str, r: int) -> torch.Tensor:
+def passport(key: bytes, schedule: str, module_name: str, r: int) -> torch.Tensor:
     """The r x r passport of one module: C = Q D with Q a Haar-random orthogonal matrix and D a diagonal of
     independent fair signs. Orthogonal, so training through C is as well conditioned as plain LoRA; the
     column signs D are fair coins given Q, which gives the passport test its exact null distribution."""
-    g = _generator(key, "passport", module_name)
+    g = _generator(key, "passport", schedule, module_name)
     Q = haar_orthogonal(r, g)
     signs = torch.randint(0, 2, (r,), generator=g, dtype=torch.float64) * 2 - 1
     return (Q * signs).contiguous()
 
 
-def initial_a(key: bytes, module_name: str, r: int, in_features: int) -> torch.Tensor:
+def initial_a(key: bytes, schedule: str, module_name: str, r: int, in_features: int) -> torch.Tensor:
     """The key-derived initial A (r x in_features): i.i.d. Gaussian rows with LoRA's default variance
-    1 / (3 in_features). Its rows are isotropic, which gives the key-only test its exact null distribution;
-    the rows for rank r are the first r rows for any larger rank."""
-    g = _generator(key, "init_a", module_name)
+    1 / (3 in_features). Its rows are isotropic and independent of each other, which gives the key-only test its
+    exact null distribution (and lets it spend some rows on pairing modules and test on the others)."""
+    g = _generator(key, "init_a", schedule, module_name)
     return torch.randn(r, in_features, generator=g) / (3 * in_features) ** 0.5
 
 

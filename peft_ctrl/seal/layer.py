@@ -44,13 +44,11 @@ class SealLayer(LinearAdapterLayer):
         r: int,
         scaling: float,
         dropout: float,
-        passport: torch.Tensor,
-        initial_a: torch.Tensor,
         init_weights: bool = True,
         inference_mode: bool = False,
     ) -> None:
-        if passport.shape != (r, r) or initial_a.shape != (r, self.in_features):
-            raise ValueError(f"SEAL adapter {adapter_name!r}: passport or initial A has the wrong shape for r={r}.")
+        """Add adapter ``adapter_name``; its passport and initial A come next, from ``set_key_material`` (they
+        depend on the structure of the whole adapter, which is known once every layer has one)."""
         weight = self.base_layer.weight
         self.seal_r[adapter_name] = r
         self.seal_scaling[adapter_name] = scaling
@@ -58,14 +56,23 @@ class SealLayer(LinearAdapterLayer):
         self.seal_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=weight.device)
         self.seal_B[adapter_name] = nn.Linear(r, self.out_features, bias=False, device=weight.device)
         with torch.no_grad():
-            self.seal_A[adapter_name].weight.copy_(initial_a)
             if init_weights:
                 nn.init.zeros_(self.seal_B[adapter_name].weight)
             else:
                 nn.init.normal_(self.seal_B[adapter_name].weight, std=0.02)
-        self.seal_passport[adapter_name] = passport.to(torch.float32)
         move_adapter_to_base_device(self, adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def set_key_material(self, adapter_name: str, passport: torch.Tensor, initial_a: torch.Tensor) -> None:
+        """The adapter's frozen passport C and its key-derived initial A."""
+        r = self.seal_r[adapter_name]
+        if passport.shape != (r, r) or initial_a.shape != (r, self.in_features):
+            raise ValueError(f"SEAL adapter {adapter_name!r}: passport or initial A has the wrong shape for r={r}.")
+        weight = self.seal_A[adapter_name].weight
+        if not weight.is_meta:  # low_cpu_mem_usage: the weights come from a checkpoint
+            with torch.no_grad():
+                weight.copy_(initial_a)
+        self.seal_passport[adapter_name] = passport.to(torch.float32)
 
     def _passport(self, adapter: str, like: torch.Tensor) -> torch.Tensor:
         return self.seal_passport[adapter].to(device=like.device, dtype=like.dtype)

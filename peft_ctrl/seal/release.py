@@ -10,7 +10,7 @@ import torch
 from ..factors import balanced_split
 from .claim import Claim, claim_record, structure_of, weights_sha256
 from .io import LoraFactors, Proof, read_adapter, write_lora, write_proof
-from .keys import check_commitment, passport, resolve_key
+from .keys import check_commitment, key_schedule, passport, resolve_key
 
 
 def split_passport(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,9 +38,17 @@ def release(
     out_dir, proof_path = Path(out_dir), Path(proof_path)
     if proof_path.resolve().is_relative_to(out_dir.resolve()):
         raise ValueError("The proof file must not be inside the release directory: it is the owner's private data.")
+    schedule = key_schedule(structure_of(sealed.factors))
+    if config.get("schedule") != schedule:
+        raise ValueError(
+            f"{adapter_dir}: the adapter's structure (module names, shapes, ranks) does not hash to the key schedule "
+            "in its adapter_config.json"
+            + (" (it has none: trained by an older peft-ctrl; train it again)" if not config.get("schedule") else "")
+            + ", so its passports cannot be re-derived; release the adapter exactly as training saved it."
+        )
     released = {}
     for module, (B, A) in sealed.factors.items():
-        C1, C2 = split_passport(passport(raw_key, module, A.shape[0]))
+        C1, C2 = split_passport(passport(raw_key, schedule, module, A.shape[0]))
         released[module] = ((B.double() @ C1).to(B.dtype), (C2 @ A.double()).to(A.dtype))
     adapter = LoraFactors(released, sealed.scaling, config, sealed.extra)
     claim = Claim(

@@ -9,6 +9,12 @@ Two tests, each with an exact null distribution:
   Training keeps A's row space close to its initialisation, so a watermarked suspect gives u far above
   k/n. The rows' p-values are independent and combined with Fisher's method (chi-squared, 2N degrees of
   freedom). Invariant to B'M, M^-1 A', rank permutation, re-factorisation and merging.
+
+  The key rows come from a claimed structure (every module's name, shape and rank; ``keys.key_schedule``), so a
+  claimant who varies any part of it draws fresh rows for all modules: one exact test per whole claim. Nothing
+  the claimant names decides which suspect module a claimed module is compared with: the test pairs them by name
+  (all rows tested) and, independently, by structure (among the modules of one shape, the assignment that the
+  first half of each module's rows supports best; the other half tested), and reports twice the smaller p.
 * **passport** (the paper's owner test; needs the proof file): C_hat = B^+ (delta W) A^+ with the
   pre-release B, A. The passport is C = Q D with Q Haar-orthogonal and D independent fair column signs,
   so when C_hat is independent of the key, each column agreement sign(<C_hat_j, C_j>) = d_j
@@ -28,28 +34,35 @@ from __future__ import annotations
 
 import hmac
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from scipy import stats
+from scipy.optimize import linear_sum_assignment
 
 from ..factors import product_svd, seeded_svd_lowrank
 from .canonical import align_merged
 from .claim import Claim, published_digest
 from .io import LoraFactors, Proof, read_adapter, read_proof
-from .keys import check_commitment, initial_a, passport, resolve_key
+from .keys import Structure, check_commitment, initial_a, key_schedule, passport, resolve_key
 
 # Key-only detection (screening suspects with the owner's key) and the owner verdict (a claim against others):
 # at 2^-64 a forger trying keys needs about 2^64 tries to pass by chance (10^6 tries: 5e-14).
 DEFAULT_THRESHOLD = 1e-6
 OWNER_THRESHOLD = 2.0**-64
+# Key rows per module that pair modules by structure: a handful find a watermarked module among its shape class
+# (its rows overlap its row space far above chance), and every row they use is one the test cannot use.
+PAIRING_ROWS = 4
 _LOG10 = math.log(10)
-SUSPECT_RANK_NOTE = (
-    " The number of key rows per module is the suspect's own rank: an adapter padded with near-null components "
-    "dilutes this test; give r (the owner's rank) or verify in owner mode, which takes it from the published claim."
+SUSPECT_STRUCTURE_NOTE = (
+    " The key rows came from the structure the suspect shows (its names, shapes and ranks): a suspect renamed, cut "
+    "or padded finds nothing this way; give the owner's claim record, which fixes the structure."
+)
+PROOF_WITHOUT_CLAIM = (
+    "This proof file predates published claims and key schedules, so it binds nothing a verifier can check; train "
+    "and release the adapter again with this version and publish the digest it prints."
 )
 
 
@@ -201,92 +214,253 @@ def _real(t: torch.Tensor) -> torch.Tensor:
     return t.detach() if t.dtype in (torch.float32, torch.float64) else t.detach().float()
 
 
+def _row_log_sf(rows: torch.Tensor, basis: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Per key row a: the overlap u = |P_S a|^2 / |a|^2 with the span S of ``basis`` (n x k, orthonormal) and its
+    natural-log tail P(Beta(k/2, (n-k)/2) >= u), floored at -700 (where float tails underflow: this only raises
+    p). ``u = 1`` exactly would give p = 0, so u is clamped below 1."""
+    n, k = basis.shape
+    u = ((rows @ basis).pow(2).sum(1) / rows.pow(2).sum(1)).clamp(0, 1 - 1e-12).numpy()
+    return np.maximum(stats.beta.logsf(u, k / 2, (n - k) / 2), -700.0), u
+
+
+@dataclass
+class _Pairing:
+    """One pairing of claimed modules with suspect modules and the evidence of the rows it tests."""
+
+    pairs: dict[str, str] = field(default_factory=dict)  # claimed module -> suspect module
+    log_ps: list[float] = field(default_factory=list)
+    overlaps: list[float] = field(default_factory=list)
+
+    def log_p(self) -> float:
+        """Fisher's method over the tested rows (chi-squared with 2N degrees of freedom), natural log."""
+        return _chi2_log_sf(-2 * sum(self.log_ps), 2 * len(self.log_ps)) if self.log_ps else 0.0
+
+
+class _KeyRows:
+    """The key rows of a claimed structure, and the suspect's row spaces (each computed once)."""
+
+    def __init__(self, suspect: Suspect, key: bytes, structure: Structure) -> None:
+        self.suspect, self.key, self.structure = suspect, key, structure
+        self.schedule = key_schedule(structure)
+        self.present = suspect.modules()
+        self._rows: dict[str, torch.Tensor] = {}
+        self._bases: dict[tuple[str, int], torch.Tensor] = {}
+
+    def rows(self, module: str, r: int, n: int) -> torch.Tensor:
+        if module not in self._rows:
+            self._rows[module] = initial_a(self.key, self.schedule, module, r, n).double()
+        return self._rows[module]
+
+    def basis(self, module: str, k: int) -> torch.Tensor:
+        if (module, k) not in self._bases:
+            self._bases[module, k] = self.suspect.row_space(module, k)
+        return self._bases[module, k]
+
+    def test(self, pairing: _Pairing, claimed: str, module: str, rows: torch.Tensor, r: int) -> None:
+        basis = self.basis(module, r)
+        if 0 < basis.shape[1] < basis.shape[0]:
+            log_ps, u = _row_log_sf(rows, basis)
+            pairing.pairs[claimed] = module
+            pairing.log_ps.extend(log_ps.tolist())
+            pairing.overlaps.extend(u.tolist())
+
+    def by_name(self) -> _Pairing:
+        """Claimed modules paired with the suspect modules of the same name and shape; every key row tested."""
+        pairing = _Pairing()
+        for module, out, inp, r in self.structure:
+            if module in self.present and self.suspect.shape(module) == (out, inp):
+                self.test(pairing, module, module, self.rows(module, r, inp), r)
+        return pairing
+
+    def by_structure(self) -> _Pairing:
+        """Claimed modules paired with suspect modules of their shape by their first few key rows (the assignment
+        that those rows support best, whatever the names and their order), then tested on their other rows: given
+        the pairing, the tested rows are still independent of any suspect not derived from the key, so the test
+        stays exact."""
+        pairing = _Pairing()
+        for shape in sorted({(out, inp) for _, out, inp, _ in self.structure}):
+            claimed = [(m, r) for m, out, inp, r in self.structure if (out, inp) == shape and r >= 2]
+            present = [m for m in self.present if self.suspect.shape(m) == shape]
+            if not claimed or not present:
+                continue
+            cost = self._pairing_cost(claimed, present, shape[1])
+            for i, j in zip(*linear_sum_assignment(cost), strict=True):
+                module, r = claimed[i]
+                self.test(pairing, module, present[j], self.rows(module, r, shape[1])[pairing_rows(r) :], r)
+        return pairing
+
+    def _pairing_cost(self, claimed: list[tuple[str, int]], present: list[str], n: int) -> np.ndarray:
+        """Summed log p of each claimed module's pairing rows against each candidate's row space (lower: better
+        supported). In fp32 and batched: it only chooses the pairing, which cannot make the test inexact."""
+        cost = np.zeros((len(claimed), len(present)))
+        for r in sorted({r for _, r in claimed}):
+            index = [i for i, (_, rank) in enumerate(claimed) if rank == r]
+            h = pairing_rows(r)
+            rows = torch.cat([self.rows(claimed[i][0], r, n)[:h] for i in index]).float()
+            bases = torch.zeros(n, len(present), r)
+            ks = np.zeros(len(present))
+            for j, module in enumerate(present):
+                basis = self.basis(module, r)
+                bases[:, j, : basis.shape[1]] = basis.float()
+                ks[j] = basis.shape[1]
+            projected = (rows @ bases.view(n, -1)).view(len(index), h, len(present), r).pow(2).sum(-1)
+            u = (projected / rows.pow(2).sum(1).view(len(index), h, 1)).clamp(0, 1 - 1e-6).double().numpy()
+            usable = (ks > 0) & (ks < n)
+            k = np.where(usable, ks, 1)
+            log_p = stats.beta.logsf(u, k / 2, (n - k) / 2).sum(1)
+            cost[index] = np.where(usable, log_p, 0.0)
+        return cost
+
+
+def pairing_rows(r: int) -> int:
+    """How many of a module's r key rows pair it by structure (the rest are tested): half, at most PAIRING_ROWS."""
+    return max(1, min(r // 2, PAIRING_ROWS))
+
+
+def _suspect_structure(suspect: Suspect, r: int | None) -> Structure:
+    """The structure a suspect shows by itself: its module names and shapes, with rank ``r`` or its own."""
+    structure = []
+    for module in suspect.modules():
+        rank = r or (suspect.factors[module][1].shape[0] if module in suspect.factors else None)
+        if rank is None:
+            raise ValueError(
+                "Give r (the owner's LoRA rank) or, better, the owner's claim record to verify a merged model."
+            )
+        structure.append((module, *suspect.shape(module), rank))
+    return tuple(structure)
+
+
+@dataclass
+class _KeyVerdict:
+    log_p: float  # natural log
+    chosen: _Pairing
+    by_name: _Pairing
+    by_structure: _Pairing
+    modules: int
+    skipped: list[str]
+
+    def components(self) -> dict[str, dict]:
+        """Each pairing's own (exact) p, the rows it tested and its pairs that cross names."""
+        return {
+            name: {
+                "log10_p": pairing.log_p() / _LOG10,
+                "rows": len(pairing.log_ps),
+                "modules": len(pairing.pairs),
+                "renamed": sum(claimed != module for claimed, module in pairing.pairs.items()),
+            }
+            for name, pairing in (("by_name", self.by_name), ("by_structure", self.by_structure))
+        }
+
+    def note(self) -> str:
+        which = "name" if self.chosen is self.by_name else "structure (shape and the key's pairing rows)"
+        renamed = sum(claimed != module for claimed, module in self.chosen.pairs.items())
+        return (
+            f"Modules paired by {which}: log10 p {self.by_name.log_p() / _LOG10:.1f} paired by name (every key row "
+            f"tested), {self.by_structure.log_p() / _LOG10:.1f} paired by structure (up to {PAIRING_ROWS} rows per "
+            "module pair it, the others are tested); the verdict takes twice the smaller (a union bound)."
+            + (f" {renamed} suspect modules carry another name than the claim's." if renamed else "")
+        )
+
+
+def _key_test(suspect: Suspect, key: bytes, structure: Structure) -> _KeyVerdict:
+    """The key-only test of ``structure``'s key rows against ``suspect``: pairing by name and pairing by structure,
+    each exact; p is twice the smaller of the two (a union bound, valid whatever their dependence)."""
+    rows = _KeyRows(suspect, key, structure)
+    name, shape = rows.by_name(), rows.by_structure()
+    chosen = name if name.log_p() <= shape.log_p() else shape
+    log_p = min(0.0, min(name.log_p(), shape.log_p()) + math.log(2)) if chosen.log_ps else 0.0
+    claimed = [m for m, *_ in structure]
+    return _KeyVerdict(log_p, chosen, name, shape, len(chosen.pairs), [m for m in claimed if m not in chosen.pairs])
+
+
 def verify_key(
     suspect: Suspect,
     key: str | bytes | None = None,
     r: int | None = None,
     threshold: float = DEFAULT_THRESHOLD,
-    ranks: dict[str, int] | None = None,
     claim: Claim | None = None,
 ) -> VerificationResult:
     """Key-only test: overlap of the suspect's row spaces with the key's initial A (see the module doc).
 
-    The number of key rows per module is ``ranks[module]`` (from a published claim; modules it does not name are
-    skipped), else ``r`` (the owner's LoRA rank), else the suspect's own rank. The suspect's top-k directions by
-    singular value are compared with k = that number, so near-null components a suspect adds to inflate its rank
-    are not looked at when the rank comes from the owner. ``claim`` (the owner's own public record,
-    ``claim.read_claim``) gives the ranks and the module names: suspect modules under other names are matched to
-    it by shape and order, as in owner mode; the key must be the claim's."""
+    The key rows come from a structure (module names, shapes, ranks): ``claim``'s (the owner's own public record,
+    ``claim.read_claim``; the key must be the claim's), else the suspect's own names and shapes with rank ``r``
+    (the owner's LoRA rank) or the suspect's own ranks. Without the record, any change to the suspect's structure
+    (renamed or dropped modules, padded ranks) changes every key row, and the test finds nothing: give the record.
+    Claimed modules are paired with the suspect's by name and by structure (``_KeyRows``)."""
     raw = resolve_key(key)
-    renamed = 0
     if claim is not None:
         check_commitment(raw, claim.key_commitment, claim.salt, "the claim record")
-        suspect, renamed = align_to_claim(suspect, claim)
-        ranks = claim.ranks()
-    if r is not None and ranks is None:
-        too_small = [m for m in suspect.modules() if suspect.shape(m)[1] <= r]
-        if too_small:
-            raise ValueError(
-                f"r = {r} is not below the input features of {len(too_small)} suspect module(s) (e.g. {too_small[0]}: "
-                f"{suspect.shape(too_small[0])[1]}): r is the owner's LoRA rank, smaller than every adapted module's "
-                "input features."
-            )
-    log_ps, overlaps, skipped = [], [], []
-    for module in suspect.modules():
-        m, n = suspect.shape(module)
-        if ranks is not None and module not in ranks:
-            skipped.append(module)
-            continue
-        rank = (
-            (ranks or {}).get(module)
-            or r
-            or (suspect.factors[module][1].shape[0] if module in suspect.factors else None)
+        structure = claim.structure
+    else:
+        if r is not None:
+            too_small = [m for m in suspect.modules() if suspect.shape(m)[1] <= r]
+            if too_small:
+                raise ValueError(
+                    f"r = {r} is not below the input features of {len(too_small)} suspect module(s) (e.g. "
+                    f"{too_small[0]}: {suspect.shape(too_small[0])[1]}): r is the owner's LoRA rank, smaller than "
+                    "every adapted module's input features."
+                )
+        structure = _suspect_structure(suspect, r)
+    return _key_result(suspect, raw, structure, threshold, from_claim=claim is not None)[0]
+
+
+def _key_result(
+    suspect: Suspect, key: bytes, structure: Structure, threshold: float, from_claim: bool
+) -> tuple[VerificationResult, _KeyVerdict]:
+    verdict = _key_test(suspect, key, structure)
+    if not verdict.chosen.log_ps:
+        result = _result(
+            "key",
+            0.0,
+            0.0,
+            threshold,
+            0,
+            skipped=verdict.skipped,
+            components=verdict.components(),
+            message="No module could be compared.",
         )
-        if rank is None:
-            raise ValueError("Give r (the owner's LoRA rank) to verify a merged model.")
-        basis = suspect.row_space(module, rank)
-        k = basis.shape[1]
-        if k == 0 or k >= n:
-            skipped.append(module)
-            continue
-        a = initial_a(raw, module, rank, n).double()
-        u = ((a @ basis).pow(2).sum(1) / a.pow(2).sum(1)).clamp(0, 1 - 1e-12).numpy()  # u = 1 exactly has p = 0
-        # Floor each row's log p at -700 (p = 1e-304, where float tails underflow): this only raises p.
-        log_ps.extend(np.maximum(stats.beta.logsf(u, k / 2, (n - k) / 2), -700.0).tolist())
-        overlaps.extend(u.tolist())
-    if not log_ps:
-        return _result("key", 0.0, 0.0, threshold, 0, skipped=skipped, message="No module could be compared.")
-    fisher = -2 * sum(log_ps)
-    log_p = _chi2_log_sf(fisher, 2 * len(log_ps))
-    return _result(
+        return result, verdict
+    overlaps = verdict.chosen.overlaps
+    result = _result(
         "key",
         sum(overlaps) / len(overlaps),
-        log_p,
+        verdict.log_p,
         threshold,
-        len(suspect.modules()) - len(skipped),
-        skipped=skipped,
-        message="statistic: mean overlap |P_S a|^2/|a|^2 of the key's initial rows with the suspect's row spaces."
-        + (SUSPECT_RANK_NOTE if ranks is None and r is None else "")
-        + (f" {renamed} suspect modules were matched to the claim by shape and order, not by name." if renamed else "")
+        verdict.modules,
+        skipped=verdict.skipped,
+        components=verdict.components(),
+        message="statistic: mean overlap |P_S a|^2/|a|^2 of the key's initial rows with the suspect's row spaces. "
+        + verdict.note()
+        + ("" if from_claim else SUSPECT_STRUCTURE_NOTE)
         + (f" {suspect.note}" if suspect.note else ""),
     )
+    return result, verdict
 
 
 def verify_passport(
-    suspect: Suspect, proof_path: str | Path | Proof, key: bytes, threshold: float = DEFAULT_THRESHOLD
+    suspect: Suspect,
+    proof_path: str | Path | Proof,
+    key: bytes,
+    threshold: float = DEFAULT_THRESHOLD,
+    pairs: dict[str, str] | None = None,
 ) -> VerificationResult:
-    """The paper's owner test alone (the sign-agreement statistic); forgeable, see ``verify_owner``."""
+    """The paper's owner test alone (the sign-agreement statistic); forgeable, see ``verify_owner``. ``pairs``
+    maps the proof's modules to the suspect's (default: the same names)."""
     proof = read_proof(proof_path)
     check_commitment(key, proof.commitment, proof.salt, "the proof file")
+    if proof.claim is None:
+        raise ValueError(PROOF_WITHOUT_CLAIM)
+    schedule = Claim.from_fields(proof.claim).schedule()
     agree = total = 0
     skipped = []
     present = set(suspect.modules())
     for module, (B0, A0) in proof.factors.items():
-        if module not in present or suspect.shape(module) != (B0.shape[0], A0.shape[1]):
+        target = (pairs or {}).get(module, module)
+        if target not in present or suspect.shape(target) != (B0.shape[0], A0.shape[1]):
             skipped.append(module)
             continue
-        C_hat = suspect.core(module, B0, A0)
-        C = passport(key, module, A0.shape[0])
+        C_hat = suspect.core(target, B0, A0)
+        C = passport(key, schedule, module, A0.shape[0])
         agree += int(((C_hat * C).sum(0) > 0).sum())  # columns of C_hat pointing along C's columns
         total += C.shape[1]
     if total == 0:
@@ -311,32 +485,6 @@ def verify_passport(
     )
 
 
-def _natural(name: str) -> tuple:
-    """Sort key that orders layer indices numerically (layers.2 before layers.10)."""
-    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
-
-
-def align_to_claim(suspect: Suspect, claim: Claim) -> tuple[Suspect, int]:
-    """The suspect with its modules renamed to the claim's when their names differ (an adapter saved for the
-    backbone, or renamed on purpose): modules of one shape are paired in model order, claim and suspect alike,
-    when both have the same number of them. Returns the suspect and how many modules were renamed."""
-    claimed = {m: (out, inp) for m, out, inp, _ in claim.structure}
-    present = set(suspect.modules())
-    if set(claimed) <= present:
-        return suspect, 0
-    mapping: dict[str, str] = {}
-    for shape in set(claimed.values()):
-        want = sorted((m for m, s in claimed.items() if s == shape and m not in present), key=_natural)
-        have = sorted((m for m in present - set(claimed) if suspect.shape(m) == shape), key=_natural)
-        if want and len(want) == len(have):
-            mapping.update(zip(have, want, strict=True))
-    if not mapping:
-        return suspect, 0
-    factors = {mapping.get(m, m): f for m, f in suspect.factors.items()}
-    deltas = {mapping.get(m, m): d for m, d in suspect.deltas.items()}
-    return Suspect(factors=factors, deltas=deltas, note=suspect.note), len(mapping)
-
-
 def verify_owner(
     suspect: Suspect,
     proof_path: str | Path | Proof,
@@ -354,10 +502,7 @@ def verify_owner(
     proof = read_proof(proof_path)
     check_commitment(raw, proof.commitment, proof.salt, "the proof file")
     if proof.claim is None:
-        raise ValueError(
-            "This proof file predates published claims, so it binds nothing a verifier can check; release the "
-            "sealed adapter again with this version and publish the digest it prints."
-        )
+        raise ValueError(PROOF_WITHOUT_CLAIM)
     claim = Claim.from_fields(proof.claim)
     if (claim.key_commitment, claim.salt) != (proof.commitment, proof.salt):
         raise ValueError(
@@ -368,9 +513,8 @@ def verify_owner(
             "The claim does not match the published commitment: this proof and key are not the ones the published "
             "digest was made from, so the claim is refused (no verdict)."
         )
-    suspect, renamed = align_to_claim(suspect, claim)
-    passport_result = verify_passport(suspect, proof, raw, threshold)
-    key_result = verify_key(suspect, raw, threshold=threshold, claim=claim)
+    key_result, verdict = _key_result(suspect, raw, claim.structure, threshold, from_claim=True)
+    passport_result = verify_passport(suspect, proof, raw, threshold, pairs=verdict.chosen.pairs)
     return _result(
         "owner",
         key_result.statistic,
@@ -382,7 +526,5 @@ def verify_owner(
         message="decided by the key-only test with the published claim's ranks (statistic: mean overlap of the "
         f"key's initial rows with the suspect's row spaces); the paper's passport test recovers "
         f"{passport_result.statistic:.1%} of the passport columns (log10 p = {passport_result.log10_p:.1f}), "
-        "reported beside it."
-        + (f" {renamed} suspect modules were matched to the claim by shape and order, not by name." if renamed else "")
-        + (f" {suspect.note}" if suspect.note else ""),
+        f"reported beside it. {verdict.note()}" + (f" {suspect.note}" if suspect.note else ""),
     )
