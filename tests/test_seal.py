@@ -537,6 +537,11 @@ REWRITES = {
     "permute_heads": lambda w, c: attacks.permute_heads(w, c, seed=1),
     "rotate_residual": lambda w, c: attacks.rotate_residual(w, c, seed=1),
     "rotate_and_permute": lambda w, c: attacks.permute_heads(attacks.rotate_residual(w, c, seed=1), c, seed=2),
+    # finding 4 of the SEAL issue: norm gains re-introduced after rotating (and permuting)
+    "rotate_permute_rescale_norms": lambda w, c: attacks.rescale_norms(
+        attacks.permute_heads(attacks.rotate_residual(w, c, seed=1), c, seed=2), c, seed=3
+    ),
+    "rescale_norms": lambda w, c: attacks.rescale_norms(w, c, seed=3),
 }
 
 

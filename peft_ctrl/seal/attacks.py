@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..factors import balanced_split, haar_orthogonal, product_svd
+from .canonical import LLAMA_NORM_READERS, norm_readers
 from .claim import Claim, structure_of, weights_sha256
 from .io import LoraFactors, Proof
 from .keys import commitment, new_salt, passport, resolve_key
@@ -206,10 +207,7 @@ def rotate_residual(weights: dict[str, torch.Tensor], config, seed: int = 0) -> 
     out["model.embed_tokens.weight"] = (E.double() @ Q).to(E.dtype)
     for i in range(layers):
         p = f"model.layers.{i}."
-        for norm, readers in (
-            ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-            ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-        ):
+        for norm, readers in LLAMA_NORM_READERS:
             gain = weights[p + norm + ".weight"]
             for reader in readers:
                 read(p + reader + ".weight", gain)
@@ -219,6 +217,24 @@ def rotate_residual(weights: dict[str, torch.Tensor], config, seed: int = 0) -> 
     head, gain = weights.get("lm_head.weight", E), weights["model.norm.weight"]
     out["lm_head.weight"] = ((head.double() * gain.double()) @ Q).to(head.dtype)
     out["model.norm.weight"] = torch.ones_like(gain)
+    return out
+
+
+def rescale_norms(weights: dict[str, torch.Tensor], config, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A function-preserving rewrite of a merged LLaMA-family model: every RMSNorm gain is multiplied by a random
+    factor (log-uniform in [1/4, 4], random sign) and the columns of the weights reading it are divided by it.
+    After ``rotate_residual`` this re-introduces norm gains into a rotated model."""
+    _llama_layout(weights, config)
+    g = torch.Generator().manual_seed(seed)
+    out = dict(weights)
+    readers = norm_readers(weights)
+    for norm in sorted(set(readers.values())):
+        gain = weights[norm]
+        factor = 4.0 ** (2 * torch.rand(gain.shape, generator=g, dtype=torch.float64) - 1)
+        factor *= torch.randint(0, 2, gain.shape, generator=g, dtype=torch.float64) * 2 - 1
+        out[norm] = (gain.double() * factor).to(gain.dtype)
+        for reader in (r for r, n in readers.items() if n == norm):
+            out[reader] = (weights[reader].double() / factor).to(weights[reader].dtype)
     return out
 
 

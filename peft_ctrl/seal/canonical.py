@@ -9,15 +9,18 @@ the low-rank delta a LoRA adapter added:
 * **permutations** of attention heads (rows of q/k/v, columns of o) and MLP neurons (rows of gate/up, columns
   of down), and sign flips of rows/columns that cancel in the next layer.
 
-``align_merged`` undoes both, using only the suspect and the base weights (never the key, so every p-value of
-the key-only test stays exact): Q from the token embedding (orthogonal Procrustes; LoRA leaves the embedding
-alone), then per weight the reading (``S Q^T``), the writing (``Q S``) or no rotation, whichever is closest to
-the base weight; a per-column scale for folded norm gains (least squares, refit around a low-rank delta so that
-the fit does not eat the delta); and where a weight is still far from its base, the row and column permutations
-and signs that match it best (Hungarian assignment on cosine similarity). A general invertible mixing inside an
-attention head (v rows with o columns, or RoPE-commuting rotations of q and k pairs) is not undone: see
-docs/seal.md.
-"""
+* **norm-gain rescaling**: any RMSNorm gain multiplied by a factor and its readers' columns divided by it
+  (after a rotation too: gains re-introduced into the rotated model).
+
+``align_merged`` undoes all of them, using only the suspect and the base weights (never the key, so every p-value
+of the key-only test stays exact): first each model's own norm gains are folded into the weights that read them
+(the base's are divided out again at the end), then Q from the token embedding (orthogonal Procrustes; LoRA leaves
+the embedding alone), then per weight the reading (``S Q^T``), the writing (``Q S``) or no rotation, whichever is
+closest to the base weight; a per-column scale for folded norm gains (least squares, refit around a low-rank delta
+so that the fit does not eat the delta); and where a weight is still far from its base, the row and column
+permutations and signs that match it best (Hungarian assignment on cosine similarity). A general invertible mixing
+inside an attention head (v rows with o columns, or RoPE-commuting rotations of q and k pairs) is not undone: see
+docs/seal.md."""
 
 from __future__ import annotations
 
@@ -27,6 +30,32 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from ..factors import seeded_svd_lowrank
+
+# Which weights read which RMSNorm in a LLaMA-family model: (norm, reader modules), per layer, under
+# ``model.layers.N.``; the final ``model.norm`` is read by ``lm_head``.
+LLAMA_NORM_READERS = (
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+)
+
+
+def norm_readers(weights: dict[str, torch.Tensor]) -> dict[str, str]:
+    """``{reader weight: norm weight}`` for the LLaMA-family RMSNorms present in ``weights`` whose gain has the
+    reader's input size."""
+    found = {}
+    for name, gain in weights.items():
+        if gain.dim() != 1 or not name.startswith("model."):
+            continue
+        if name == "model.norm.weight":
+            readers = ["lm_head.weight"]
+        else:
+            prefix, _, norm = name.removesuffix(".weight").rpartition(".")
+            readers = [f"{prefix}.{r}.weight" for n, rs in LLAMA_NORM_READERS if n == norm for r in rs]
+        for reader in readers:
+            if reader in weights and weights[reader].dim() == 2 and weights[reader].shape[1] == gain.shape[0]:
+                found[reader] = name
+    return found
+
 
 # A transformed weight whose relative distance to its base still exceeds this is not the base plus a delta.
 ALIGNED = 0.5
@@ -238,6 +267,22 @@ def _refine_scales(scaled: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Ten
             scaled[name] = (C, best, W)
 
 
+def _shared_gains(
+    weights: dict[str, torch.Tensor], base: dict[str, torch.Tensor]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{reader weight: (suspect's gain, base's gain)}`` (fp64) for every norm both models have, where the
+    base's gain has no zero (it is divided out again) and the suspect's differs from it."""
+    readers = norm_readers(base)
+    found = {}
+    for reader, norm in readers.items():
+        if norm not in weights or weights[norm].shape != base[norm].shape or reader not in weights:
+            continue
+        mine, theirs = weights[norm].double(), base[norm].double()
+        if not torch.equal(mine, theirs) and bool((theirs != 0).all()):
+            found[reader] = (mine, theirs)
+    return found
+
+
 def align_merged(
     weights: dict[str, torch.Tensor], base: dict[str, torch.Tensor], rank: int = 16
 ) -> tuple[dict[str, torch.Tensor], Alignment]:
@@ -247,11 +292,17 @@ def align_merged(
     ``ALIGNED`` of their base (``Alignment.unmatched``)."""
     Q, fit = find_rotation(weights, base)
     alignment = Alignment(rotation=Q is not None, rotation_residual=fit)
+    # Each model's own RMSNorm gains are folded into the weights that read them before anything is fitted, so
+    # gains the suspect moved (re-introduced after a rotation, or rescaled against its readers' columns) cancel;
+    # the base's gains are divided out again at the end.
+    gains = _shared_gains(weights, base)
     found, scaled = {}, {}
     for name, w in weights.items():
         if w.dim() != 2 or name not in base or base[name].shape != w.shape:
             continue
         S, W = w.double(), base[name].double()
+        if name in gains:
+            S, W = S * gains[name][0], W * gains[name][1]
         if torch.equal(S, W):
             continue
         C, scale, how = _align_one(S, W, Q, rank)
@@ -266,8 +317,13 @@ def align_merged(
     for name, (C, how) in found.items():
         if name in scaled:
             C = C * scaled[name][1]
-        if how != "as is" and _rel(C, base[name].double()) < max(ROUNDING, 100 * fit):
+        if name in gains:
+            C = C / gains[name][1]
+        moved = how != "as is" or name in gains  # rewritten or refolded: equal to its base up to rounding only
+        if moved and _rel(C, base[name].double()) < max(ROUNDING, 100 * fit):
             continue  # equal to its base up to rounding: not adapted
+        if name in gains:
+            how = "own norm gains folded" if how == "as is" else f"own norm gains folded, {how}"
         alignment.transforms[name] = how
         aligned[name] = C
     return aligned, alignment
