@@ -627,3 +627,32 @@ def test_owner_verdict_rests_on_the_key_test_when_fine_tuning_wears_down_the_pas
     owner = verify_owner(suspect, released / "proof.safetensors", published(released), key=KEY)
     assert owner.verified and owner.log10_p == owner.components["key"]["log10_p"]
     assert owner.components["passport"]["log10_p"] > np.log10(2.0**-64), owner.components["passport"]
+
+
+def test_a_larger_initial_a_keeps_more_evidence_through_continued_fine_tuning(tmp_path):
+    """Finding 5 of the SEAL issue (measured in benchmarks/seal_finetune_attack.py): an attacker's continued
+    fine-tuning turns A's row space away from the key's. ``init_a_scale`` multiplies the key-derived A (the
+    verdict is scale-free), and Adam's fixed-size steps then turn it less, under the owner's training and the
+    attacker's alike."""
+    evidence = {}
+    for scale in (1.0, 8.0):
+        model = get_peft_model(build("llama"), SealConfig(r=R, target_modules=TARGETS, init_a_scale=scale, key=KEY))
+        layer = model.base_model.model.model.layers[0].self_attn.q_proj
+        schedule = model.peft_config["default"].schedule
+        a0 = initial_a(KEY.encode(), schedule, "model.layers.0.self_attn.q_proj", R, 32)
+        torch.testing.assert_close(layer.seal_A["default"].weight, scale * a0)
+        train(model, steps=30, lr=1e-2)
+        model.save_pretrained(tmp_path / f"sealed{scale}")
+        claim = release(tmp_path / f"sealed{scale}", tmp_path / f"release{scale}", tmp_path / f"proof{scale}", key=KEY)
+        attacked = PeftModel.from_pretrained(build("llama"), tmp_path / f"release{scale}", is_trainable=True)
+        g = torch.Generator().manual_seed(4)
+        batches = [torch.randint(2, 60, (4, 12), generator=g) for _ in range(60)]
+        batches = [{"input_ids": ids, "labels": ids} for ids in batches]
+        attacks.continued_finetune(attacked, batches, 60, lr=5e-2, warmup_steps=5, max_grad_norm=1.0)
+        suspect = Suspect.from_adapter(LoraFactors.from_model(attacked))
+        evidence[scale] = verify_owner(suspect, tmp_path / f"proof{scale}", claim.digest(), key=KEY).log10_p
+    assert evidence[8.0] < 2 * evidence[1.0] and evidence[8.0] < np.log10(2.0**-64), evidence
+    with pytest.raises(ValueError, match="init_a_scale must be a finite number > 0"):
+        SealConfig(init_a_scale=-1.0)
+    with pytest.raises(ValueError, match="warmup_steps must be >= 0"):
+        attacks.continued_finetune(attacked, [], 1, max_grad_norm=0.0)

@@ -305,20 +305,29 @@ def continued_finetune(
     steps: int,
     lr: float = 1e-3,
     loss: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] = lambda model, batch: model(**batch).loss,
+    warmup_steps: int = 0,
+    max_grad_norm: float | None = None,
 ) -> nn.Module:
     """Train a loaded LoRA model (``PeftModel`` of the released adapter) ``steps`` more AdamW steps on
     ``batches`` (by default dicts accepted by the model, including labels; else give ``loss(model, batch)``):
-    the 'continued fine-tuning' attack."""
+    the 'continued fine-tuning' attack. ``warmup_steps`` ramps the learning rate up linearly; ``max_grad_norm``
+    clips the gradient norm (as an attacker keeping the task at a high learning rate would)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("continued_finetune needs a model with trainable adapter parameters (is_trainable=True).")
+    if warmup_steps < 0 or (max_grad_norm is not None and max_grad_norm <= 0):
+        raise ValueError(f"warmup_steps must be >= 0 and max_grad_norm > 0, got {warmup_steps}, {max_grad_norm}.")
     optimizer = torch.optim.AdamW(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
     model.train()
     for step, batch in enumerate(batches):
         if step >= steps:
             break
         loss(model, batch).backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
+        schedule.step()
         optimizer.zero_grad(set_to_none=True)
     model.eval()
     return model

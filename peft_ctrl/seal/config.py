@@ -29,6 +29,11 @@ class SealConfig(PeftConfig):
         modules_to_save (`list[str]`, *optional*): Extra modules (e.g. a classifier head) trained and saved in full.
         init_weights (`bool`): ``True`` (default): B = 0, so the model starts as the base model. ``False``: B
             random as well (for tests).
+        init_a_scale (`float`): Multiplies the key-derived initial A (LoRA's default variance at 1). Adam's steps
+            have a fixed size, so a larger A turns less under training: the owner's and an attacker's continued
+            fine-tuning leave its row space closer to the key's (docs/seal.md, "Continued fine-tuning"), while A
+            adapts more slowly (with ``lora_alpha`` divided by the same factor, exactly as LoRA with A's learning
+            rate divided by it).
         commitment (`str`, *optional*): Public SHA-256 commitment to the key, filled when the model is built.
         salt (`str`, *optional*): Random salt of the commitment, filled with it.
         schedule (`str`, *optional*): SHA-256 of the adapter's structure (every adapted module's name, shape and
@@ -55,6 +60,13 @@ class SealConfig(PeftConfig):
         default=None, metadata={"help": "Extra modules (e.g. a classifier head) trained and saved in full."}
     )
     init_weights: bool = field(default=True, metadata={"help": "B = 0 at start (True) or random (False, for tests)."})
+    init_a_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "Multiplies the key-derived initial A: larger keeps A's row space nearer the key's under further "
+            "training (the owner's and an attacker's), at a slower start."
+        },
+    )
     commitment: str | None = field(
         default=None, metadata={"help": "Public SHA-256 commitment to the owner's key (filled automatically)."}
     )
@@ -76,6 +88,7 @@ class SealConfig(PeftConfig):
         self.lora_alpha = check_float("SealConfig.lora_alpha", self.lora_alpha, 0.0, low_open=True)
         self.lora_dropout = check_probability("SealConfig.lora_dropout", self.lora_dropout)
         check_bool("SealConfig.init_weights", self.init_weights)
+        self.init_a_scale = check_float("SealConfig.init_a_scale", self.init_a_scale, 0.0, low_open=True)
         if (self.commitment is None) != (self.salt is None):
             raise ValueError("SealConfig needs both commitment and salt, or neither (they are filled together).")
         self._key = resolve_key(key) if key is not None else None

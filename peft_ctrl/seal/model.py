@@ -78,5 +78,7 @@ class SealModel(StrictLoadMixin, BaseTuner):
         for name, layer in layers.items():
             r = layer.seal_r[adapter_name]
             layer.set_key_material(
-                adapter_name, passport(key, schedule, name, r), initial_a(key, schedule, name, r, layer.in_features)
+                adapter_name,
+                passport(key, schedule, name, r),
+                initial_a(key, schedule, name, r, layer.in_features) * config.init_a_scale,
             )
