@@ -468,10 +468,24 @@ def test_modules_are_paired_by_structure_whatever_their_names(released, renaming
     record = read_claim(released / "release" / "seal_claim.json")  # the owner's public record
     with_record = verify_key(suspect, key=KEY, claim=record)
     assert with_record.verified and with_record.components["by_structure"]["renamed"] == 6
+    assert f"The record's digest is {published(released)}" in with_record.message  # to compare with the publication
     alone = verify_key(suspect, key=KEY)  # key rows from the names the suspect shows: right only if the set is
     assert alone.verified == (set(renamed) == set(plain.factors)) and "structure the suspect shows" in alone.message
     with pytest.raises(ValueError, match="does not match the commitment"):
         verify_key(suspect, key="another-key-0123456789", claim=record)
+
+
+def test_key_mode_names_the_digest_of_an_edited_record(released):
+    """Finding 8: key mode has no publication to check a record against, so a record whose ranks were edited and
+    rehashed is taken as it is. Its key rows are then another structure's (nothing verifies), and the result names
+    the record's digest, which differs from the published one."""
+    from dataclasses import replace
+
+    record = read_claim(released / "release" / "seal_claim.json")
+    edited = replace(record, structure=tuple((m, o, i, 1) for m, o, i, _ in record.structure))
+    result = verify_key(Suspect.from_adapter(read_adapter(released / "release")), key=KEY, claim=edited)
+    assert edited.digest() != published(released) and f"The record's digest is {edited.digest()}" in result.message
+    assert not result.verified
 
 
 def test_key_mode_with_the_record_takes_ranks_from_it_not_from_the_suspect(released, tmp_path, capsys):

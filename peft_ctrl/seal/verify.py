@@ -60,6 +60,10 @@ SUSPECT_STRUCTURE_NOTE = (
     " The key rows came from the structure the suspect shows (its names, shapes and ranks): a suspect renamed, cut "
     "or padded finds nothing this way; give the owner's claim record, which fixes the structure."
 )
+RECORD_NOTE = (
+    " The record's digest is {digest}: key mode cannot check it against a publication, so a record edited and "
+    "rehashed (other ranks or names) is taken as it is; use your own copy of the record, or owner mode."
+)
 PROOF_WITHOUT_CLAIM = (
     "This proof file predates published claims and key schedules, so it binds nothing a verifier can check; train "
     "and release the adapter again with this version and publish the digest it prints."
@@ -401,11 +405,12 @@ def verify_key(
                     "every adapted module's input features."
                 )
         structure = _suspect_structure(suspect, r)
-    return _key_result(suspect, raw, structure, threshold, from_claim=claim is not None)[0]
+    digest = claim.digest() if claim is not None else ""
+    return _key_result(suspect, raw, structure, threshold, from_claim=claim is not None, claim_digest=digest)[0]
 
 
 def _key_result(
-    suspect: Suspect, key: bytes, structure: Structure, threshold: float, from_claim: bool
+    suspect: Suspect, key: bytes, structure: Structure, threshold: float, from_claim: bool, claim_digest: str = ""
 ) -> tuple[VerificationResult, _KeyVerdict]:
     verdict = _key_test(suspect, key, structure)
     if not verdict.chosen.log_ps:
@@ -431,6 +436,7 @@ def _key_result(
         components=verdict.components(),
         message="statistic: mean overlap |P_S a|^2/|a|^2 of the key's initial rows with the suspect's row spaces. "
         + verdict.note()
+        + (RECORD_NOTE.format(digest=claim_digest) if claim_digest else "")
         + ("" if from_claim else SUSPECT_STRUCTURE_NOTE)
         + (f" {suspect.note}" if suspect.note else ""),
     )
