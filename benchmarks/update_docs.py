@@ -43,6 +43,7 @@ SOURCES = {
     "sublora_pinn": lambda: (RESULTS / "sublora_pinn.md").read_text().strip(),
     "sublora_pinn_unpruned": lambda: (RESULTS / "sublora_pinn_unpruned" / "sublora_pinn.md").read_text().strip(),
     "seal_robustness": lambda: (RESULTS / "seal_robustness.md").read_text().strip(),
+    "seal_finetune_attack": lambda: (RESULTS / "seal_finetune_attack.md").read_text().strip(),
     "odelora_overhead": lambda: (RESULTS / "odelora_overhead.md").read_text().strip(),
     "commonsense": lambda: _blocks(RESULTS / "commonsense.md")[1],
     "commonsense_grid": lambda: _blocks(RESULTS / "commonsense_grid.md")[1],

@@ -44,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--published",
         help="owner mode: the claim digest published at release (64 hex characters) or the claim record file "
         "(seal_claim.json); claims that do not match it are refused. key mode: the owner's claim record file, "
-        "which gives each module's rank and name (renamed suspect modules are matched to it by shape and order)",
+        "which fixes the structure (names, shapes, ranks) the key rows come from; use your own copy",
     )
     p.add_argument("--base", type=Path, help="base model weights (.safetensors) when the suspect is a merged model")
     p.add_argument("--r", type=int_arg(1), help="the owner's LoRA rank (key mode on a merged model)")

@@ -49,7 +49,7 @@ from .io import LoraFactors, Proof, read_adapter, read_proof
 from .keys import Structure, check_commitment, initial_a, key_schedule, passport, resolve_key
 
 # Key-only detection (screening suspects with the owner's key) and the owner verdict (a claim against others):
-# at 2^-64 a forger trying keys needs about 2^64 tries to pass by chance (10^6 tries: 5e-14).
+# at 2^-64 a forger trying whole claims needs about 2^64 tries to pass by chance (10^6 tries: 5e-14).
 DEFAULT_THRESHOLD = 1e-6
 OWNER_THRESHOLD = 2.0**-64
 # Key rows per module that pair modules by structure: a handful find a watermarked module among its shape class
