@@ -4,6 +4,7 @@ Importing this package registers every method with ``peft`` (idempotent), so ``g
 ``PeftModel.from_pretrained`` work with the configs below.
 """
 
+from .dtypes import set_adapter_dtype
 from .metrics import SavedTensorMeter, saved_activation_bytes
 from .seal import SealConfig, SealModel
 from .state_ctrl import StateCtrlConfig, StateCtrlModel
@@ -20,4 +21,5 @@ __all__ = [
     "SubLoRAConfig",
     "SubLoRAModel",
     "saved_activation_bytes",
+    "set_adapter_dtype",
 ]

@@ -73,6 +73,13 @@ class LinearAdapterLayer(nn.Module, BaseTunerLayer):
             if not self.holds(adapter):
                 continue
             weight = self.base_layer.weight
+            if not weight.is_floating_point():
+                raise ValueError(
+                    f"Cannot merge {self.method_name} adapter {adapter!r} into a quantised base layer "
+                    f"({type(self.base_layer).__name__}, {weight.dtype} storage): the merged weight would have to be "
+                    "quantised again, which changes it. Load the base model unquantised (bf16 or fp32), load the "
+                    "adapter onto it, and merge there; the model is unchanged."
+                )
             require_gathered([weight, *self.parameters()], f"merge {self.method_name} adapter {adapter!r}")
             merged = weight.data + self.get_delta_weight(adapter).to(weight.dtype)
             if safe_merge and not torch.isfinite(merged).all():

@@ -47,9 +47,14 @@ def cache_dir() -> Path:
     return Path(root) / "SmolLM2-135M-Instruct"
 
 
-def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, object]:
+def load_smollm2(
+    dtype: torch.dtype = torch.float32, quantization_config: object | None = None
+) -> tuple[torch.nn.Module, object]:
     """(model, tokenizer) of SmolLM2-135M-Instruct, offline: from the cache, or converted from the shipped GGUF file
-    (weights de-quantised to fp32) and cached first. The model is returned in eval mode."""
+    (weights de-quantised to fp32) and cached first. The model is returned in eval mode.
+
+    ``quantization_config`` (a ``transformers.BitsAndBytesConfig``, say 4-bit nf4) quantises the cached fp32
+    weights on loading, for QControl / QLoRA; ``dtype`` is then the dtype of the weights left unquantised."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cached = cache_dir()
@@ -74,5 +79,5 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, o
                 tokenizer.save_pretrained(folder)
             bar.update()
     tokenizer = AutoTokenizer.from_pretrained(cached)
-    model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, quantization_config=quantization_config)
     return model.eval(), tokenizer

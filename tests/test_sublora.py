@@ -55,6 +55,22 @@ def test_default_init_is_the_base_model():
     torch.testing.assert_close(output(model, batch), output(build("llama"), batch))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mask_is_never_trainable_and_a_step_leaves_it(tmp_path, dtype):
+    """On a bf16 base peft upcasts the adapter to fp32 by re-assigning its tensors; the 0/1 mask must stay frozen
+    (it was trainable there, so AdamW moved it), also after loading."""
+    model = get_peft_model(build("llama").to(dtype), SubLoRAConfig(r=4, target_r=2, target_modules=TARGETS))
+    masks = {n: p for n, p in model.named_parameters() if "sublora_mask" in n}
+    assert masks and not any(p.requires_grad for p in masks.values())
+    opt = adamw(model)
+    model(**next(batches())).loss.backward()
+    opt.step()
+    assert all(torch.equal(p, torch.ones_like(p)) for p in masks.values())
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(build("llama").to(dtype), tmp_path, is_trainable=True)
+    assert not any(p.requires_grad for n, p in loaded.named_parameters() if "sublora_mask" in n)
+
+
 def test_truncation_round_trip_is_smaller_and_identical(tmp_path):
     model = sublora()
     alloc = RankAllocator(model)

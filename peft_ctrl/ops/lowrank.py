@@ -12,6 +12,12 @@ RNG scheme (documented so that forward and backward agree and results are reprod
                  result equals ``F.dropout`` run after ``torch.manual_seed(seed)``;
     Triton path: keep = ``tl.rand(seed, i) >= p`` (Philox) for the flat index i of the element in x.
 Kept elements are scaled by 1 / (1 - p), like ``torch.nn.functional.dropout``.
+
+Under ``torch.compile`` (``torch.compiler.is_compiling()``) the dropout case is traced as the plain expression
+``base + scale * F.linear(F.linear(F.dropout(x, p), A), B)``: reseeding a generator and reading a seed back with
+``.item()`` cannot be traced, and would break the graph at every adapted layer. The compiler then decides what
+its backward keeps, and the mask comes from the compiled graph's own random stream (the eager stream when
+``torch._inductor.config.fallback_random`` is set), not from the seed scheme above.
 """
 
 from __future__ import annotations
@@ -49,6 +55,10 @@ def _check(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, base: torch.Tensor
 def dropout_probability(module: torch.nn.Module) -> float:
     """The p of a dropout module as adapters hold it (``nn.Dropout``, or ``nn.Identity`` for none)."""
     return module.p if isinstance(module, torch.nn.Dropout) else 0.0
+
+
+# Looked up through this name so that a test can run the traced expression eagerly, as its reference.
+_compiling = torch.compiler.is_compiling
 
 
 def _default_generator(device: torch.device) -> torch.Generator:
@@ -134,6 +144,17 @@ class _LowRank(torch.autograd.Function):
         return grad_x, grad_A, grad_B, grad_base, None, None, None
 
 
+def _traceable(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, p: float, base: torch.Tensor | None
+) -> torch.Tensor:
+    """The dropout case as plain differentiable ops, for ``torch.compile`` to trace (see the module docstring)."""
+    dtype = x.dtype
+    out = F.linear(F.linear(F.dropout(x, p, True), A.to(dtype)), B.to(dtype))
+    if scale != 1.0:
+        out = out * scale
+    return out if base is None else base + out.to(base.dtype)
+
+
 def lowrank(
     x: torch.Tensor,
     A: torch.Tensor,
@@ -158,5 +179,7 @@ def lowrank(
         if scale != 1.0:
             out = out * scale
         return out if base is None else base + out.to(base.dtype)
+    if _compiling():
+        return _traceable(x, A, B, float(scale), p, base)
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
     return _LowRank.apply(x, A, B, base, float(scale), p, seed)

@@ -10,6 +10,16 @@ from ..factors import product_svd
 from ..linear_adapter import LinearAdapterLayer
 
 
+class FrozenParameterDict(nn.ParameterDict):
+    """A ParameterDict whose entries never require grad, however they are assigned: ``ParameterDict`` wraps a
+    plain tensor in a trainable Parameter, and peft re-assigns adapter tensors that way when it upcasts a bf16
+    or fp16 adapter to fp32 (``autocast_adapter_dtype``), which made the 0/1 mask trainable on bf16 bases."""
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        self[key].requires_grad_(False)
+
+
 class SubLoRALayer(LinearAdapterLayer):
     """An ``nn.Linear`` with SVD-form adapters: ``h = W x + s * P diag(lambda * mask) Q x``.
 
@@ -26,7 +36,7 @@ class SubLoRALayer(LinearAdapterLayer):
         self.sublora_P = nn.ParameterDict()
         self.sublora_lambda = nn.ParameterDict()
         self.sublora_Q = nn.ParameterDict()
-        self.sublora_mask = nn.ParameterDict()
+        self.sublora_mask = FrozenParameterDict()
         self.sublora_dropout = nn.ModuleDict()
         self.sublora_scaling: dict[str, float] = {}
         self.update_layer(adapter_name, **kwargs)
