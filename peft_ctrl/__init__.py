@@ -4,6 +4,7 @@ Importing this package registers every method with ``peft`` (idempotent), so ``g
 ``PeftModel.from_pretrained`` work with the configs below.
 """
 
+from . import _quiet  # noqa: F401  (first: see the module)
 from .dtypes import set_adapter_dtype
 from .metrics import SavedTensorMeter, saved_activation_bytes
 from .seal import SealConfig, SealModel
