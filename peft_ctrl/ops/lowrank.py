@@ -144,12 +144,15 @@ class _LowRank(torch.autograd.Function):
         return grad_x, grad_A, grad_B, grad_base, None, None, None
 
 
-def _traceable(
+def _plain(
     x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, p: float, base: torch.Tensor | None
 ) -> torch.Tensor:
-    """The dropout case as plain differentiable ops, for ``torch.compile`` to trace (see the module docstring)."""
-    dtype = x.dtype
-    out = F.linear(F.linear(F.dropout(x, p, True), A.to(dtype)), B.to(dtype))
+    """The op as plain differentiable ops. Without dropout this already keeps only x (by reference) and z, with
+    no Python autograd overhead (the Function below would compute exactly the same); with dropout it is what
+    ``torch.compile`` traces (see the module docstring)."""
+    if p > 0.0:
+        x = F.dropout(x, p, True)
+    out = F.linear(F.linear(x, A), B)
     if scale != 1.0:
         out = out * scale
     return out if base is None else base + out.to(base.dtype)
@@ -172,14 +175,7 @@ def lowrank(
     """
     _check(x, A, B, base, dropout)
     p = float(dropout) if training else 0.0
-    if p == 0.0:
-        # Without dropout the plain expression already keeps only x (by reference) and z, with no Python
-        # autograd overhead; the Function below would compute exactly the same.
-        out = F.linear(F.linear(x, A), B)
-        if scale != 1.0:
-            out = out * scale
-        return out if base is None else base + out.to(base.dtype)
-    if _compiling():
-        return _traceable(x, A, B, float(scale), p, base)
+    if p == 0.0 or _compiling():
+        return _plain(x, A, B, scale, p, base)
     seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
     return _LowRank.apply(x, A, B, base, float(scale), p, seed)
