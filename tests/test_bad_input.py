@@ -5,6 +5,7 @@ The tables below are the reference list of bad inputs and their messages (docs/c
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 
@@ -140,3 +141,24 @@ def test_the_key_option_echo_is_closed_in_a_real_process():
     )
     assert done.returncode == 2 and "SECRET" not in done.stderr + done.stdout
     assert "unrecognized arguments: --key (see" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("logger_name", "noise"),
+    [
+        ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community: offline."),
+        (
+            "kernels._internals.hf_hub",
+            "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because Hugging Face "
+            "Hub is in offline mode.",
+        ),
+    ],
+)
+def test_only_the_two_upstream_import_messages_are_dropped(caplog, logger_name, noise):
+    import peft_ctrl  # noqa: F401  (installs the filters)
+
+    upstream = logging.getLogger(logger_name)
+    with caplog.at_level(logging.WARNING):
+        upstream.warning(noise)
+        upstream.warning("Any other warning from the same logger.")
+    assert [r.getMessage() for r in caplog.records] == ["Any other warning from the same logger."]
