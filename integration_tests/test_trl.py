@@ -1,12 +1,17 @@
 """TRL's SFTTrainer with this package's configs passed as ``peft_config``, as a TRL user would: the trainer wraps
 the model itself, trains, saves, and the adapter reloads with stock peft."""
 
+import os
+
 import pytest
 import torch
 from models import VOCAB, build
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, PeftType
 
-from peft_ctrl import StateCtrlConfig
+from peft_ctrl import SealConfig, StateCtrlConfig, SubLoRAConfig
+from peft_ctrl.optim import ODELoRA
+from peft_ctrl.seal.keys import KEY_ENV
+from trainer_callbacks import ODELoRAMixin, SubLoRACallback
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
@@ -28,38 +33,95 @@ def texts(n: int = 24) -> list[str]:
     return [" ".join(f"w{i}" for i in torch.randint(2, VOCAB, (10,), generator=g).tolist()) for _ in range(n)]
 
 
-def test_control_lora_trains_saves_and_reloads_under_sft_trainer(tmp_path):
-    """TRL's defaults turn on gradient checkpointing (the bridges train through it); bf16 is off because accelerate
-    wraps the trained model's forward in autocast, so its logits would differ from the reloaded fp32 model's."""
-    config = StateCtrlConfig.control_lora(r=4, lora_r=2, task_type="CAUSAL_LM")
-    args = trl.SFTConfig(
-        output_dir=str(tmp_path / "out"),
-        max_steps=3,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        max_length=16,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        dataloader_num_workers=0,
-        bf16=False,
-    )
-    trainer = trl.SFTTrainer(
+def sft_args(tmp_path, **kw) -> "trl.SFTConfig":
+    """bf16 is off because accelerate wraps the trained model's forward in autocast, so its logits would differ
+    from the reloaded fp32 model's; everything else is TRL's default (gradient checkpointing on, among others)."""
+    options = {"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 1e-2, "max_length": 16}
+    options |= {"report_to": [], "save_strategy": "no", "use_cpu": True, "dataloader_num_workers": 0, "bf16": False}
+    return trl.SFTConfig(output_dir=str(tmp_path / "out"), **{**options, **kw})
+
+
+def train_save_reload(tmp_path, config, trainer_cls=None, callbacks=(), **kw):
+    """Trains through SFTTrainer(peft_config=config), saves, reloads with stock peft: the trainer and the changed
+    trainable parameter names."""
+    trainer = (trainer_cls or trl.SFTTrainer)(
         model=build("llama"),
-        args=args,
+        args=sft_args(tmp_path, **kw),
         train_dataset=datasets.Dataset.from_dict({"text": texts()}),
         processing_class=word_tokenizer(),
         peft_config=config,
+        callbacks=list(callbacks),
     )
     model = trainer.model
     assert trainer.args.gradient_checkpointing
-    assert isinstance(model, PeftModel) and model.peft_config["default"].peft_type.value == "STATE_CTRL"
+    assert isinstance(model, PeftModel) and model.peft_config["default"].peft_type == config.peft_type
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     trainer.train()
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(before[n], p)]
-    assert any("state_ctrl_lora_B" in n for n in changed) and any(".mlp.state_ctrl_B" in n for n in changed)
     trainer.save_model(str(tmp_path / "adapter"))
     loaded = PeftModel.from_pretrained(build("llama"), tmp_path / "adapter")
     ids = torch.tensor([[2, 5, 9, 11, 3]])
     model.eval()
     torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    return trainer, changed
+
+
+def test_control_lora_trains_saves_and_reloads_under_sft_trainer(tmp_path):
+    config = StateCtrlConfig.control_lora(r=4, lora_r=2, task_type="CAUSAL_LM")
+    _, changed = train_save_reload(tmp_path, config)
+    assert any("state_ctrl_lora_B" in n for n in changed) and any(".mlp.state_ctrl_B" in n for n in changed)
+
+
+@pytest.mark.parametrize("blocks", ["mlp", "both"])
+def test_state_ctrl_trains_saves_and_reloads_under_sft_trainer(tmp_path, blocks):
+    _, changed = train_save_reload(tmp_path, StateCtrlConfig(r=4, blocks=blocks, task_type="CAUSAL_LM"))
+    assert any(".mlp.state_ctrl_B" in n for n in changed)
+    assert any(".self_attn.state_ctrl_B" in n for n in changed) == (blocks == "both")
+
+
+def test_seal_trains_saves_and_reloads_under_sft_trainer_and_writes_no_key(tmp_path, monkeypatch):
+    key = "trl-owner-key-0123456789abcdef"
+    monkeypatch.setenv(KEY_ENV, key)
+    config = SealConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer, changed = train_save_reload(tmp_path, config, save_strategy="steps", save_steps=2)
+    assert any("seal_B" in n for n in changed)
+    assert trainer.model.peft_config["default"].commitment
+    written = [os.path.join(d, f) for d, _, files in os.walk(tmp_path) for f in files]
+    assert any(f.endswith("checkpoint-2/adapter_model.safetensors") for f in written)
+    for secret in (key.encode(), key.encode().hex().encode()):
+        assert [f for f in written if secret in open(f, "rb").read()] == []
+
+
+def test_sublora_callback_allocates_and_truncates_under_sft_trainer(tmp_path):
+    config = SubLoRAConfig(
+        r=4,
+        target_r=2,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        t_init=2,
+        t_final=4,
+        delta_t=3,
+        hessian="exact",
+        task_type="CAUSAL_LM",
+    )
+    trainer, changed = train_save_reload(tmp_path, config, callbacks=[SubLoRACallback()], max_steps=12)
+    assert changed
+    callback = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, SubLoRACallback))
+    # every delta_t steps after t_init, the last at the end of the decay (max_steps - t_final)
+    assert [entry["step"] for entry in callback.allocator.history] == [5, 8]
+    pattern = trainer.model.peft_config["default"].rank_pattern
+    assert sum(pattern.values()) == 12  # 2 layers x 3 modules x target_r 2, kept in the saved adapter
+
+
+class ODELoRASFTTrainer(ODELoRAMixin, trl.SFTTrainer):
+    """What docs/odelora.md tells a TRL user to write."""
+
+
+@pytest.mark.parametrize("scheme", ["euler", "heun"])
+def test_odelora_optimizer_trains_lora_under_sft_trainer(tmp_path, scheme):
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    assert config.peft_type == PeftType.LORA
+    trainer, changed = train_save_reload(
+        tmp_path, config, trainer_cls=lambda **kw: ODELoRASFTTrainer(scheme=scheme, **kw), logging_steps=1
+    )
+    assert isinstance(trainer.optimizer.optimizer, ODELoRA)  # accelerate wraps the optimizer
+    assert any("lora_B" in n for n in changed)
