@@ -277,21 +277,28 @@ def _eval_only(args: argparse.Namespace) -> int:
 def _zero_config_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "zero-config",
-        help="print the path of a shipped DeepSpeed ZeRO config (or the accelerate launch config)",
+        help="print the path of a shipped DeepSpeed ZeRO config (or an accelerate launch config)",
         description="Print the path of a shipped config, for launchers: "
-        "`accelerate launch --config_file $(peft-ctrl zero-config --accelerate) train.py` or "
-        "`--deepspeed $(peft-ctrl zero-config --stage 3)`.",
+        "`accelerate launch --config_file $(peft-ctrl zero-config --accelerate) train.py`, "
+        "`--deepspeed $(peft-ctrl zero-config --stage 3)` or, for FSDP2 on GPUs, "
+        "`accelerate launch --config_file $(peft-ctrl zero-config --fsdp) train.py`.",
     )
     p.add_argument("--stage", type=int, default=2, help="ZeRO stage: 2 or 3")
     p.add_argument("--offload", action="store_true", help="stage 3 with parameters and optimizer on the CPU")
-    p.add_argument("--accelerate", action="store_true", help="the accelerate launch YAML instead")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--accelerate", action="store_true", help="the accelerate launch YAML for DeepSpeed instead")
+    which.add_argument("--fsdp", action="store_true", help="the accelerate launch YAML for FSDP2 (GPUs) instead")
 
 
 def _zero_config(args: argparse.Namespace) -> int:
+    from .distributed.fsdp import accelerate_fsdp_config_path
     from .distributed.zero import accelerate_config_path, config_path
 
     try:
-        print(accelerate_config_path() if args.accelerate else config_path(args.stage, args.offload))
+        if args.fsdp:
+            print(accelerate_fsdp_config_path())
+        else:
+            print(accelerate_config_path() if args.accelerate else config_path(args.stage, args.offload))
     except ValueError as err:
         print(f"peft-ctrl zero-config: error: {err}", file=sys.stderr)
         return 2

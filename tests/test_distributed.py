@@ -15,17 +15,21 @@ from peft import get_peft_model
 
 from peft_ctrl import SealConfig, SubLoRAConfig
 from peft_ctrl.distributed import (
+    FSDP_SUPPORTED,
     SUPPORTED_STAGES,
     accelerate_config_path,
+    accelerate_fsdp_config_path,
     check_stage,
     config_path,
     deepspeed_stage,
     require_gathered,
+    shard_model,
     strip_local_rank,
+    training_arguments,
     zero_config,
 )
-from peft_ctrl.distributed.launch import _check_environment
-from trainer_callbacks import SubLoRACallback
+from peft_ctrl.distributed.launch import _check_environment, init_distributed
+from trainer_callbacks import ODELoRATrainer, SubLoRACallback
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 
@@ -170,5 +174,57 @@ def test_cli_prints_config_paths(capsys):
     assert capsys.readouterr().out.strip() == str(config_path(3, True))
     assert main(["zero-config", "--accelerate"]) == 0
     assert capsys.readouterr().out.strip() == str(accelerate_config_path())
+    assert main(["zero-config", "--fsdp"]) == 0
+    assert capsys.readouterr().out.strip() == str(accelerate_fsdp_config_path())
     assert main(["zero-config", "--stage", "1"]) == 2
     assert "No shipped ZeRO config for stage=1" in capsys.readouterr().err
+
+
+def test_fsdp2_accelerate_config_shards_every_block_and_gathers_the_full_state_dict():
+    config = yaml.safe_load(accelerate_fsdp_config_path().read_text())
+    assert config["distributed_type"] == "FSDP" and config["num_processes"] == 2
+    fsdp = config["fsdp_config"]
+    assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+
+
+def test_fsdp_without_cuda_is_refused_not_run_as_plain_data_parallel(tmp_path, monkeypatch):
+    """accelerate turns FSDP on only for GPUs and other accelerators; on CPU it trains plain DDP silently."""
+    if torch.cuda.is_available():
+        pytest.skip("FSDP runs under accelerate on GPUs")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    with pytest.raises(ValueError, match=r"fsdp=\.\.\.\) was given without CUDA.*plain data parallel.*shard_model"):
+        training_arguments(str(tmp_path), stage=None, fsdp=True)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch sets from an FSDP config
+    with pytest.raises(ValueError, match="launched with FSDP on.*ZeRO-3"):
+        init_distributed(deepspeed=False)
+
+
+def test_sublora_and_odelora_refuse_fsdp_with_the_reason(monkeypatch):
+    assert FSDP_SUPPORTED == {"state_ctrl": True, "seal": True, "sublora": False, "odelora": False}
+    model = get_peft_model(build("llama"), SubLoRAConfig(r=2, target_r=1, target_modules=["q_proj"], total_step=20))
+    with pytest.raises(ValueError, match="sublora does not run under FSDP.*second derivatives.*ZeRO-2"):
+        shard_model(model)  # refused before any sharding: no process group needed
+    callback = SubLoRACallback()
+    with pytest.raises(ValueError, match="sublora does not run under FSDP"):
+        callback.on_init_end(SimpleNamespace(deepspeed=None, fsdp=True), None, None, model=model)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match="sublora does not run under FSDP"):
+        callback.on_init_end(SimpleNamespace(deepspeed=None), None, None, model=model)
+    from peft import LoraConfig
+    from transformers import TrainingArguments
+
+    lora = get_peft_model(build("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to=[])
+    with pytest.raises(ValueError, match="odelora does not run under FSDP.*r x r system"):
+        ODELoRATrainer(model=lora, args=args)
+
+
+def test_shard_model_needs_transformer_blocks():
+    from peft_ctrl import StateCtrlConfig
+
+    model = get_peft_model(build("llama"), StateCtrlConfig(r=2))
+    for module in (model.base_model.model, model.base_model.model.model):  # LlamaForCausalLM, LlamaModel
+        module._no_split_modules = None
+    with pytest.raises(ValueError, match="no transformer blocks to wrap"):
+        shard_model(model)

@@ -10,6 +10,7 @@ import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from peft_ctrl.distributed import check_stage, deepspeed_stage
+from peft_ctrl.distributed.fsdp import fsdp_limit, fsdp_requested
 from peft_ctrl.sublora.runtime import LossFn, RankAllocator, write_heatmap
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,8 @@ class SubLoRACallback(TrainerCallback):
             yield collate([dataset[i] for i in order[: self.allocator.config.curvature_samples]])
 
     def on_init_end(self, args: TrainingArguments, state, control, model=None, **kwargs: Any) -> None:
+        if fsdp_requested(args):
+            raise ValueError(fsdp_limit("sublora"))
         stage = deepspeed_stage(args)
         check_stage("sublora", stage)
         config = getattr(model, "peft_config", {}).get(self.adapter_name)

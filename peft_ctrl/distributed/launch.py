@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
+from .fsdp import cpu_fsdp_error, refuse_cpu_fsdp
 from .zero import zero_config
 
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -100,6 +101,7 @@ def init_distributed(deepspeed: bool = True) -> None:
 
     if sys.argv[1:]:
         sys.argv[1:] = strip_local_rank(sys.argv[1:])
+    refuse_cpu_fsdp()
     local_world = _check_environment()
     if torch.cuda.is_available() or PartialState._shared_state:
         return
@@ -132,6 +134,8 @@ def training_arguments(
     if stage is not None or "deepspeed" in kwargs:
         kwargs.setdefault("deepspeed", zero_config(stage, offload) if stage is not None else None)
     use_deepspeed = kwargs.get("deepspeed") is not None
+    if kwargs.get("fsdp") and not torch.cuda.is_available():
+        raise ValueError(cpu_fsdp_error())
     if offload and not use_deepspeed:
         raise ValueError("offload=True needs a DeepSpeed stage (stage=3).")
     init_distributed(deepspeed=use_deepspeed)

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from .fsdp import full_adapter_state, is_sharded
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 _FILES = {(2, False): "zero2.json", (3, False): "zero3.json", (3, True): "zero3_offload.json"}
 
@@ -129,18 +131,24 @@ def gathered(params: list[torch.nn.Parameter]) -> AbstractContextManager:
 
 
 def save_adapter(model: torch.nn.Module, output_dir: str | os.PathLike, **kwargs: Any) -> None:
-    """``model.save_pretrained(output_dir, **kwargs)`` that also works under ZeRO-3; call it on every rank.
+    """``model.save_pretrained(output_dir, **kwargs)`` that also works under ZeRO-3 and FSDP; call it on every rank.
 
-    Under ZeRO-3 each rank holds a shard of every parameter, and a plain ``save_pretrained`` writes empty
-    tensors (peft #2500). This gathers the adapter's parameters (trainable ones and the tuner's frozen ones,
-    such as SubLoRA's masks), lets rank 0 write, and waits for it. Outside DeepSpeed it saves on rank 0.
+    Under ZeRO-3 and FSDP each rank holds a shard of every parameter, and a plain ``save_pretrained`` writes
+    empty or sharded tensors (peft #2500). This gathers the adapter's parameters (trainable ones and the tuner's
+    frozen ones, such as SubLoRA's masks), never the frozen base, lets rank 0 write, and waits for it. Outside
+    DeepSpeed and FSDP it saves on rank 0.
     """
     unwrapped = getattr(model, "module", model)
     prefix = getattr(getattr(unwrapped, "base_model", None), "prefix", None)
-    adapter_params = [p for n, p in unwrapped.named_parameters() if p.requires_grad or (prefix and prefix in n)]
+    adapter = {n: p for n, p in unwrapped.named_parameters() if p.requires_grad or (prefix and prefix in n)}
     rank, world = rank_and_world()
-    with gathered(adapter_params):
+    if is_sharded(unwrapped):
+        state = full_adapter_state(unwrapped, set(adapter))
         if rank == 0:
-            unwrapped.save_pretrained(output_dir, **kwargs)
+            unwrapped.save_pretrained(output_dir, state_dict=state, **kwargs)
+    else:
+        with gathered(list(adapter.values())):
+            if rank == 0:
+                unwrapped.save_pretrained(output_dir, **kwargs)
     if world > 1:
         torch.distributed.barrier()

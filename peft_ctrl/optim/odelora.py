@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..distributed.fsdp import fsdp_limit
 from ..distributed.zero import check_stage, deepspeed_limit
 from ..factors import balanced_split, product_svd, work_dtype
 
@@ -305,6 +306,10 @@ def create_odelora_optimizer(
             "create_odelora_optimizer found no trainable LoRA layer; pass a model from get_peft_model(model, "
             "LoraConfig(...)) with its LoRA adapter active."
         )
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for pair in pairs for p in (pair.A, pair.B)):
+        raise ValueError(fsdp_limit("odelora"))
     lora_ids = {id(p) for pair in pairs for p in (pair.A, pair.B)}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in lora_ids]
     return ODELoRA(pairs, others, lr=lr, scheme=scheme, eps=eps, warmup_steps=warmup_steps, other_lr=other_lr)
