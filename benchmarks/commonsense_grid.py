@@ -3,6 +3,7 @@
     python benchmarks/commonsense_grid.py [--groups grid ablation odelora] [--steps 60] [--seeds 0]
                                           [--report-name commonsense_grid] [--task commonsense]
     python benchmarks/commonsense_grid.py --task stdlib --groups grid --steps 22 --report-name stdlib_grid
+    python benchmarks/commonsense_grid.py --task commonsense-cloze --groups cloze --report-name commonsense_cloze_grid
 
 Each (row, lr) is one experiment of ``peft-ctrl bench commonsense`` with its own results folder
 (``runs/TASK_grid/lrLR/validation/METHOD__seedN.json``), so an interrupted grid resumes. Prints the table
@@ -18,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from peft_ctrl.lm_bench import METHODS, BenchArgs, run_bench, summary_table, write_report
+from peft_ctrl.lm_bench import METHODS, TASKS, BenchArgs, run_bench, summary_table, write_report
 
 GROUPS = {
     # the two rows whose lr every other row shares (LoRA-family rows use LoRA's, bridges use state-ctrl's)
@@ -27,6 +28,21 @@ GROUPS = {
     # scale (depth-scaled lr instead, at three lr), the rank, and the placement with depth-scaled lr
     "ablation": [("state-ctrl-mlp-depth-lr", lr) for lr in (3e-4, 1e-3, 3e-3)]
     + [("state-ctrl-mlp-r16", 1e-3), ("state-ctrl-both-depth-lr", 1e-3), ("control-lora-depth-lr", 1e-3)],
+    # the cloze form (--task commonsense-cloze): LoRA all-linear's lr, and state-ctrl mlp's from the letter-form lr
+    # upward (bridges learned slower than LoRA there at 1e-3)
+    "cloze": [("lora-all", lr) for lr in (3e-4, 1e-3, 3e-3)]
+    + [("state-ctrl-mlp", lr) for lr in (3e-4, 1e-3, 3e-3, 1e-2)],
+    # candidate causes of state-ctrl's gap in the cloze form, each one change at the grid's lr: placement (both
+    # blocks, Control+LoRA), the scale of the state the bridge reads (depth-scaled lr; reading the normed state),
+    # the rank, and dropout on the bridge input
+    "cloze-ablation": [
+        ("state-ctrl-both", 1e-3),
+        ("control-lora", 1e-3),
+        ("state-ctrl-mlp-depth-lr", 3e-3),
+        ("state-ctrl-mlp-normed", 1e-3),
+        ("state-ctrl-mlp-r128", 1e-3),
+        ("state-ctrl-mlp-dropout", 1e-3),
+    ],
     # ODELoRA integrates the gradient flow of W: its lr is a step of that flow, on another scale than Adam's (0.1
     # and 0.3 diverge here: training loss 17 and 5 against AdamW LoRA's 0.2)
     "odelora": [("odelora", lr) for lr in (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3)],
@@ -39,7 +55,7 @@ def main() -> int:
     parser.add_argument("--groups", nargs="+", choices=GROUPS, default=["grid", "ablation"])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--task", default="commonsense", choices=("commonsense", "stdlib"))
+    parser.add_argument("--task", default="commonsense", choices=tuple(TASKS))
     parser.add_argument("--results-dir", help="default runs/TASK_grid")
     parser.add_argument("--report-dir", default="docs/results")
     parser.add_argument("--report-name", default="commonsense_grid", help="file stem of the report")

@@ -63,7 +63,8 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
         "--task",
         choices=tuple(TASKS),
         help="smollm2: 'commonsense' (default: BoolQ, ARC-e, ARC-c, OBQA; the subset of `peft-ctrl bench commonsense` "
-        "in docs/commonsense.md) or 'stdlib' (the stdlib-topics chat task of docs/finetune.md)",
+        "in docs/commonsense.md), 'commonsense-cloze' (the same questions answered in words) or 'stdlib' (the "
+        "stdlib-topics chat task of docs/finetune.md)",
     )
     p.add_argument(
         "--methods",
@@ -201,6 +202,14 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
         "each test split by the most likely answer option (docs/commonsense.md). One JSON per finished experiment in "
         "RESULTS_DIR/SPLIT/: an interrupted run resumes where it stopped.",
     )
+    cloze = tasks.add_parser(
+        "commonsense-cloze",
+        help="the same questions in the cloze form: the question alone, answered with the option's words",
+        description="Train SmolLM2-135M-Instruct with each method on the four train splits in the cloze form (the "
+        "question alone, the response the correct option's own words) and score each test split by the option "
+        "whose words the model finds most likely, through the end-of-turn token (docs/commonsense.md#the-cloze-form). "
+        "One JSON per finished experiment in RESULTS_DIR/SPLIT/: an interrupted run resumes where it stopped.",
+    )
     stdlib = tasks.add_parser(
         "stdlib",
         help="the stdlib-topics chat task (six topics of Python docstring sentences), by the same runner",
@@ -208,7 +217,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
         "score the test sentences by the most likely topic, each answer through its end-of-turn token "
         "(docs/finetune.md). One JSON per finished experiment in RESULTS_DIR/SPLIT/: an interrupted run resumes.",
     )
-    for p in (commonsense, stdlib):
+    for p in (commonsense, cloze, stdlib):
         _bench_flags(p)
 
 
@@ -268,7 +277,7 @@ def _eval_only(args: argparse.Namespace) -> int:
 
     if not args.adapters or not args.test_file:
         raise ValueError("--eval-only needs --adapters DIR and --test-file FILE [FILE ...]")
-    for record in score_adapters(args.adapters, args.test_file, bf16=not args.no_bf16):
+    for record in score_adapters(args.adapters, args.test_file, bf16=not args.no_bf16, task=args.bench_task):
         cells = ", ".join(f"{task} {100 * acc:.1f}" for task, acc in record["accuracy"].items())
         print(f"{record['adapter']}: {cells}")
     return 0

@@ -20,6 +20,7 @@ from pathlib import Path
 DATA_DIR = Path(__file__).parent / "data" / "commonsense"
 TASKS = ("boolq", "ARC-Easy", "ARC-Challenge", "openbookqa")
 _FORMAT = re.compile(r"Answer format:\s*(\S+)\s*$")
+_LABEL = re.compile(r"[a-z]+\d+")  # option labels written out in the instruction: answer1, solution2, option1, ending3
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,34 @@ def read_items(path: str | os.PathLike, task: str | None = None) -> list[Item]:
             raise ValueError(f"{where}: output {output!r} does not end with the answer {answer!r}.")
         items.append(Item(name, instruction, output, answer, options))
     return items
+
+
+def in_words(item: Item, show_options: bool = True) -> Item:
+    """``item`` answered in the words of its option instead of its label: the response is the option's own text
+    (``Sunlight is the source of energy ...`` instead of ``the correct answer is answer1``) and the options are the
+    texts, so scoring compares the likelihood of each answer's words. The instruction loses its ``Answer format``
+    line; with ``show_options=False`` it also loses the listed options (the cloze form: the question alone).
+
+    Labels written out in the instruction (``Answer1: ...``, ``Solution1: ...``, ``Option1: ...``, ``Ending1: ...``,
+    as in every LLM-Adapters commonsense file) are replaced by their text; options that are words already (BoolQ's
+    ``true``/``false``) stay. Two options may have the same words (3 of OpenBookQA's 4,957 train items, none of the
+    shipped test items): such an item still trains, and scoring it is refused (``lm_bench.scored_item``)."""
+    body = _FORMAT.sub("", item.instruction).strip()
+    if not all(_LABEL.fullmatch(o) for o in item.options):
+        return Item(item.task, body, item.answer, item.answer, item.options, item.system)
+    marks = [re.search(rf"\b{re.escape(o)}:", body, flags=re.IGNORECASE) for o in item.options]
+    if any(m is None for m in marks) or [m.start() for m in marks] != sorted(m.start() for m in marks):
+        raise ValueError(
+            f"{item.task}: the instruction does not list the options {list(item.options)} in order as "
+            f"'{item.options[0].capitalize()}: text'; cannot answer it in words: {item.instruction[:200]!r}"
+        )
+    ends = [m.start() for m in marks[1:]] + [len(body)]
+    texts = tuple(body[m.end() : end].strip() for m, end in zip(marks, ends, strict=True))
+    if not all(texts):
+        raise ValueError(f"{item.task}: an option has no text in {item.instruction[:200]!r}")
+    answer = texts[item.options.index(item.answer)]
+    instruction = body if show_options else body[: marks[0].start()].strip()
+    return Item(item.task, instruction, answer, answer, texts, item.system)
 
 
 def shipped_file(task: str, split: str) -> Path:

@@ -47,7 +47,7 @@ from .commonsense import Item, read_items, split_validation, subset
 from .metrics import SavedTensorMeter
 from .optim import bridge_input_rms, depth_scaled_param_groups
 from .state_ctrl import StateCtrlConfig
-from .tasks import Task, commonsense_items, stdlib_items
+from .tasks import Task, cloze, commonsense_items, stdlib_items
 from .training import (
     ALL_LINEAR,
     ChatExample,
@@ -144,6 +144,16 @@ METHODS: dict[str, Method] = {
         "state-ctrl both, depth-scaled lr", "state-ctrl", {"r": 32, "blocks": "both"}, 1e-3, depth_lr=True
     ),
     "control-lora-depth-lr": Method("Control+LoRA, depth-scaled lr", "state-ctrl", CONTROL_LORA, 1e-3, depth_lr=True),
+    # Cloze-form ablation: the bridge reads the MLP's input, the normed state, instead of the residual stream h
+    # (whose RMS grows from 0.14 to about 100 with depth), via custom bridges (head = tail = mlp); the rank; and
+    # LoRA's dropout on the bridge input.
+    "state-ctrl-mlp-normed": Method(
+        "state-ctrl mlp reading the normed state", "state-ctrl", {"r": 64, "bridges": [("mlp", "mlp")]}, 1e-3
+    ),
+    "state-ctrl-mlp-r128": Method("state-ctrl mlp r=128", "state-ctrl", {"r": 128, "blocks": "mlp"}, 1e-3),
+    "state-ctrl-mlp-dropout": Method(
+        "state-ctrl mlp, dropout 0.05", "state-ctrl", {"r": 64, "blocks": "mlp", "dropout": 0.05}, 1e-3
+    ),
 }
 REFERENCE = "lora-all"
 MAIN_JOB = ("lora-all", "lora-qkv", "state-ctrl-mlp", "control-lora")
@@ -173,6 +183,19 @@ TASKS: dict[str, Task] = {
         main_methods=MAIN_JOB,
         main_seeds=(0,),
         steps=60,
+    ),
+    # The same questions in the cloze form: the question alone, answered with the option's words and scored through
+    # the end-of-turn token (docs/commonsense.md#the-cloze-form). SmolLM2-135M is above chance on ARC in this form,
+    # and at chance in the label form above, so this is the form in which the rows' accuracies can differ.
+    "commonsense-cloze": Task(
+        "commonsense, cloze form (BoolQ, ARC-e, ARC-c, OBQA)",
+        COMMONSENSE_TASKS,
+        commonsense_items,
+        main_methods=MAIN_JOB,
+        main_seeds=(0,),
+        steps=60,
+        end_of_turn=True,
+        form=cloze,
     ),
     # The stdlib topics as a chat question. Its validation grid (benchmarks/commonsense_grid.py --task stdlib, 22
     # steps, seed 0, docs/finetune.md) picks the rows' own 1e-3 for LoRA all-linear and state-ctrl mlp.
@@ -268,7 +291,9 @@ class Scored:
 def scored_item(tokenizer: Any, item: Item, end_of_turn: bool = False) -> Scored:
     """The passes that score every option of ``item``: the prompt plus the options' shared first tokens, then
     each option's remaining tokens (and the end-of-turn token with ``end_of_turn``) as targets. Options that differ
-    in one last token share one pass."""
+    in one last token share one pass. Raises ``ValueError`` when two options are the same (no answer can win)."""
+    if len(set(item.options)) < len(item.options):
+        raise ValueError(f"{item.task}: two options are the same, so the item cannot be scored: {item.options}")
     prompt = prompt_ids(tokenizer, item.instruction, item.system)
     end = [tokenizer.eos_token_id] if end_of_turn else []
     responses = [tokenizer(item.response(o), add_special_tokens=False)["input_ids"] + end for o in item.options]
@@ -299,7 +324,7 @@ def load_data(tokenizer: Any, args: BenchArgs, test_files: Sequence[str | os.Pat
     for task in spec.subtasks:
         kept, held = split_validation(spec.load(task, "train", tokenizer), args.validation_items)
         validation[task] = held
-        train += [chat_example(tokenizer, it) for it in kept]
+        train += [chat_example(tokenizer, it) for it in spec.prepare(kept)]
     fits = [e for e in train if len(e.prompt_ids) + len(e.answer_ids) <= args.max_tokens]
     if test_files:
         scored = {}
@@ -311,7 +336,7 @@ def load_data(tokenizer: Any, args: BenchArgs, test_files: Sequence[str | os.Pat
     else:
         scored = {task: spec.load(task, "test", tokenizer) for task in spec.subtasks}
     evaluation = {
-        task: [scored_item(tokenizer, it, spec.end_of_turn) for it in subset(items, args.eval_items)]
+        task: [scored_item(tokenizer, it, spec.end_of_turn) for it in spec.prepare(subset(items, args.eval_items))]
         for task, items in scored.items()
     }
     return BenchData(fits, evaluation, len(train) - len(fits))
@@ -684,10 +709,11 @@ def run_bench(args: BenchArgs) -> list[dict[str, Any]]:
 
 
 def score_adapters(
-    adapters: str | os.PathLike, test_files: Sequence[str | os.PathLike], bf16: bool = True
+    adapters: str | os.PathLike, test_files: Sequence[str | os.PathLike], bf16: bool = True, task: str = "commonsense"
 ) -> list[dict]:
     """``--eval-only``: score every saved adapter under ``adapters`` (folders holding ``adapter_config.json``) on
-    each file in the LLM-Adapters format; returns one record per adapter with per-file accuracy."""
+    each file in the LLM-Adapters format, in ``task``'s form (``commonsense-cloze``: answered in words); returns one
+    record per adapter with per-file accuracy."""
     from .models import load_smollm2
 
     folders = sorted(p.parent for p in Path(adapters).rglob("adapter_config.json"))
@@ -696,7 +722,7 @@ def score_adapters(
     if not test_files:
         raise ValueError("--eval-only needs --test-file FILE (one or more files in the LLM-Adapters format).")
     _, tokenizer = load_smollm2()
-    data = load_data(tokenizer, BenchArgs(eval_items=None), test_files)
+    data = load_data(tokenizer, BenchArgs(task=task, eval_items=None), test_files)
     out = []
     for folder in tqdm(folders, desc="adapters", dynamic_ncols=True):
         base, _ = load_smollm2()

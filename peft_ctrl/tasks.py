@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .commonsense import Item, read_items, shipped_file
+from .commonsense import Item, in_words, read_items, shipped_file
 from .datasets import stdlib_topics
 
 STDLIB_SYSTEM = (
@@ -26,8 +26,9 @@ class Task:
     """One task: ``load(subtask, split, tokenizer)`` gives the items of a subtask's ``train`` or ``test`` split.
 
     ``end_of_turn``: score each option's response through the end-of-turn token, for options of different lengths
-    (without it a short option would win by having fewer tokens to pay for). ``main_*``: the main job's rows, seeds
-    and steps.
+    (without it a short option would win by having fewer tokens to pay for). ``form``: applied to every item after
+    the validation split and the scored subset are picked, so every form of a task trains and scores the same
+    questions (``in_words`` for the cloze task). ``main_*``: the main job's rows, seeds and steps.
     """
 
     title: str
@@ -37,11 +38,22 @@ class Task:
     main_seeds: tuple[int, ...]
     steps: int
     end_of_turn: bool = False
+    form: Callable[[Item], Item] | None = None
+
+    def prepare(self, items: list[Item]) -> list[Item]:
+        """``items`` in this task's form."""
+        return list(items) if self.form is None else [self.form(it) for it in items]
 
 
 def commonsense_items(subtask: str, split: str, tokenizer: Any = None) -> list[Item]:
     """A shipped commonsense file (``peft_ctrl.commonsense``); the tokenizer is not needed."""
     return read_items(shipped_file(subtask, split), subtask)
+
+
+def cloze(item: Item) -> Item:
+    """The cloze form of a commonsense item: the question alone, answered with the words of its option
+    (``peft_ctrl.commonsense.in_words`` without the listed options)."""
+    return in_words(item, show_options=False)
 
 
 def stdlib_items(subtask: str, split: str, tokenizer: Any) -> list[Item]:

@@ -12,7 +12,16 @@ from models import VOCAB, build
 from peft import get_peft_model
 
 from peft_ctrl import StateCtrlConfig, cli, lm_bench, models
-from peft_ctrl.commonsense import DATA_DIR, TASKS, Item, read_items, shipped_file, split_validation, subset
+from peft_ctrl.commonsense import (
+    DATA_DIR,
+    TASKS,
+    Item,
+    in_words,
+    read_items,
+    shipped_file,
+    split_validation,
+    subset,
+)
 from peft_ctrl.optim import bridge_input_rms, depth_scaled_param_groups
 from peft_ctrl.tasks import STDLIB_MAX_TOKENS, STDLIB_SYSTEM, stdlib_items
 from peft_ctrl.training import chat_example, prompt_ids
@@ -96,6 +105,46 @@ def test_unreadable_and_missing_files(tmp_path):
         read_items(tmp_path / "absent.json")
     with pytest.raises(ValueError, match="Shipped commonsense files"):
         shipped_file("piqa", "train")
+
+
+def test_items_in_words_answer_with_the_options_text(tmp_path):
+    """ARC's ``Answer1: text`` options become the responses; BoolQ's words stay; the cloze form drops the list."""
+    arc = read_items(shipped_file("ARC-Easy", "test"))[0]
+    words = in_words(arc)
+    assert words.options == (
+        "Sunlight is the source of energy for nearly all ecosystems.",
+        "Most ecosystems are found on land instead of in water.",
+        "Carbon dioxide is more available than other gases.",
+        "The producers in all ecosystems are plants.",
+    )
+    assert words.answer == words.output == words.options[0] and words.response(words.options[2]) == words.options[2]
+    assert "Answer format" not in words.instruction and words.instruction.endswith("Answer4: " + words.options[3])
+    cloze = in_words(arc, show_options=False)
+    assert cloze.options == words.options and cloze.instruction == (
+        "Please choose the correct answer to the question: Which statement best explains why photosynthesis is the "
+        "foundation of most food webs?"
+    )
+    boolq = in_words(read_items(shipped_file("boolq", "test"))[0])
+    assert boolq.options == ("true", "false") and boolq.output == boolq.answer == "false"
+    assert "Answer format" not in boolq.instruction and boolq.instruction.startswith("Please answer")
+    piqa_item = in_words(read_items(write(tmp_path / "piqa_test.json", [piqa("x", "solution2")]))[0])
+    assert piqa_item.options == ("a", "b") and piqa_item.answer == "b"
+
+
+def test_items_whose_options_cannot_be_told_apart_in_words():
+    same = in_words(item(("answer1", "answer2"), "answer1", "q\n\nAnswer1: yes Answer2: yes"))
+    assert same.output == "yes" and same.options == ("yes", "yes")  # it trains ...
+    with pytest.raises(ValueError, match="two options are the same"):
+        lm_bench.scored_item(WordTokenizer(), same)  # ... but cannot be scored
+    with pytest.raises(ValueError, match="does not list the options"):
+        in_words(item(("answer1", "answer2"), "answer1", "q with no listed options"))
+    with pytest.raises(ValueError, match="has no text"):
+        in_words(item(("answer1", "answer2"), "answer1", "q Answer1: Answer2: b"))
+    for task in TASKS:  # every shipped test item has distinct option texts
+        words = map(in_words, read_items(shipped_file(task, "test")))
+        assert all(len(set(w.options)) == len(w.options) for w in words)
+    obqa = [in_words(it) for it in read_items(shipped_file("openbookqa", "train"))]
+    assert sum(len(set(w.options)) < len(w.options) for w in obqa) == 3
 
 
 def test_validation_is_a_fixed_disjoint_part_of_train_and_subsets_are_fixed():
@@ -209,6 +258,26 @@ def test_the_stdlib_task_is_data_for_the_same_runner():
     assert len(data.train) + data.dropped_long == 3360 - 5
     with pytest.raises(ValueError, match="one subtask, 'stdlib'"):
         stdlib_items("stdlib", "validation", tokenizer)
+
+
+def test_the_cloze_task_trains_and_scores_the_same_questions_in_words():
+    """Validation and test subsets are picked before the items change form, so both tasks ask the same questions;
+    the cloze form asks the question alone and scores each option's words through the end-of-turn token."""
+    tokenizer = WordTokenizer()
+    settings = {"split": "validation", "eval_items": 4, "validation_items": 6}
+    letter = lm_bench.load_data(tokenizer, lm_bench.BenchArgs(**settings))
+    words = lm_bench.load_data(tokenizer, lm_bench.BenchArgs(task="commonsense-cloze", **settings))
+    assert len(words.train) + words.dropped_long == len(letter.train) + letter.dropped_long
+    for task in TASKS:
+        pairs = list(zip(letter.evaluation[task], words.evaluation[task], strict=True))
+        assert len(pairs) == 4
+        for as_label, as_words in ((a.item, b.item) for a, b in pairs):
+            assert as_label.instruction.startswith(as_words.instruction)
+            assert "Answer1:" not in as_words.instruction and "Answer format" not in as_words.instruction
+            assert as_words.answer == as_words.options[as_label.options.index(as_label.answer)]
+    arc = words.evaluation["ARC-Easy"][0]
+    assert len(arc.queries) == len(arc.item.options)  # different first words: one pass per option
+    assert all(t[-1] == tokenizer.eos_token_id for q in arc.queries for t in q.targets.values())
 
 
 def test_each_task_has_its_main_job_and_learning_rates():
@@ -471,3 +540,6 @@ def test_flags_left_out_keep_each_jobs_defaults():
     assert bench.lr_of("dora") == 5e-4 and bench.results_dir == "runs/stdlib"
     headline = cli._bench_settings(parser.parse_args(["bench", "commonsense"]))
     assert headline.methods == lm_bench.HEADLINE and headline.steps == 60
+    cloze = cli._bench_settings(parser.parse_args(["bench", "commonsense-cloze", "--seeds", "0"]))
+    assert cloze.task == "commonsense-cloze" and cloze.results_dir == "runs/commonsense-cloze"
+    assert cloze.methods == lm_bench.HEADLINE and cloze.steps == 60 and cloze.seeds == (0,)
