@@ -10,14 +10,22 @@ from typing import Any, NoReturn
 
 from ._checks import float_arg, int_arg
 from .finetune import DEFAULT_LR, DEFAULT_METHODS, METHODS, MODELS, FinetuneArgs, run_finetune, summary_table
-from .lm_bench import ABLATION, HEADLINE, MAIN_JOB, OTHERS, STDLIB_JOB, TASKS, BenchArgs
+from .lm_bench import ABLATION, CLOZE_HEADLINE, HEADLINE, MAIN_JOB, OTHERS, STDLIB_JOB, TASKS, BenchArgs
 from .lm_bench import METHODS as BENCH_METHODS
 from .seal import cli as seal_cli
 from .state_ctrl.config import BLOCKS
 
 POSITIVE = float_arg(0.0, low_open=True)
 ALL_MODELS = ("smollm2", *MODELS)
-PRESETS = {"headline": HEADLINE, "main-job": MAIN_JOB, "others": OTHERS, "ablation": ABLATION, "stdlib": STDLIB_JOB}
+PRESETS = {
+    "headline": HEADLINE,
+    "cloze": CLOZE_HEADLINE,
+    "main-job": MAIN_JOB,
+    "others": OTHERS,
+    "ablation": ABLATION,
+    "stdlib": STDLIB_JOB,
+}
+DEFAULT_PRESET = {"commonsense": "headline", "commonsense-cloze": "cloze", "stdlib": "stdlib"}
 QUICK = {"methods": ("lora-all", "state-ctrl-mlp"), "seeds": (0,), "steps": 20, "eval_items": 30}
 
 
@@ -225,7 +233,8 @@ def _bench_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--preset",
         choices=PRESETS,
-        help="the rows to run when --methods is not given (default: headline for commonsense, stdlib for stdlib)",
+        help="the rows to run when --methods is not given (default: headline for commonsense, cloze for "
+        "commonsense-cloze, stdlib for stdlib)",
     )
     p.add_argument("--methods", nargs="+", metavar="METHOD", help=f"rows to run: {', '.join(BENCH_METHODS)}")
     p.add_argument("--seeds", type=int_arg(0), nargs="+", help="one run per seed and method (default 0 1 2)")
@@ -247,7 +256,7 @@ def _bench_flags(p: argparse.ArgumentParser) -> None:
 
 def _bench_settings(args: argparse.Namespace) -> BenchArgs:
     """Raises ValueError on bad flags."""
-    preset = args.preset or ("stdlib" if args.bench_task == "stdlib" else "headline")
+    preset = args.preset or DEFAULT_PRESET[args.bench_task]
     methods = tuple(args.methods) if args.methods else PRESETS[preset]
     given: dict[str, Any] = {"task": args.bench_task, "methods": methods, "steps": TASKS[args.bench_task].steps}
     for flag in ("steps", "batch_size", "split", "validation_items", "results_dir", "save_adapters"):

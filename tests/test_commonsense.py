@@ -542,4 +542,4 @@ def test_flags_left_out_keep_each_jobs_defaults():
     assert headline.methods == lm_bench.HEADLINE and headline.steps == 60
     cloze = cli._bench_settings(parser.parse_args(["bench", "commonsense-cloze", "--seeds", "0"]))
     assert cloze.task == "commonsense-cloze" and cloze.results_dir == "runs/commonsense-cloze"
-    assert cloze.methods == lm_bench.HEADLINE and cloze.steps == 60 and cloze.seeds == (0,)
+    assert cloze.methods == lm_bench.CLOZE_HEADLINE and cloze.steps == 60 and cloze.seeds == (0,)
