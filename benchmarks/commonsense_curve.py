@@ -1,10 +1,11 @@
 """Learning curve on the commonsense validation split: does SmolLM2-135M learn the tasks beyond chance with more steps?
 
     python benchmarks/commonsense_curve.py [--methods lora-all state-ctrl-mlp] [--steps 240] [--every 80]
+    python benchmarks/commonsense_curve.py --task commonsense-cloze --steps 240 --every 60
 
 Each row trains once (seed 0) and is scored on the validation split every ``--every`` steps (the record's
-``curve``); one result file per row in ``runs/commonsense_curve/`` (resumable). Prints the table and writes
-docs/results/commonsense_curve.{json,md,png}.
+``curve``); one result file per row in ``runs/TASK_curve/`` (resumable). Prints the table and writes
+docs/results/TASK_curve.{json,md,png} (TASK with ``_`` for ``-``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 
 from peft_ctrl.atomic import atomic_file
-from peft_ctrl.lm_bench import METHODS, BenchArgs, run_bench
+from peft_ctrl.lm_bench import METHODS, TASKS, BenchArgs, run_bench
 
 
 def table(results: list[dict]) -> str:
@@ -64,17 +65,20 @@ def main() -> int:
     parser.add_argument("--methods", nargs="+", default=["lora-all", "state-ctrl-mlp"], choices=METHODS)
     parser.add_argument("--steps", type=int, default=240)
     parser.add_argument("--every", type=int, default=80)
-    parser.add_argument("--results-dir", default="runs/commonsense_curve")
+    parser.add_argument("--task", default="commonsense", choices=tuple(TASKS))
+    parser.add_argument("--results-dir", help="default runs/TASK_curve")
     parser.add_argument("--report-dir", default="docs/results")
     options = parser.parse_args()
+    name = f"{options.task.replace('-', '_')}_curve"
     args = BenchArgs(
+        task=options.task,
         methods=tuple(options.methods),
         seeds=(0,),
         steps=options.steps,
         split="validation",
         eval_items=100,
         eval_every=options.every,
-        results_dir=options.results_dir,
+        results_dir=options.results_dir or f"runs/{name}",
     )
     results = run_bench(args)
     text = table(results)
@@ -86,12 +90,12 @@ def main() -> int:
         f"{results[0]['date']}, {results[0]['machine']}. Chance: BoolQ 50 (majority about 60), the others 25; "
         "option NLL at chance (log 2 + 3 log 4) / 4 = 1.21.\n\n"
     )
-    with atomic_file(folder / "commonsense_curve.md") as tmp:
+    with atomic_file(folder / f"{name}.md") as tmp:
         tmp.write_text(note + text + "\n")
-    with atomic_file(folder / "commonsense_curve.json") as tmp:
+    with atomic_file(folder / f"{name}.json") as tmp:
         tmp.write_text(json.dumps([{k: v for k, v in r.items() if k != "hits"} for r in results], indent=1) + "\n")
-    plot(results, folder / "commonsense_curve.png")
-    print(f"wrote {folder / 'commonsense_curve.md'} and .json, .png")
+    plot(results, folder / f"{name}.png")
+    print(f"wrote {folder / name}.md and .json, .png")
     return 0
 
 

@@ -533,8 +533,11 @@ def test_flags_left_out_keep_each_jobs_defaults():
     minilm = cli._finetune_settings(parser.parse_args(["finetune", "--model", "minilm", "--methods", "lora"]))
     assert minilm.model == "minilm" and minilm.methods == ("lora",) and minilm.steps == 200
     commonsense = cli._finetune_settings(parser.parse_args(["finetune", "--steps", "7"]))
-    assert commonsense.task == "commonsense" and commonsense.steps == 7
+    assert commonsense.task == "commonsense-cloze" and commonsense.steps == 7  # the README's main job
     assert commonsense.methods == lm_bench.MAIN_JOB and commonsense.seeds == (0,)
+    assert commonsense.results_dir == "runs/commonsense-cloze"  # = the bench's, so each resumes from the other
+    labels = cli._finetune_settings(parser.parse_args(["finetune", "--task", "commonsense"]))
+    assert labels.task == "commonsense" and labels.results_dir == "runs/commonsense"
     bench = cli._bench_settings(parser.parse_args(["bench", "stdlib", "--lr", "dora=5e-4"]))
     assert bench.task == "stdlib" and bench.steps == 22 and bench.methods == lm_bench.STDLIB_JOB
     assert bench.lr_of("dora") == 5e-4 and bench.results_dir == "runs/stdlib"

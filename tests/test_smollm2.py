@@ -101,17 +101,17 @@ def test_attention_controller_refuses_cached_decoding_on_the_real_model(smollm2)
 
 @pytest.mark.slow
 def test_the_commonsense_main_job_end_to_end(smollm2, tmp_path, capsys):
-    """`peft-ctrl finetune --quick` (the commonsense job) cut to 2 steps: table, report files, adapters, and a
-    rerun that resumes from the result files instead of training again."""
+    """`peft-ctrl finetune --quick` (the commonsense job, cloze form) cut to 2 steps: table, report files, adapters,
+    and a rerun that resumes from the result files instead of training again."""
     flags = ["finetune", "--quick", "--steps", "2", "--output-dir", str(tmp_path)]
     assert cli.main(flags) == 0
     out = capsys.readouterr().out
     assert "| PEFT LoRA all-linear | 4.88M |" in out and "| state-ctrl mlp | 2.21M |" in out
-    folder = tmp_path / "commonsense"
-    assert {p.name for p in folder.glob("finetune_commonsense.*")} == {
-        "finetune_commonsense.json",
-        "finetune_commonsense.md",
-        "finetune_commonsense.png",
+    folder = tmp_path / "commonsense-cloze"
+    assert {p.name for p in folder.glob("finetune_commonsense_cloze.*")} == {
+        "finetune_commonsense_cloze.json",
+        "finetune_commonsense_cloze.md",
+        "finetune_commonsense_cloze.png",
     }
     assert (folder / "adapters" / "state-ctrl-mlp" / "seed0" / "adapter_config.json").is_file()
     assert cli.main(flags) == 0
