@@ -32,6 +32,8 @@ GROUPS = {
     # upward (bridges learned slower than LoRA there at 1e-3)
     "cloze": [("lora-all", lr) for lr in (3e-4, 1e-3, 3e-3)]
     + [("state-ctrl-mlp", lr) for lr in (3e-4, 1e-3, 3e-3, 1e-2)],
+    # the listed form (--task commonsense-listed): the two rows at their lr, against the cloze form's
+    "listed": [("state-ctrl-mlp", 1e-3)],
     # candidate causes of state-ctrl's gap in the cloze form, each one change at the grid's lr: placement (both
     # blocks, Control+LoRA), the scale of the state the bridge reads (depth-scaled lr; reading the normed state),
     # the rank, and dropout on the bridge input

@@ -52,6 +52,7 @@ SOURCES = {
     "commonsense_cloze": lambda: _blocks(RESULTS / "commonsense_cloze.md")[1],
     "commonsense_cloze_grid": lambda: _blocks(RESULTS / "commonsense_cloze_grid.md")[1],
     "commonsense_forms": lambda: _blocks(RESULTS / "commonsense_forms.md")[1],
+    "commonsense_listed_grid": lambda: _blocks(RESULTS / "commonsense_listed_grid.md")[1],
     "zero_memory": lambda: _block_after(RESULTS / "zero_memory.md", "Measured with"),
     "zero_memory_7b": lambda: _block_after(RESULTS / "zero_memory.md", "Projected to LLaMA2-7B"),
 }

@@ -28,7 +28,12 @@ PRESETS = {
 # The README's main job: the cloze form, where SmolLM2-135M's accuracy moves with training (in the label form every
 # row stays at chance on ARC and OBQA; docs/commonsense.md#the-cloze-form).
 MAIN_TASK = "commonsense-cloze"
-DEFAULT_PRESET = {"commonsense": "headline", "commonsense-cloze": "cloze", "stdlib": "stdlib"}
+DEFAULT_PRESET = {
+    "commonsense": "headline",
+    "commonsense-cloze": "cloze",
+    "commonsense-listed": "main-job",
+    "stdlib": "stdlib",
+}
 QUICK = {"methods": ("lora-all", "state-ctrl-mlp"), "seeds": (0,), "steps": 20, "eval_items": 30}
 
 
@@ -223,6 +228,12 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
         "whose words the model finds most likely, through the end-of-turn token (docs/commonsense.md#the-cloze-form). "
         "One JSON per finished experiment in RESULTS_DIR/SPLIT/: an interrupted run resumes where it stopped.",
     )
+    listed = tasks.add_parser(
+        "commonsense-listed",
+        help="the same questions with the options listed, answered with the option's words",
+        description="As commonsense-cloze, but the question keeps its listed options (Answer1: ... Answer4: ...); "
+        "the response is the correct option's words (docs/commonsense.md#the-cloze-form).",
+    )
     stdlib = tasks.add_parser(
         "stdlib",
         help="the stdlib-topics chat task (six topics of Python docstring sentences), by the same runner",
@@ -230,7 +241,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
         "score the test sentences by the most likely topic, each answer through its end-of-turn token "
         "(docs/finetune.md). One JSON per finished experiment in RESULTS_DIR/SPLIT/: an interrupted run resumes.",
     )
-    for p in (commonsense, cloze, stdlib):
+    for p in (commonsense, cloze, listed, stdlib):
         _bench_flags(p)
 
 

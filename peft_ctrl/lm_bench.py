@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from ._checks import check_choice, check_float, check_int
 from .atomic import atomic_directory, atomic_file
 from .commonsense import TASKS as COMMONSENSE_TASKS
-from .commonsense import Item, read_items, split_validation, subset
+from .commonsense import Item, in_words, read_items, split_validation, subset
 from .metrics import SavedTensorMeter
 from .optim import bridge_input_rms, depth_scaled_param_groups
 from .state_ctrl import StateCtrlConfig
@@ -209,6 +209,18 @@ TASKS: dict[str, Task] = {
         steps=60,
         end_of_turn=True,
         form=cloze,
+    ),
+    # The options listed as in the label form, answered with the option's words: the middle form, measured against
+    # the other two on the validation split (docs/commonsense.md#the-cloze-form).
+    "commonsense-listed": Task(
+        "commonsense, options listed, answered in words (BoolQ, ARC-e, ARC-c, OBQA)",
+        COMMONSENSE_TASKS,
+        commonsense_items,
+        main_methods=MAIN_JOB,
+        main_seeds=(0,),
+        steps=60,
+        end_of_turn=True,
+        form=in_words,
     ),
     # The stdlib topics as a chat question. Its validation grid (benchmarks/commonsense_grid.py --task stdlib, 22
     # steps, seed 0, docs/finetune.md) picks the rows' own 1e-3 for LoRA all-linear and state-ctrl mlp.

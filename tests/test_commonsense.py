@@ -546,3 +546,5 @@ def test_flags_left_out_keep_each_jobs_defaults():
     cloze = cli._bench_settings(parser.parse_args(["bench", "commonsense-cloze", "--seeds", "0"]))
     assert cloze.task == "commonsense-cloze" and cloze.results_dir == "runs/commonsense-cloze"
     assert cloze.methods == lm_bench.CLOZE_HEADLINE and cloze.steps == 60 and cloze.seeds == (0,)
+    for task in lm_bench.TASKS:  # every task has its bench command and default rows
+        assert cli._bench_settings(parser.parse_args(["bench", task])).task == task
