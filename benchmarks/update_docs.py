@@ -51,6 +51,7 @@ SOURCES = {
     "commonsense_grid_odelora": lambda: _blocks(RESULTS / "commonsense_grid_odelora.md")[1],
     "commonsense_cloze": lambda: _blocks(RESULTS / "commonsense_cloze.md")[1],
     "commonsense_cloze_grid": lambda: _blocks(RESULTS / "commonsense_cloze_grid.md")[1],
+    "commonsense_cloze_others": lambda: _blocks(RESULTS / "commonsense_cloze_others.md")[1],
     "commonsense_forms": lambda: _blocks(RESULTS / "commonsense_forms.md")[1],
     "commonsense_listed_grid": lambda: _blocks(RESULTS / "commonsense_listed_grid.md")[1],
     "zero_memory": lambda: _block_after(RESULTS / "zero_memory.md", "Measured with"),
