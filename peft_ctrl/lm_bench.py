@@ -188,40 +188,24 @@ CLOZE_HEADLINE = (
     "state-ctrl-mlp-same-time",
 )
 
+
+def _commonsense(form_name: str, form: Callable[[Item], Item] | None = None) -> Task:
+    """The commonsense suite in one form: the main job's rows, seed 0, 60 steps; forms in words are scored through
+    the end-of-turn token (their options differ in length)."""
+    title = f"commonsense{form_name} (BoolQ, ARC-e, ARC-c, OBQA)"
+    in_words_form = form is not None
+    return Task(title, COMMONSENSE_TASKS, commonsense_items, MAIN_JOB, (0,), 60, end_of_turn=in_words_form, form=form)
+
+
 TASKS: dict[str, Task] = {
-    "commonsense": Task(
-        "commonsense (BoolQ, ARC-e, ARC-c, OBQA)",
-        COMMONSENSE_TASKS,
-        commonsense_items,
-        main_methods=MAIN_JOB,
-        main_seeds=(0,),
-        steps=60,
-    ),
+    "commonsense": _commonsense(""),
     # The same questions in the cloze form: the question alone, answered with the option's words and scored through
     # the end-of-turn token (docs/commonsense.md#the-cloze-form). SmolLM2-135M is above chance on ARC in this form,
     # and at chance in the label form above, so this is the form in which the rows' accuracies can differ.
-    "commonsense-cloze": Task(
-        "commonsense, cloze form (BoolQ, ARC-e, ARC-c, OBQA)",
-        COMMONSENSE_TASKS,
-        commonsense_items,
-        main_methods=MAIN_JOB,
-        main_seeds=(0,),
-        steps=60,
-        end_of_turn=True,
-        form=cloze,
-    ),
+    "commonsense-cloze": _commonsense(", cloze form", cloze),
     # The options listed as in the label form, answered with the option's words: the middle form, measured against
     # the other two on the validation split (docs/commonsense.md#the-cloze-form).
-    "commonsense-listed": Task(
-        "commonsense, options listed, answered in words (BoolQ, ARC-e, ARC-c, OBQA)",
-        COMMONSENSE_TASKS,
-        commonsense_items,
-        main_methods=MAIN_JOB,
-        main_seeds=(0,),
-        steps=60,
-        end_of_turn=True,
-        form=in_words,
-    ),
+    "commonsense-listed": _commonsense(", options listed, answered in words", in_words),
     # The stdlib topics as a chat question. Its validation grid (benchmarks/commonsense_grid.py --task stdlib, 22
     # steps, seed 0, docs/finetune.md) picks the rows' own 1e-3 for LoRA all-linear and state-ctrl mlp.
     "stdlib": Task(
