@@ -19,15 +19,13 @@ from pathlib import Path
 
 from _common import parser, pyplot, save_figure, write_results
 
-from peft_ctrl.commonsense import TASKS, in_words, read_items, shipped_file, split_validation
-from peft_ctrl.lm_bench import BenchData, evaluate, scored_item
+from peft_ctrl.commonsense import TASKS as SUBTASKS
+from peft_ctrl.commonsense import read_items, shipped_file, split_validation
+from peft_ctrl.lm_bench import TASKS, BenchData, evaluate, scored_item
 from peft_ctrl.models import load_smollm2
 
-FORMS = {
-    "label": (lambda item: item, False),
-    "listed": (lambda item: in_words(item, show_options=True), True),
-    "cloze": (lambda item: in_words(item, show_options=False), True),
-}
+# each form is the bench task that asks it, so the benchmark scores exactly what `peft-ctrl bench TASK` scores
+FORMS = {"label": "commonsense", "listed": "commonsense-listed", "cloze": "commonsense-cloze"}
 
 
 def main() -> int:
@@ -35,18 +33,20 @@ def main() -> int:
     p.add_argument("--items", type=int, default=100, help="validation items per task (the bench's default split)")
     args = p.parse_args()
     model, tokenizer = load_smollm2()
-    validation = {t: split_validation(read_items(shipped_file(t, "train"), t), args.items)[1] for t in TASKS}
+    validation = {t: split_validation(read_items(shipped_file(t, "train"), t), args.items)[1] for t in SUBTASKS}
     results = {}
-    for form, (convert, end_of_turn) in FORMS.items():
+    for form, task in FORMS.items():
+        spec = TASKS[task]
         evaluation = {
-            t: [scored_item(tokenizer, convert(it), end_of_turn) for it in items] for t, items in validation.items()
+            t: [scored_item(tokenizer, it, spec.end_of_turn) for it in spec.prepare(items)]
+            for t, items in validation.items()
         }
         hits, nll = evaluate(model, BenchData([], evaluation, 0), tokenizer.pad_token_id, bf16=True)
         results[form] = {"accuracy": {t: 100 * statistics.fmean(h) for t, h in hits.items()}, "option_nll": nll}
         print(form, {t: round(a, 1) for t, a in results[form]["accuracy"].items()}, flush=True)
-    lines = ["| form | " + " | ".join(TASKS) + " | average |", "|---|" + "---:|" * (len(TASKS) + 1)]
+    lines = ["| form | " + " | ".join(SUBTASKS) + " | average |", "|---|" + "---:|" * (len(SUBTASKS) + 1)]
     for form, r in results.items():
-        cells = [f"{r['accuracy'][t]:.1f}" for t in TASKS]
+        cells = [f"{r['accuracy'][t]:.1f}" for t in SUBTASKS]
         lines.append(f"| {form} | {' | '.join(cells)} | {statistics.fmean(r['accuracy'].values()):.1f} |")
     lines.append(f"| chance | 50.0 | 25.0 | 25.0 | 25.0 | {statistics.fmean([50, 25, 25, 25]):.1f} |")
     table = (
@@ -59,9 +59,10 @@ def main() -> int:
         fig, ax = plt.subplots(figsize=(7, 3.5))
         width = 0.8 / len(results)
         for i, (form, r) in enumerate(results.items()):
-            ax.bar([k + i * width for k in range(len(TASKS))], [r["accuracy"][t] for t in TASKS], width, label=form)
+            heights = [r["accuracy"][t] for t in SUBTASKS]
+            ax.bar([k + i * width for k in range(len(SUBTASKS))], heights, width, label=form)
         ax.plot([-0.2, 0.6], [50, 50], "k:", [0.8, 3.6], [25, 25], "k:")
-        ax.set(xticks=[k + width for k in range(len(TASKS))], xticklabels=TASKS, ylabel="accuracy %")
+        ax.set(xticks=[k + width for k in range(len(SUBTASKS))], xticklabels=SUBTASKS, ylabel="accuracy %")
         ax.set_title("SmolLM2-135M without fine-tuning: the three forms (dotted: chance)", fontsize=9)
         ax.legend(fontsize=8)
         save_figure(fig, path)
