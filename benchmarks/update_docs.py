@@ -54,6 +54,8 @@ SOURCES = {
     "commonsense_cloze_others": lambda: _blocks(RESULTS / "commonsense_cloze_others.md")[1],
     "commonsense_forms": lambda: _blocks(RESULTS / "commonsense_forms.md")[1],
     "commonsense_listed_grid": lambda: _blocks(RESULTS / "commonsense_listed_grid.md")[1],
+    "quantized_bases": lambda: _blocks(RESULTS / "quantized_bases.md")[1],
+    "quantized_compile": lambda: _block_after(RESULTS / "quantized_bases.md", "torch.compile"),
     "zero_memory": lambda: _block_after(RESULTS / "zero_memory.md", "Measured with"),
     "zero_memory_7b": lambda: _block_after(RESULTS / "zero_memory.md", "Projected to LLaMA2-7B"),
 }
