@@ -1,7 +1,9 @@
-"""FSDP2 (torch's fully_shard) training of a state-ctrl or SEAL adapter in a custom loop, on CPU or GPUs.
+"""FSDP2 (torch's fully_shard) training of a state-ctrl, Control+LoRA, SEAL or lean_lora adapter in a custom loop,
+on CPU or GPUs.
 
     torchrun --nproc_per_node=2 examples/fsdp2_training.py --method state-ctrl    # 2 processes, sharded
     python examples/fsdp2_training.py --method state-ctrl                         # 1 process, unsharded
+    torchrun --nproc_per_node=2 examples/fsdp2_training.py --method lean-lora     # peft LoRA through the fused op
 
 Every process takes its share of each global batch of 8 sequences, so the 2-process losses are the
 1-process losses (up to the order of floating-point sums); the adapter is gathered from the shards and saved
@@ -22,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from peft_ctrl.distributed import save_adapter, shard_model
+from peft_ctrl.ops import lean_lora
 
 GLOBAL_BATCH = 8
 
@@ -42,21 +45,31 @@ def batch(step: int) -> torch.Tensor:
     return (torch.arange(24) * (1 + i[:, None] % 3) + i[:, None] % 5) % 120 + 2
 
 
-def peft_config(method: str, blocks: str):
+def peft_config(method: str, blocks: str, dropout: float):
+    from peft import LoraConfig
+
     from peft_ctrl import SealConfig, StateCtrlConfig, SubLoRAConfig
 
     if method == "state-ctrl":
-        return StateCtrlConfig(r=8, blocks=blocks)
+        return StateCtrlConfig(r=8, blocks=blocks, dropout=dropout)
+    if method == "control-lora":  # MLP bridges plus LoRA on q, k, v
+        return StateCtrlConfig.control_lora(r=8, lora_r=4, dropout=dropout)
     if method == "seal":  # a real run reads its key from PEFT_CTRL_SEAL_KEY (docs/seal.md)
-        return SealConfig(r=8, key="example-key-0123456789abcdef", target_modules=["q_proj", "v_proj"])
+        key = "example-key-0123456789abcdef"
+        return SealConfig(r=8, key=key, lora_dropout=dropout, target_modules=["q_proj", "v_proj"])
+    if method == "lean-lora":  # peft LoRA on every linear; main() routes it through the fused op (lean_lora)
+        return LoraConfig(r=8, lora_dropout=dropout, target_modules="all-linear")
     return SubLoRAConfig(r=8, target_r=4, target_modules=["q_proj", "v_proj"])  # refused by shard_model
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--method", choices=["state-ctrl", "seal", "sublora"], default="state-ctrl")
+    methods = ["state-ctrl", "control-lora", "seal", "lean-lora", "sublora"]
+    parser.add_argument("--method", choices=methods, default="state-ctrl")
     parser.add_argument("--blocks", choices=["mlp", "attn", "both"], default="both", help="state-ctrl bridges")
+    parser.add_argument("--dropout", type=float, default=0.0, help="adapter dropout (masks differ per process)")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--lr", type=float, default=2e-2)
     parser.add_argument("--output-dir", default=None)
     options = parser.parse_args()
     output_dir = options.output_dir or tempfile.mkdtemp(prefix="peft-ctrl-fsdp2-")
@@ -73,10 +86,12 @@ def main() -> None:
         raise ValueError(f"The global batch of {GLOBAL_BATCH} does not split over {world} processes.")
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
-    model = get_peft_model(base_model(), peft_config(options.method, options.blocks)).to(device)
+    model = get_peft_model(base_model(), peft_config(options.method, options.blocks, options.dropout)).to(device)
+    if options.method == "lean-lora":
+        lean_lora(model)
     if distributed:
         shard_model(model)  # every decoder block, then the whole model
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=options.lr)
     losses = []
     for step in range(options.steps):
         ids = batch(step)[rank::world].to(device)  # this process's share of the global batch

@@ -125,3 +125,18 @@ def test_odelora_optimizer_trains_lora_under_sft_trainer(tmp_path, scheme):
     )
     assert isinstance(trainer.optimizer.optimizer, ODELoRA)  # accelerate wraps the optimizer
     assert any("lora_B" in n for n in changed)
+
+
+def test_lean_lora_trains_saves_and_reloads_under_sft_trainer(tmp_path):
+    """lean_lora is applied to the model SFTTrainer wrapped, before training: peft's LoRA through the fused op."""
+    from peft_ctrl.ops import lean_lora
+
+    class LeanSFTTrainer(trl.SFTTrainer):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.switched = lean_lora(self.model)
+
+    config = LoraConfig(r=4, lora_dropout=0.1, target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer, changed = train_save_reload(tmp_path, config, trainer_cls=LeanSFTTrainer)
+    assert trainer.switched == 14  # 7 linears x 2 layers
+    assert any("lora_A" in n for n in changed) and any("lora_B" in n for n in changed)

@@ -40,6 +40,8 @@ WORKING = [
     ("odelora", None),
 ]
 REFUSED = [("odelora", 2), ("odelora", 3), ("sublora", 3)]
+# The other configurations of the compatibility matrix (docs/compatibility.md): trained and reloaded, not resumed.
+MATRIX = [(method, stage) for method in ("state-ctrl-both", "control-lora", "lean-lora") for stage in (2, 3)]
 
 
 def launch(launcher: str, out: Path, *worker_args: str) -> subprocess.CompletedProcess:
@@ -89,7 +91,9 @@ def ranks(out: Path) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
-@pytest.mark.parametrize(("method", "stage", "offload"), [(*pair, False) for pair in WORKING] + [("seal", 3, True)])
+@pytest.mark.parametrize(
+    ("method", "stage", "offload"), [(*pair, False) for pair in WORKING + MATRIX] + [("seal", 3, True)]
+)
 def test_trains_saves_and_matches_a_single_process_reload(runs, method, stage, offload, monkeypatch):
     monkeypatch.setenv(KEY_ENV, SEAL_KEY)
     out = runs(method, stage, offload=offload)

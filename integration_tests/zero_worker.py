@@ -19,6 +19,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from peft_ctrl.distributed import save_adapter, strip_local_rank, training_arguments  # noqa: E402
 
 SEAL_KEY = "zero-worker-owner-key-0123456789"
+# lean-lora: peft LoRA on all linears with dropout, through the fused low-rank op (peft_ctrl.ops.lean_lora)
+METHODS = [
+    "state-ctrl",
+    "state-ctrl-both",
+    "control-lora",
+    "state-ctrl-bert",
+    "seal",
+    "sublora",
+    "odelora",
+    "lean-lora",
+]
 
 
 def family(method: str) -> str:
@@ -44,6 +55,10 @@ def adapter_config(method: str, stage: int | None):
 
     if method == "state-ctrl":
         return StateCtrlConfig(r=4)
+    if method == "state-ctrl-both":
+        return StateCtrlConfig(r=4, blocks="both")
+    if method == "control-lora":
+        return StateCtrlConfig.control_lora(r=4, lora_r=2)
     if method == "state-ctrl-bert":  # the classifier head trains too (modules_to_save), as users run BERTs
         return StateCtrlConfig(r=4, task_type="SEQ_CLS")
     if method == "seal":
@@ -59,16 +74,16 @@ def adapter_config(method: str, stage: int | None):
             hessian="exact",
             exact_svd=stage is None,  # refused under DeepSpeed (its optimizer cannot restart statistics per parameter)
         )
-    from peft import LoraConfig  # ODELoRA trains plain LoRA factors
+    from peft import LoraConfig  # ODELoRA and lean_lora train plain LoRA factors
 
+    if method == "lean-lora":
+        return LoraConfig(r=4, lora_dropout=0.1, target_modules="all-linear")
     return LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument(
-        "--method", required=True, choices=["state-ctrl", "state-ctrl-bert", "seal", "sublora", "odelora"]
-    )
+    parser.add_argument("--method", required=True, choices=METHODS)
     parser.add_argument(
         "--stage", type=lambda v: None if v.lower() == "none" else int(v), required=True, help="none: DDP"
     )
@@ -102,6 +117,10 @@ def main() -> None:
     from trainer_callbacks import ODELoRATrainer, SubLoRACallback
 
     model = get_peft_model(build(family(options.method)), adapter_config(options.method, options.stage))
+    if options.method == "lean-lora":
+        from peft_ctrl.ops import lean_lora
+
+        lean_lora(model)
     callbacks = [SubLoRACallback()] if options.method == "sublora" else []
     kwargs = {"model": model, "args": args, "train_dataset": dataset(options.method), "callbacks": callbacks}
     trainer = ODELoRATrainer(scheme="heun", **kwargs) if options.method == "odelora" else Trainer(**kwargs)

@@ -88,3 +88,35 @@ def test_compiled_step_matches_eager(method, monkeypatch):
     assert ge.keys() == gc.keys() and len(ge) > 0
     for name in ge:
         torch.testing.assert_close(gc[name], ge[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("scheme", ["euler", "heun"])
+def test_odelora_steps_a_compiled_model_as_it_steps_the_eager_one(scheme):
+    """ODELoRA is an optimizer over peft LoRA: under a compiled forward and backward it takes the eager steps."""
+    from peft_ctrl.optim import create_odelora_optimizer
+
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    eager, compiled = get_peft_model(build("llama"), config), get_peft_model(build("llama"), config)
+    compiled.load_state_dict(eager.state_dict())
+    torch._dynamo.reset()
+    forwards = {
+        "eager": lambda: eager(input_ids=ids, labels=ids).loss,
+        "compiled": torch.compile(lambda: compiled(input_ids=ids, labels=ids).loss),
+    }
+    losses = {}
+    for name, model in (("eager", eager), ("compiled", compiled)):
+        opt = create_odelora_optimizer(model, lr=5e-2, scheme=scheme, warmup_steps=1)
+
+        def closure(forward=forwards[name], opt=opt):
+            opt.zero_grad()
+            loss = forward()
+            loss.backward()
+            return loss
+
+        losses[name] = torch.stack([opt.step(closure).detach() for _ in range(3)])
+    assert losses["eager"][-1] < losses["eager"][0]
+    torch.testing.assert_close(losses["compiled"], losses["eager"], rtol=1e-4, atol=1e-5)
+    for (n, p), (_, q) in zip(eager.named_parameters(), compiled.named_parameters(), strict=True):
+        if p.requires_grad:
+            torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=n)

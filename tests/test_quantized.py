@@ -168,3 +168,14 @@ def test_merge_into_a_quantised_base_is_refused_and_changes_nothing(base_dir, me
         model.merge_adapter()
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, before)
+
+
+def test_lean_lora_over_a_quantised_base_is_refused_and_names_peft_s_layers(base_dir):
+    """lean_lora covers LoRA over a plain nn.Linear; peft's QLoRA layers keep their forward, and the error says so."""
+    from peft_ctrl.ops import lean_lora
+
+    model = get_peft_model(quantised_base(base_dir, "nf4-fp32"), LoraConfig(r=4, target_modules=QV))
+    forwards = {n: m.forward for n, m in model.named_modules()}
+    with pytest.raises(ValueError, match=r"lean_lora covers .* \['peft.tuners.lora.bnb.Linear4bit'\].*unquantised"):
+        lean_lora(model)
+    assert {n: m.forward for n, m in model.named_modules()} == forwards
