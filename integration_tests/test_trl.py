@@ -5,10 +5,10 @@ import os
 
 import pytest
 import torch
-from models import VOCAB, build
+from models import VOCAB, build, quantised_base, save_quantisable_llama
 from peft import LoraConfig, PeftModel, PeftType
 
-from peft_ctrl import SealConfig, StateCtrlConfig, SubLoRAConfig
+from peft_ctrl import SealConfig, StateCtrlConfig, SubLoRAConfig, set_adapter_dtype
 from peft_ctrl.optim import ODELoRA
 from peft_ctrl.seal.keys import KEY_ENV
 from trainer_callbacks import ODELoRAMixin, SubLoRACallback
@@ -41,11 +41,11 @@ def sft_args(tmp_path, **kw) -> "trl.SFTConfig":
     return trl.SFTConfig(output_dir=str(tmp_path / "out"), **{**options, **kw})
 
 
-def train_save_reload(tmp_path, config, trainer_cls=None, callbacks=(), **kw):
-    """Trains through SFTTrainer(peft_config=config), saves, reloads with stock peft: the trainer and the changed
-    trainable parameter names."""
+def train_save_reload(tmp_path, config, trainer_cls=None, callbacks=(), base=lambda: build("llama"), **kw):
+    """Trains ``base()`` through SFTTrainer(peft_config=config), saves, reloads onto a fresh ``base()`` with stock
+    peft (the adapter in the dtype it trained in): the trainer and the changed trainable parameter names."""
     trainer = (trainer_cls or trl.SFTTrainer)(
-        model=build("llama"),
+        model=base(),
         args=sft_args(tmp_path, **kw),
         train_dataset=datasets.Dataset.from_dict({"text": texts()}),
         processing_class=word_tokenizer(),
@@ -59,7 +59,8 @@ def train_save_reload(tmp_path, config, trainer_cls=None, callbacks=(), **kw):
     trainer.train()
     changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(before[n], p)]
     trainer.save_model(str(tmp_path / "adapter"))
-    loaded = PeftModel.from_pretrained(build("llama"), tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(base(), tmp_path / "adapter")
+    set_adapter_dtype(loaded, next(iter(before.values())).dtype)  # peft loads adapters as float32
     ids = torch.tensor([[2, 5, 9, 11, 3]])
     model.eval()
     torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
@@ -140,3 +141,33 @@ def test_lean_lora_trains_saves_and_reloads_under_sft_trainer(tmp_path):
     trainer, changed = train_save_reload(tmp_path, config, trainer_cls=LeanSFTTrainer)
     assert trainer.switched == 14  # 7 linears x 2 layers
     assert any("lora_A" in n for n in changed) and any("lora_B" in n for n in changed)
+
+
+QUANTISED_CONFIGS = {
+    "state-ctrl": lambda: StateCtrlConfig(r=4, blocks="both", task_type="CAUSAL_LM"),
+    "control-lora": lambda: StateCtrlConfig.control_lora(r=4, lora_r=2, task_type="CAUSAL_LM"),
+    "seal": lambda: SealConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    "sublora": lambda: SubLoRAConfig(
+        r=4, target_r=2, target_modules=["q_proj", "v_proj"], t_init=2, t_final=2, delta_t=2, hessian="fisher"
+    ),
+}
+
+
+@pytest.mark.parametrize("method", list(QUANTISED_CONFIGS))
+def test_methods_train_over_a_4bit_base_under_sft_trainer(tmp_path, monkeypatch, method):
+    """QLoRA through TRL: over a quantised base SFTTrainer casts the trainable adapter to bf16 (the QLoRA paper's
+    recipe); every method trains there, saves, and reloads onto a fresh 4-bit base with the trained logits."""
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.setenv(KEY_ENV, "trl-owner-key-0123456789abcdef")
+    save_quantisable_llama(tmp_path / "base")
+    callbacks = [SubLoRACallback()] if method == "sublora" else []
+    trainer, changed = train_save_reload(
+        tmp_path,
+        QUANTISED_CONFIGS[method](),
+        callbacks=callbacks,
+        base=lambda: quantised_base(tmp_path / "base", "nf4-fp32"),
+        max_steps=8,
+    )
+    assert changed
+    adapter = {p.dtype for p in trainer.model.parameters() if p.requires_grad}
+    assert adapter == {torch.bfloat16}

@@ -76,6 +76,48 @@ def build(family: str, seed: int = 0, layers: int = 2) -> nn.Module:
     return model.eval()
 
 
+def save_quantisable_llama(folder) -> None:
+    """A tiny LLaMA saved to ``folder`` for loading quantised: bitsandbytes' CPU 4-bit inference kernel needs
+    in_features >= its block size (64), so its hidden size is 64."""
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+
+
+# bitsandbytes settings: 4-bit nf4 with double quantisation (fp32 or bf16 compute) and 8-bit
+QUANTS = {
+    "nf4-fp32": dict(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    ),
+    "nf4-bf16": dict(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    ),
+    "int8": dict(load_in_8bit=True),
+}
+
+
+def quantised_base(folder, quant: str) -> nn.Module:
+    """The model saved in ``folder`` loaded quantised (``QUANTS[quant]``) and prepared as QLoRA prepares it."""
+    from peft import prepare_model_for_kbit_training
+
+    config = transformers.BitsAndBytesConfig(**QUANTS[quant])
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=config)
+    return prepare_model_for_kbit_training(model)
+
+
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt2", "bert", "roberta", "vit"]
 CAUSAL = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
 

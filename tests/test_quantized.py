@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from models import QUANTS, quantised_base, save_quantisable_llama
+from peft import LoraConfig, PeftModel, get_peft_model
 
 from peft_ctrl import SealConfig, StateCtrlConfig, SubLoRAConfig, set_adapter_dtype
 from peft_ctrl.optim import create_odelora_optimizer
@@ -16,41 +16,15 @@ from peft_ctrl.seal.keys import KEY_ENV
 bnb = pytest.importorskip("bitsandbytes")
 
 KEY = "quantised-key-0123456789abcdef"
-# bitsandbytes' CPU 4-bit inference kernel needs in_features >= its block size (64): a hidden size of 64.
-HIDDEN = 64
 
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    cfg = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=HIDDEN,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tiny_llama")
-    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    save_quantisable_llama(folder)
     return folder
 
 
-QUANTS = {
-    "nf4-fp32": dict(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    ),
-    "nf4-bf16": dict(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
-    ),
-    "int8": dict(load_in_8bit=True),
-}
 QUANTISED_LINEAR = {"nf4-fp32": "Linear4bit", "nf4-bf16": "Linear4bit", "int8": "Linear8bitLt"}
 
 QV = ["q_proj", "v_proj"]
@@ -62,12 +36,6 @@ CONFIGS = {
     "sublora": lambda: SubLoRAConfig(r=4, target_r=2, target_modules=QV, task_type="CAUSAL_LM"),
     "odelora": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=QV, task_type="CAUSAL_LM"),
 }
-
-
-def quantised_base(folder, quant: str):
-    config = transformers.BitsAndBytesConfig(**QUANTS[quant])
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, quantization_config=config)
-    return prepare_model_for_kbit_training(model)
 
 
 def batch():

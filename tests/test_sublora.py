@@ -71,6 +71,21 @@ def test_mask_is_never_trainable_and_a_step_leaves_it(tmp_path, dtype):
     assert not any(p.requires_grad for n, p in loaded.named_parameters() if "sublora_mask" in n)
 
 
+def test_adapter_cast_without_its_mask_still_runs_in_the_adapter_dtype():
+    """TRL over a quantised base casts only the trainable parameters to bf16; the float32 mask must not promote
+    the adapter's product back to float32 (the fused op refused the mixed dtypes)."""
+    model = get_peft_model(build("llama").to(torch.bfloat16), SubLoRAConfig(r=4, target_r=2, target_modules=TARGETS))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
+    assert {p.dtype for n, p in model.named_parameters() if "sublora_mask" in n} == {torch.float32}
+    loss = model(**next(batches())).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for n, p in model.named_parameters() if "sublora_lambda" in n]
+    assert grads and all(g is not None and g.dtype == torch.bfloat16 for g in grads)
+
+
 def test_truncation_round_trip_is_smaller_and_identical(tmp_path):
     model = sublora()
     alloc = RankAllocator(model)

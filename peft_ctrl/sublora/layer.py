@@ -72,7 +72,10 @@ class SubLoRALayer(LinearAdapterLayer):
         return int(self.sublora_mask[adapter].sum())
 
     def effective_lambda(self, adapter: str) -> torch.Tensor:
-        return self.sublora_lambda[adapter] * self.sublora_mask[adapter]
+        # The mask follows lambda's dtype (0 and 1 are exact in any): trainers that cast only the trainable
+        # parameters (TRL over a quantised base casts them to bf16) leave the frozen mask in float32.
+        lam = self.sublora_lambda[adapter]
+        return lam * self.sublora_mask[adapter].to(lam.dtype)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         P, Q = self.sublora_P[adapter], self.sublora_Q[adapter]
