@@ -43,14 +43,14 @@ def lean_lora(model: nn.Module) -> int:
     Raises ``ValueError`` when the model has no such layer (for example before ``get_peft_model``).
     """
     layers = [m for m in model.modules() if type(m) is LoraLinear]
-    others = sorted({f"{type(m).__module__}.{type(m).__name__}" for m in model.modules() if isinstance(m, LoraLayer)})
-    if not layers and others:
-        raise ValueError(
-            f"lean_lora covers peft's LoRA layers over a plain nn.Linear only; this model's LoRA layers are {others} "
-            "(over quantised or non-Linear base layers), which peft runs with its own forward. Train this model "
-            "without lean_lora, or load the base unquantised to use it."
-        )
     if not layers:
+        others = {f"{type(m).__module__}.{type(m).__name__}" for m in model.modules() if isinstance(m, LoraLayer)}
+        if others:
+            raise ValueError(
+                f"lean_lora covers peft's LoRA layers over a plain nn.Linear only; this model's LoRA layers are "
+                f"{sorted(others)} (over quantised or non-Linear base layers), which peft runs with its own forward. "
+                "Train this model without lean_lora, or load the base unquantised to use it."
+            )
         raise ValueError(
             "lean_lora found no peft LoRA Linear layer; call it on the model returned by get_peft_model(model, "
             "LoraConfig(...))."
