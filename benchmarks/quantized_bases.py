@@ -42,6 +42,7 @@ import torch
 from _common import ALL_LINEAR, MiB, parser, pyplot, save_figure, write_results
 from torch import nn
 
+from peft_ctrl.atomic import atomic_file
 from peft_ctrl.metrics import saved_activation_bytes
 
 BATCH, SEQ = 4, 256
@@ -272,10 +273,8 @@ def resumable(path: Path, redo: bool, measure: Callable[[], dict]) -> dict:
     if path.is_file() and not redo:
         return json.loads(path.read_text())
     result = measure()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(path)  # a finished experiment only: an interrupted one leaves no file
+    with atomic_file(path) as tmp:  # a finished experiment only: an interrupted one leaves no file
+        tmp.write_text(json.dumps(result, indent=1))
     return result
 
 
