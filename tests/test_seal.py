@@ -249,6 +249,131 @@ def test_a_claimant_choosing_names_ranks_subsets_and_keys_gets_a_valid_null(rele
     assert_valid_null(results)
 
 
+FORGER = "forger-key-0123456789abcdef"
+
+
+def forged_digest(fields: dict) -> str:
+    """The digest a forger would publish for claim fields he wrote himself (no Claim object involved)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def test_a_claim_that_repeats_modules_gets_no_verdict(released, tmp_path):
+    """Item 1 of the SEAL forgery issue: a stranger's claim over a release that lists every module 100 times. The
+    key rows of a module come from its name, so before the fix the by-name test counted the same rows 100 times
+    (3,200 rows for this release's 32) and Fisher's method took them as independent: VERIFIED for some forger keys
+    (issue: 1 of 20 keys at K = 100, 2 of 3 at K = 1000). Now such a claim is refused wherever it enters: in the
+    proof (owner mode), in a record file (key mode) and at the test itself."""
+    from peft_ctrl.seal.verify import _key_test
+
+    plain = read_adapter(released / "release")
+    suspect = Suspect.from_adapter(plain)
+    proof = attacks.forge_proof(plain, FORGER)
+    fields = {**proof.claim, "structure": [row for row in proof.claim["structure"] for _ in range(100)]}
+    proof.claim = fields
+    with pytest.raises(ValueError, match="more than once"):
+        verify_owner(suspect, proof, forged_digest(fields), key=FORGER)
+    record = tmp_path / "seal_claim.json"
+    record.write_text(json.dumps({**fields, "claim": forged_digest(fields)}))
+    with pytest.raises(ValueError, match="more than once"):
+        read_claim(record)
+    structure = tuple(tuple(row) for row in fields["structure"])
+    with pytest.raises(ValueError, match="more than once"):
+        _key_test(suspect, FORGER.encode(), structure)
+    # The same name with another shape or rank is the same module listed twice, too.
+    first = list(proof.claim["structure"][0])
+    with pytest.raises(ValueError, match="more than once"):
+        _key_test(suspect, FORGER.encode(), (tuple(first), (first[0], first[1], first[2], first[3] - 1)))
+
+
+def test_a_claim_must_describe_the_proof_it_comes_with(released):
+    """A claim whose structure (names, shapes, ranks) is not the proof's own factors' is refused: the claim binds
+    the adapter it was released from. A forger who claims a larger rank pads his factors to it (forge_proof does),
+    which describes them again, and is then judged by the key-only test: not verified."""
+    plain = read_adapter(released / "release")
+    suspect = Suspect.from_adapter(plain)
+    proof = attacks.forge_proof(plain, FORGER)
+    fields = {**proof.claim, "structure": [[m, o, i, r + 4] for m, o, i, r in proof.claim["structure"]]}
+    proof.claim = fields
+    with pytest.raises(ValueError, match="other modules, shapes or ranks than the proof's own factors"):
+        verify_owner(suspect, proof, forged_digest(fields), key=FORGER)
+    padded = attacks.forge_proof(plain, FORGER, rank=R + 4)
+    assert {r for *_, r in attacks.claim_of(padded).structure} == {R + 4}
+    result = verify_owner(suspect, padded, attacks.claim_of(padded).digest(), key=FORGER)
+    assert not result.verified and result.p_value > 1e-3
+    with pytest.raises(ValueError, match="pads, never cuts"):
+        attacks.forge_proof(plain, FORGER, rank=R - 1)
+
+
+def hostile_claims(suspect, weights_sha, count, seed):
+    """Claims built to exploit the verifier over ``suspect``, each with its own forger key: the release's modules
+    (all or a subset) under their own names with mixed ranks, plus up to three times as many invented modules of
+    the release's shapes (more entries than the suspect has modules), listed in a shuffled order; every fourth
+    claim also repeats some of its entries. Yields (the claim, or None when it was refused, and the forger key)."""
+    from peft_ctrl.seal.claim import Claim
+    from peft_ctrl.seal.keys import commitment
+
+    modules = suspect.modules()
+    shapes = sorted({suspect.shape(m) for m in modules})
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        key = f"hostile-{seed}-{i:05d}-0123456789abcdef"
+        own = [modules[j] for j in rng.choice(len(modules), size=rng.integers(1, len(modules) + 1), replace=False)]
+        rows = [(m, *suspect.shape(m), int(rng.integers(2, 2 * R + 1))) for m in own]
+        for j in range(int(rng.integers(0, 3 * len(modules) + 1))):
+            out, inp = shapes[rng.integers(len(shapes))]
+            rows.append((f"invented.{i}.{j}", out, inp, int(rng.integers(1, 2 * R + 1))))
+        if i % 4 == 3:
+            rows += [rows[k] for k in rng.choice(len(rows), size=rng.integers(1, len(rows) + 1))]
+        rows = [rows[k] for k in rng.permutation(len(rows))]
+        salt = f"{seed:08x}{i:024x}"
+        try:
+            yield Claim(commitment(key.encode(), salt), salt, tuple(rows), weights_sha), key
+        except ValueError as err:
+            assert "more than once" in str(err) and i % 4 == 3
+            yield None, key
+
+
+def test_hostile_claims_keep_an_exact_null(released):
+    """Item 2 of the SEAL forgery issue: a seeded search over hostile claims (supersets, reorderings, mixed ranks,
+    duplicates, a forger key each) against the owner's release. Claims with duplicates are refused; the others'
+    p-values are valid (each pairing's exactly uniform, the verdict's never below its nominal rate), none uses a
+    suspect module twice or more rows than it claims, and the smallest p over the N claims behaves like the
+    minimum of N uniform p-values (N * min p is Exp(1): below 1e-3 with probability 1e-3) and is far above 2^-64.
+    The benchmark runs the same search at scale (benchmarks/seal_robustness.py, "Hostile claims")."""
+    plain = read_adapter(released / "release")
+    suspect = Suspect.from_adapter(plain)
+    sha = attacks.claim_of(attacks.forge_proof(plain, FORGER)).weights_sha256
+    results, refused = [], 0
+    for claim, key in hostile_claims(suspect, sha, 240, seed=0):
+        if claim is None:
+            refused += 1
+            continue
+        result = verify_key(suspect, key=key, claim=claim, threshold=2.0**-64)
+        assert not result.verified
+        for pairing in ("by_name", "by_structure"):
+            used = result.components[pairing]
+            assert used["modules"] <= len(suspect.modules()) and used["rows"] <= sum(r for *_, r in claim.structure)
+        results.append(result)
+    assert refused == 60
+    assert_valid_null(results)
+    smallest = min(r.p_value for r in results)
+    assert len(results) * smallest > 1e-3 and smallest > 2.0**-64
+
+
+def test_the_order_of_a_claims_entries_is_not_the_claimants_to_choose(released):
+    """A claim is normalised to module order before it is hashed or tested: any listing of the same entries is
+    the same claim, with the same digest and the same verdict."""
+    from peft_ctrl.seal.claim import Claim
+
+    record = read_claim(released / "release" / "seal_claim.json")
+    suspect = Suspect.from_adapter(read_adapter(released / "release"))
+    shuffled = Claim(record.key_commitment, record.salt, tuple(reversed(record.structure)), record.weights_sha256)
+    assert shuffled == record and shuffled.digest() == published(released)
+    assert verify_key(suspect, key=KEY, claim=shuffled).log10_p == verify_key(suspect, key=KEY, claim=record).log10_p
+
+
 def test_passport_p_values_are_uniform_enough_under_the_null(released):
     """Unrelated adapters (plain LoRA, other seeds) against the owner's proof: binomial null, no false positive."""
     proof = released / "proof.safetensors"

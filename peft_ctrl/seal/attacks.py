@@ -242,20 +242,27 @@ def forge_proof(adapter: LoraFactors, forged_key: str | bytes, rank: int | None 
     """The ambiguity attack: a forger picks a key of their own, derives its passports C*, and presents
     'pre-release' factors B* = B' C*^-1, A* = A' with B* C* A* = B' A', so the passport test alone would
     credit them, with a claim of their own over the released weights (``forged_claim(...).digest()`` is what
-    they would publish, after the owner). ``rank`` is the number of key rows the forger writes into that claim
-    (default: the adapter's rank). The key-only part of owner verification rejects the claim."""
+    they would publish, after the owner). ``rank`` is the rank the forger claims for every module (default: the
+    adapter's; a larger one pads B' and A' with zeros, which keeps B* C* A* = B' A'). The key-only part of owner
+    verification rejects the claim."""
     raw = resolve_key(forged_key)
     salt = new_salt()
     key_commitment = commitment(raw, salt)
-    structure = structure_of(adapter.factors)
-    if rank is not None:
-        structure = tuple((m, out, inp, rank) for m, out, inp, _ in structure)
-    claim = Claim(key_commitment, salt, structure, weights_sha256(adapter.factors, adapter.scaling))
-    factors = {}
+    padded = {}
     for module, (B, A) in adapter.factors.items():
+        extra = (rank or A.shape[0]) - A.shape[0]
+        if extra < 0:
+            raise ValueError(f"rank {rank} is below the adapter's rank {A.shape[0]}: the forgery pads, never cuts.")
+        padded[module] = (
+            torch.cat([B, B.new_zeros(B.shape[0], extra)], 1),
+            torch.cat([A, A.new_zeros(extra, A.shape[1])]),
+        )
+    claim = Claim(key_commitment, salt, structure_of(padded), weights_sha256(adapter.factors, adapter.scaling))
+    factors = {}
+    for module, (B, A) in padded.items():
         C = passport(raw, claim.schedule(), module, A.shape[0])
         factors[module] = ((B.double() @ torch.linalg.inv(C)).to(B.dtype), A.clone())
-    return Proof(factors, key_commitment, salt, structure[0][3], claim.fields())
+    return Proof(factors, key_commitment, salt, claim.structure[0][3], claim.fields())
 
 
 def claim_of(proof: Proof) -> Claim:

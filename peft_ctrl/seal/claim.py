@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .keys import key_schedule
+from .keys import check_structure, key_schedule
 
 CLAIM_FORMAT = "peft-ctrl-seal-claim/1"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -37,6 +37,11 @@ class Claim:
     salt: str
     structure: tuple[tuple[str, int, int, int], ...]  # (module, out_features, in_features, r), sorted by module
     weights_sha256: str
+
+    def __post_init__(self) -> None:
+        # One entry per module, in module order: a claim that repeats a module is refused (keys.check_structure),
+        # and the order of listing is not the claimant's to choose (it is normalised before hashing).
+        object.__setattr__(self, "structure", check_structure(self.structure))
 
     def fields(self) -> dict:
         return {
@@ -65,9 +70,10 @@ class Claim:
             raise ValueError(f"Not a SEAL claim record (format {fields.get('format')!r}, expected {CLAIM_FORMAT!r}).")
         try:
             structure = tuple((str(m), int(o), int(i), int(r)) for m, o, i, r in fields["structure"])
-            return cls(str(fields["key_commitment"]), str(fields["salt"]), structure, str(fields["weights_sha256"]))
+            commitment, salt, sha = str(fields["key_commitment"]), str(fields["salt"]), str(fields["weights_sha256"])
         except (KeyError, TypeError, ValueError):
             raise ValueError("The SEAL claim record is damaged (missing or malformed fields).") from None
+        return cls(commitment, salt, structure, sha)
 
 
 def structure_of(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[tuple[str, int, int, int], ...]:

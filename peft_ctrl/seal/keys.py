@@ -17,6 +17,7 @@ import hmac
 import json
 import os
 import secrets
+from collections import Counter
 
 import torch
 
@@ -68,6 +69,35 @@ def check_commitment(key: bytes, expected: str, salt: str, where: str) -> None:
             f"The SEAL key does not match the commitment stored in {where}: this is not the key the adapter was "
             f"trained with. Set {KEY_ENV} (or pass key=) to the owner's key."
         )
+
+
+def check_structure(structure: object) -> Structure:
+    """``structure`` as a valid adapter structure, sorted by module name, or a ``ValueError``.
+
+    A module's key rows are derived from its name alone (within one schedule), so a name listed twice would bring
+    the same rows twice and the key-only test would count one piece of evidence as several independent ones; a
+    claim that repeats a module is therefore refused, whatever else it says. Shapes and ranks must be positive
+    integers."""
+    try:
+        rows = [(str(m), int(o), int(i), int(r)) for m, o, i, r in structure]  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise ValueError(
+            "An adapter structure is a list of (module name, out_features, in_features, r) rows."
+        ) from None
+    repeated = sorted(m for m, count in Counter(m for m, *_ in rows).items() if count > 1)
+    if repeated:
+        raise ValueError(
+            f"The structure lists {len(repeated)} module(s) more than once (e.g. {repeated[0]!r}). "
+            "Each adapted module is one entry: a repeated entry would count the same key rows as new evidence, so "
+            "the claim is refused (no verdict)."
+        )
+    for m, out, inp, r in rows:
+        if min(out, inp, r) < 1:
+            raise ValueError(
+                f"The structure's entry for {m!r} has out_features {out}, in_features {inp} and r {r}: all three "
+                "must be positive."
+            )
+    return tuple(sorted(rows))
 
 
 def key_schedule(structure: Structure) -> str:

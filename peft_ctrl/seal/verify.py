@@ -14,7 +14,9 @@ Two tests, each with an exact null distribution:
   claimant who varies any part of it draws fresh rows for all modules: one exact test per whole claim. Nothing
   the claimant names decides which suspect module a claimed module is compared with: the test pairs them by name
   (all rows tested) and, independently, by structure (among the modules of one shape, the assignment that the
-  first half of each module's rows supports best; the other half tested), and reports twice the smaller p.
+  first half of each module's rows supports best; the other half tested), and reports twice the smaller p. A
+  structure lists each module once (``keys.check_structure``): rows of distinct names are independent, so each
+  tested row is one independent piece of evidence however many entries a claim has.
 * **passport** (the paper's owner test; needs the proof file): C_hat = B^+ (delta W) A^+ with the
   pre-release B, A. The passport is C = Q D with Q Haar-orthogonal and D independent fair column signs,
   so when C_hat is independent of the key, each column agreement sign(<C_hat_j, C_j>) = d_j
@@ -44,9 +46,9 @@ from scipy.optimize import linear_sum_assignment
 
 from ..factors import product_svd, seeded_svd_lowrank
 from .canonical import align_merged
-from .claim import Claim, published_digest
+from .claim import Claim, published_digest, structure_of
 from .io import LoraFactors, Proof, read_adapter, read_proof
-from .keys import Structure, check_commitment, initial_a, key_schedule, passport, resolve_key
+from .keys import Structure, check_commitment, check_structure, initial_a, key_schedule, passport, resolve_key
 
 # Key-only detection (screening suspects with the owner's key) and the owner verdict (a claim against others):
 # at 2^-64 a forger trying whole claims needs about 2^64 tries to pass by chance (10^6 tries: 5e-14).
@@ -244,7 +246,9 @@ class _KeyRows:
     """The key rows of a claimed structure, and the suspect's row spaces (each computed once)."""
 
     def __init__(self, suspect: Suspect, key: bytes, structure: Structure) -> None:
-        self.suspect, self.key, self.structure = suspect, key, structure
+        # One entry per module (keys.check_structure): the rows of distinct names are independent, which is what
+        # lets Fisher's method combine them; a repeated name would bring the same rows twice.
+        self.suspect, self.key, self.structure = suspect, key, check_structure(structure)
         self.schedule = key_schedule(structure)
         self.present = suspect.modules()
         self._rows: dict[str, torch.Tensor] = {}
@@ -513,6 +517,11 @@ def verify_owner(
     if (claim.key_commitment, claim.salt) != (proof.commitment, proof.salt):
         raise ValueError(
             "The proof's claim names another key commitment than the proof itself; the proof was altered."
+        )
+    if structure_of(proof.factors) != claim.structure:
+        raise ValueError(
+            "The proof's claim lists other modules, shapes or ranks than the proof's own factors: a claim must "
+            "describe the adapter it was released from, so it is refused (no verdict)."
         )
     if not hmac.compare_digest(claim.digest(), published_digest(published)):
         raise ValueError(
