@@ -24,7 +24,14 @@ def _block_after(path: Path, heading: str) -> str:
     return blocks[index + 1]
 
 
+def _support_columns(table: str) -> str:
+    """The support table without its last column (the bridges found), for the README."""
+    return "\n".join("|".join(line.split("|")[:-2]) + "|" for line in table.splitlines())
+
+
 SOURCES = {
+    "state_ctrl_zoo": lambda: (RESULTS / "state_ctrl_zoo.md").read_text().strip(),
+    "state_ctrl_zoo_support": lambda: _support_columns(_blocks(RESULTS / "state_ctrl_zoo.md")[0]),
     "state_ctrl_memory": lambda: _blocks(RESULTS / "state_ctrl_memory.md")[0],
     "fused": lambda: _block_after(RESULTS / "state_ctrl_memory.md", "Fused low-rank op"),
     "cuda_masks": lambda: _block_after(RESULTS / "state_ctrl_memory.md", "The benchmark shape as a CUDA run"),

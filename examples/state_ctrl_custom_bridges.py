@@ -1,4 +1,4 @@
-"""State-ctrl on a model that is not in the architecture table: name the bridges yourself.
+"""State-ctrl on a plain PyTorch model (no transformers config): name the bridges yourself.
 
     python examples/state_ctrl_custom_bridges.py    # a few seconds
 

@@ -20,10 +20,12 @@ on every checkpoint and refuses both, naming the tensors.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import inspect
 import os
+from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
@@ -202,6 +204,21 @@ def matches_target(key: str, target: str, config: Any) -> bool:
         layers_pattern=getattr(config, "layers_pattern", None),
     )
     return bool(check_target_module_exists(matcher, key))
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
+    """Every adapter layer in ``model`` runs its base layer only, as under ``PeftModel.disable_adapter()``, without
+    touching ``requires_grad``; restored on exit."""
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    before = [m._disable_adapters for m in layers]
+    for m in layers:
+        m._disable_adapters = True
+    try:
+        yield
+    finally:
+        for m, value in zip(layers, before, strict=True):
+            m._disable_adapters = value
 
 
 def set_active_adapter(layer: BaseTunerLayer, adapter: str | list[str]) -> None:

@@ -145,10 +145,14 @@ METHODS: dict[str, Method] = {
     ),
     "control-lora-depth-lr": Method("Control+LoRA, depth-scaled lr", "state-ctrl", CONTROL_LORA, 1e-3, depth_lr=True),
     # Cloze-form ablation: the bridge reads the MLP's input, the normed state, instead of the residual stream h
-    # (whose RMS grows from 0.14 to about 100 with depth), via custom bridges (head = tail = mlp); the rank; and
+    # (whose RMS grows from 0.14 to about 100 with depth), via custom bridges (head = tail = mlp), which the
+    # placement probe would refuse as not reading the residual state, so it is skipped on purpose; the rank; and
     # LoRA's dropout on the bridge input.
     "state-ctrl-mlp-normed": Method(
-        "state-ctrl mlp reading the normed state", "state-ctrl", {"r": 64, "bridges": [("mlp", "mlp")]}, 1e-3
+        "state-ctrl mlp reading the normed state",
+        "state-ctrl",
+        {"r": 64, "bridges": [("mlp", "mlp")], "check_placement": False},
+        1e-3,
     ),
     "state-ctrl-mlp-r128": Method("state-ctrl mlp r=128", "state-ctrl", {"r": 128, "blocks": "mlp"}, 1e-3),
     "state-ctrl-mlp-dropout": Method(

@@ -442,7 +442,12 @@ def test_one_experiment_on_the_real_smollm2(tmp_path):
     except ImportError as err:
         pytest.skip(str(err))
     _, tokenizer = models.load_smollm2()
-    args = lm_bench.BenchArgs(methods=("state-ctrl-mlp",), seeds=(0,), steps=2, eval_items=4, split="validation")
+    # bf16 autocast (the job's default) only where the CPU multiplies bf16 natively: on an AVX2-only CPU its
+    # backward takes the generic GEMM and one step of SmolLM2 runs for minutes.
+    fast_bf16 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    args = lm_bench.BenchArgs(
+        methods=("state-ctrl-mlp",), seeds=(0,), steps=2, eval_items=4, split="validation", bf16=fast_bf16
+    )
     data = lm_bench.load_data(tokenizer, args)
     assert all(len(s.queries) == 1 for items in data.evaluation.values() for s in items)
     args.save_adapters = str(tmp_path / "adapters")
@@ -450,7 +455,7 @@ def test_one_experiment_on_the_real_smollm2(tmp_path):
     assert set(out["accuracy"]) == set(TASKS) and all(len(h) == 4 for h in out["hits"].values())
     assert out["saved_activation_bytes"] > 0 and out["adapter_bytes"] > 4 * out["trainable_params"]
     assert (tmp_path / "adapters" / "state-ctrl-mlp" / "seed0" / "adapter_config.json").is_file()
-    scored = lm_bench.score_adapters(tmp_path / "adapters", [shipped_file("openbookqa", "test")])
+    scored = lm_bench.score_adapters(tmp_path / "adapters", [shipped_file("openbookqa", "test")], bf16=fast_bf16)
     assert len(scored) == 1 and 0 <= scored[0]["accuracy"]["openbookqa"] <= 1
 
 

@@ -2,19 +2,18 @@
 
 from peft_ctrl._registry import register
 
-from .architectures import ARCHITECTURES, Architecture
 from .config import StateCtrlConfig
 from .layer import StateCtrlLayer, StateCtrlLoraLayer
-from .model import StateCtrlModel, resolve_bridges
+from .model import StateCtrlModel
+from .placement import SubBlock, find_bridges
 
 __all__ = [
-    "ARCHITECTURES",
-    "Architecture",
     "StateCtrlConfig",
     "StateCtrlLayer",
     "StateCtrlLoraLayer",
     "StateCtrlModel",
-    "resolve_bridges",
+    "SubBlock",
+    "find_bridges",
 ]
 
 register("state_ctrl", config_cls=StateCtrlConfig, model_cls=StateCtrlModel, prefix=StateCtrlModel.prefix)

@@ -8,6 +8,7 @@ from peft.utils import PeftType
 
 from peft_ctrl._checks import check_bool, check_choice, check_float, check_int, check_probability
 
+ATTENTION_INPUTS = "attention-inputs"
 BLOCKS = ("mlp", "attn", "both")
 CONTROLLERS = ("linear", "attention")
 
@@ -24,14 +25,20 @@ class StateCtrlConfig(PeftConfig):
         r (`int`): Rank of the control edge (width of ``A h``).
         alpha (`float`): Plain scale of the control (not divided by ``r``).
         dropout (`float`): Dropout probability on the control input h.
-        blocks (`str`, *optional*): Which sub-blocks to bridge from the architecture table: ``"mlp"`` (default),
-            ``"attn"`` or ``"both"``. Must be left unset when ``bridges`` is given.
-        bridges (`list[tuple[str, str]]`, *optional*): Custom ``(head, tail)`` module paths relative to one block:
-            the control reads the input of ``head`` and is added to the output of ``tail``. Makes any model work.
+        blocks (`str`, *optional*): Which residual sub-blocks to bridge, found on the model by the placement probe
+            (``peft_ctrl.state_ctrl.placement``): ``"mlp"`` (default; a whole MoE block counts as the MLP),
+            ``"attn"`` (self- and cross-attention) or ``"both"`` (every sub-block). Leave unset when ``bridges`` is
+            given.
+        bridges (`list[tuple[str, str]]`, *optional*): Your own ``(head, tail)`` module paths relative to one block:
+            the control reads the input of ``head`` and is added to the output of ``tail``. Checked by the probe
+            like a found placement.
+        check_placement (`bool`): ``True`` (default): one probe forward on a few tokens finds the bridges (or checks
+            the given ones) and reads the state width from the tensors. ``False`` skips it (e.g. a meta-device or
+            sharded model); then ``bridges`` is required and nothing checks them.
         controller (`str`): ``"linear"`` (``B A h`` per token) or ``"attention"`` (the ICML 2024 nonlinear
             controller ``u + softmax(u u^T) u`` over the token axis with ``u = B A h``).
         causal (`bool`, *optional*): Whether the attention controller must be causally masked. Inferred from the
-            architecture table, the task type or ``model.config.is_decoder`` when unset.
+            placement probe (the attention modules' ``is_causal``), the task type or the model config when unset.
         layers_to_transform (`int | list[int]`, *optional*): Only bridge blocks with these layer indices.
         layers_pattern (`str | list[str]`, *optional*): Name of the layer list (e.g. ``"layers"``, ``"h"``) used
             with ``layers_to_transform`` when the default index detection is ambiguous.
@@ -42,9 +49,10 @@ class StateCtrlConfig(PeftConfig):
         init_weights (`bool`): ``True`` (default): A Kaiming-uniform, B = 0. ``False``: B random as well, so the
             adapter changes the output from the start (for tests).
         modules_to_save (`list[str]`, *optional*): Extra modules (e.g. a classifier head) trained and saved in full.
-        lora_target_modules (`list[str]`, *optional*): Control+LoRA: also put LoRA, ``W x + (lora_alpha / lora_r)
-            B A x``, on these Linear modules (names or path suffixes, e.g. ``["q_proj", "k_proj", "v_proj"]``), in the
-            same adapter. They must lie outside the bridged tail modules.
+        lora_target_modules (`list[str] | str`, *optional*): Control+LoRA: also put LoRA, ``W x + (lora_alpha /
+            lora_r) B A x``, on these Linear modules (names or path suffixes, e.g. ``["q_proj", "k_proj", "v_proj"]``),
+            in the same adapter; ``"attention-inputs"``: the Linear modules that read each self-attention
+            sub-block's input (q, k, v or a fused qkv), found by the probe. They must lie outside the bridged tails.
         lora_r (`int`): Rank of the Control+LoRA linears.
         lora_alpha (`float`): LoRA scale numerator: the update is scaled by ``lora_alpha / lora_r``.
         lora_dropout (`float`): Dropout on the Control+LoRA linears' input.
@@ -60,15 +68,23 @@ class StateCtrlConfig(PeftConfig):
     blocks: Literal["mlp", "attn", "both"] | None = field(
         default=None,
         metadata={
-            "help": "Residual sub-blocks to bridge from the architecture table: 'mlp' (default), 'attn' or 'both'. "
-            "Leave unset when passing `bridges`."
+            "help": "Residual sub-blocks to bridge, found on the model by the placement probe: 'mlp' (default), "
+            "'attn' "
+            "(self- and cross-attention) or 'both'. Leave unset when passing `bridges`."
         },
     )
     bridges: list[tuple[str, str]] | None = field(
         default=None,
         metadata={
             "help": "Custom (head, tail) module paths relative to one block: the control reads the input of head "
-            "and is added to the output of tail. Replaces the architecture table."
+            "and is added to the output of tail. Checked by the placement probe like a found placement."
+        },
+    )
+    check_placement: bool = field(
+        default=True,
+        metadata={
+            "help": "Find (or check) the bridges with one probe forward on a few tokens and read the state width from "
+            "the tensors. False skips it (meta-device or sharded models): then `bridges` is required, unchecked."
         },
     )
     controller: Literal["linear", "attention"] = field(
@@ -108,11 +124,12 @@ class StateCtrlConfig(PeftConfig):
         default=None,
         metadata={"help": "Extra modules (e.g. a classifier head) to train and save in full."},
     )
-    lora_target_modules: list[str] | None = field(
+    lora_target_modules: list[str] | str | None = field(
         default=None,
         metadata={
             "help": "Control+LoRA: Linear modules (names or path suffixes, e.g. ['q_proj', 'k_proj', 'v_proj']) that "
-            "also get LoRA in this adapter; they must lie outside the bridged tails. None: bridges only."
+            "also get LoRA in this adapter, or 'attention-inputs' (the Linears that read each self-attention "
+            "sub-block's input, found by the probe); outside the bridged tails. None: bridges only."
         },
     )
     lora_r: int = field(default=32, metadata={"help": "Rank of the Control+LoRA linears."})
@@ -133,10 +150,11 @@ class StateCtrlConfig(PeftConfig):
         check_bool("StateCtrlConfig.fused", self.fused)
         check_bool("StateCtrlConfig.init_weights", self.init_weights)
         check_bool("StateCtrlConfig.lean_mlp", self.lean_mlp)
+        check_bool("StateCtrlConfig.check_placement", self.check_placement)
         if self.bridges is not None:
             if self.blocks is not None:
                 raise ValueError(
-                    "Pass either `blocks` (placement from the architecture table) or `bridges` (your own "
+                    "Pass either `blocks` (sub-blocks found by the placement probe) or `bridges` (your own "
                     "(head, tail) pairs), not both."
                 )
             self.bridges = [_as_bridge(b) for b in self.bridges]
@@ -149,13 +167,13 @@ class StateCtrlConfig(PeftConfig):
             check_int("StateCtrlConfig.layers_to_transform", index, low=0)
         if self.modules_to_save is not None:
             self.modules_to_save = list(self.modules_to_save)
-        if self.lora_target_modules is not None:
+        if self.lora_target_modules is not None and self.lora_target_modules != ATTENTION_INPUTS:
             if isinstance(self.lora_target_modules, str) or not all(
                 isinstance(t, str) and t.strip(".") for t in self.lora_target_modules
             ):
                 raise ValueError(
-                    f"`lora_target_modules` must be a list of module names, got {self.lora_target_modules!r}; for "
-                    "example ['q_proj', 'k_proj', 'v_proj']."
+                    f"`lora_target_modules` must be a list of module names or {ATTENTION_INPUTS!r}, got "
+                    f"{self.lora_target_modules!r}; for example ['q_proj', 'k_proj', 'v_proj']."
                 )
             self.lora_target_modules = [t.strip(".") for t in self.lora_target_modules]
             if not self.lora_target_modules:
@@ -171,14 +189,15 @@ class StateCtrlConfig(PeftConfig):
 
     @classmethod
     def control_lora(cls, **overrides) -> StateCtrlConfig:
-        """The authors' Control+LoRA recipe: an MLP bridge (r = 64, alpha 1) plus LoRA r = 32, alpha 64 on
-        q_proj, k_proj and v_proj, in one adapter. ``overrides`` replace any field."""
+        """The authors' Control+LoRA recipe: an MLP bridge (r = 64, alpha 1) plus LoRA r = 32, alpha 64 on the
+        Linear modules that read each self-attention input (q_proj, k_proj and v_proj in LLaMA; found by the probe
+        in any family), in one adapter. ``overrides`` replace any field (``bridges`` replaces ``blocks``)."""
         settings = {
             "r": 64,
-            "blocks": "mlp",
-            "lora_target_modules": ["q_proj", "k_proj", "v_proj"],
+            "lora_target_modules": ATTENTION_INPUTS,
             "lora_r": 32,
             "lora_alpha": 64.0,
+            **({} if "bridges" in overrides else {"blocks": "mlp"}),
             **overrides,
         }
         return cls(**settings)

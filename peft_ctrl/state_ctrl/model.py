@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -11,46 +12,29 @@ from peft_ctrl._registry import StrictLoadMixin, matches_target, set_active_adap
 from peft_ctrl.linear_adapter import install_linear_adapter, linear_base
 from peft_ctrl.ops.lean_mlp import lean_mlp, restore_mlp
 
-from .architectures import bridges_for
-from .config import StateCtrlConfig
+from .config import ATTENTION_INPUTS, StateCtrlConfig
 from .layer import MERGE_ERROR, ForwardContext, StateCtrlLayer, StateCtrlLoraLayer, StateCtrlTunerLayer
+from .placement import Placement, place
 
 
-def _input_width(module: nn.Module) -> int | None:
-    """Width of the state a head module reads: a norm's size, else the first linear layer's input size."""
-    shape = getattr(module, "normalized_shape", None)
-    if shape:
-        return int(shape[-1])
-    weight = getattr(module, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.dim() == 1:
-        return weight.shape[0]
-    for sub in module.modules():
-        if isinstance(sub, nn.Linear):
-            return sub.in_features
-        if type(sub).__name__ == "Conv1D":  # transformers' GPT-2 linear, weight is (in, out)
-            return sub.weight.shape[0]
-    return None
-
-
-def _output_width(module: nn.Module) -> int | None:
-    """Width of a tail module's output: the last linear layer's output size (or a trailing norm's size)."""
-    width = None
-    for sub in module.modules():
-        if isinstance(sub, nn.Linear):
-            width = sub.out_features
-        elif type(sub).__name__ == "Conv1D":
-            width = sub.weight.shape[1]
-    return width
-
-
-def _is_causal(model: nn.Module, config: StateCtrlConfig, table_causal: bool | None) -> bool | None:
+def _is_causal(model: nn.Module, config: StateCtrlConfig, probed: set[bool | None]) -> bool | None:
+    """Whether the attention controller must mask later tokens: the config's ``causal``, else what the probed
+    attention modules say (``is_causal``), else the task type, the config's ``is_decoder`` or whether the model
+    generates text without an encoder."""
     if config.causal is not None:
         return config.causal
-    if table_causal is not None:
-        return table_causal
+    known = probed - {None}
+    if len(known) == 1:
+        return known.pop()
     if config.task_type == TaskType.CAUSAL_LM:
         return True
-    return getattr(getattr(model, "config", None), "is_decoder", None)
+    model_config = getattr(model, "config", None)
+    if getattr(model_config, "is_decoder", False):
+        return True
+    can_generate = getattr(model, "can_generate", None)
+    if callable(can_generate) and can_generate() and not getattr(model_config, "is_encoder_decoder", False):
+        return True
+    return None
 
 
 def _tuner_prefixes(modules: dict[str, nn.Module]) -> list[str]:
@@ -58,69 +42,23 @@ def _tuner_prefixes(modules: dict[str, nn.Module]) -> list[str]:
     return [name + "." for name, m in modules.items() if isinstance(m, BaseTunerLayer)]
 
 
-def resolve_bridges(model: nn.Module, config: StateCtrlConfig) -> tuple[dict[str, str], bool | None]:
-    """Map every tail module name to its head module name for ``config`` on ``model``.
-
-    Head and tail paths are relative to one block: a module named ``P + tail`` is a tail when ``P + head``
-    exists too. ``layers_to_transform`` / ``layers_pattern`` / ``modules_to_save`` filter tails the way
-    upstream peft filters ``target_modules``. Also returns whether the model is causal (``None`` = unknown).
-    """
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    table_causal = None
-    if config.bridges is not None:
-        pairs = list(config.bridges)
-        try:
-            table_causal = bridges_for(model_type, "mlp")[1]
-        except ValueError:
-            table_causal = None
-    else:
-        pairs, table_causal = bridges_for(model_type, config.blocks or "mlp")
-
-    modules = dict(model.named_modules())
-    inside_tuner = _tuner_prefixes(modules)
-    plan: dict[str, str] = {}
-    for key in modules:
-        if not key or any(key.startswith(prefix) for prefix in inside_tuner):
-            continue
-        for head, tail in pairs:
-            if key != tail and not key.endswith("." + tail):
-                continue
-            head_key = key[: len(key) - len(tail)] + head
-            if head_key not in modules:
-                continue
-            if not matches_target(key, tail, config):
-                continue
-            if key in plan and plan[key] != head_key:
-                raise ValueError(f"Module {key!r} is the tail of two bridges (heads {plan[key]!r} and {head_key!r}).")
-            plan[key] = head_key
-    if not plan:
-        sample = ", ".join(list(k for k in modules if k)[:12])
-        layers = ""
-        if config.layers_to_transform is not None:
-            layers = (
-                f" with layers_to_transform={config.layers_to_transform!r} (if the layer list is a top-level "
-                "module, name it with layers_pattern, e.g. layers_pattern='blocks')"
-            )
-        raise ValueError(
-            f"No state-ctrl bridge matched {type(model).__name__}{layers}: looked for sibling modules named "
-            f"P+head and P+tail for (head, tail) in {pairs}. Module names start with: {sample} ... Pass `bridges` "
-            "with paths that exist in one block (print(model) shows them)."
-        )
-    return plan, _is_causal(model, config, table_causal)
-
-
-def resolve_lora_targets(model: nn.Module, config: StateCtrlConfig, plan: dict[str, str]) -> set[str]:
+def resolve_lora_targets(model: nn.Module, config: StateCtrlConfig, placement: Placement) -> set[str]:
     """The Linear modules that get Control+LoRA (``config.lora_target_modules``, filtered by
-    ``layers_to_transform`` like the bridges). A target inside a bridged tail module is a ``ValueError``: the
-    tail is wrapped whole, so a LoRA inside it would be hidden from the adapter's bookkeeping."""
+    ``layers_to_transform`` like the bridges, or the probe's attention inputs). A target inside a bridged tail
+    module is a ``ValueError``: the tail is wrapped whole, so a LoRA inside it would be hidden from the adapter's
+    bookkeeping."""
     if config.lora_target_modules is None:
         return set()
+    plan = placement.plan
     inside_tuner = _tuner_prefixes(dict(model.named_modules()))
     found = set()
     for key, module in model.named_modules():
         if not key or any(key.startswith(prefix) for prefix in inside_tuner):
             continue
-        if not any(matches_target(key, target, config) for target in config.lora_target_modules):
+        if config.lora_target_modules == ATTENTION_INPUTS:
+            if key not in placement.attention_inputs:
+                continue
+        elif not any(matches_target(key, target, config) for target in config.lora_target_modules):
             continue
         if isinstance(module, BaseTunerLayer) and not isinstance(module, StateCtrlLoraLayer):
             raise ValueError(f"Control+LoRA target {key!r} already holds an adapter of another method.")
@@ -153,6 +91,8 @@ class StateCtrlModel(StrictLoadMixin, BaseTuner):
     method_name = "state-ctrl"
     # Set by _prepare_model: the bridge plan, causality, and the per-call context shared with the layers.
     _plan: dict[str, str] = {}
+    _placement: Placement | None = None
+    _pending_check = None
     _lora_targets: set[str] = set()
     _causal: bool = False
     _context: ForwardContext | None = None
@@ -164,14 +104,33 @@ class StateCtrlModel(StrictLoadMixin, BaseTuner):
         return peft_config
 
     def _prepare_model(self, peft_config: StateCtrlConfig, model: nn.Module) -> None:
-        plan, causal = resolve_bridges(model, peft_config)
-        if peft_config.controller == "attention" and causal is None:
-            raise ValueError(
-                "controller='attention' mixes tokens, so it must know whether the model is causal; this model is "
-                "not in the architecture table. Set StateCtrlConfig(causal=True) for a decoder, False otherwise."
+        placement, deferred = place(model, peft_config, _tuner_prefixes(dict(model.named_modules())))
+        causal = _is_causal(model, peft_config, set(placement.causal.values()))
+        if peft_config.controller == "attention":
+            if causal is None:
+                raise ValueError(
+                    "controller='attention' mixes tokens, so it must know whether the model is causal, and neither "
+                    "the probe nor the config tells. Set StateCtrlConfig(causal=True) for a decoder, False otherwise."
+                )
+            if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+                raise ValueError(
+                    "controller='attention' takes the padding mask of the model's input, which is not the "
+                    "decoder's in an encoder-decoder model; use controller='linear' there."
+                )
+        narrow = {tail: w for tail, w in placement.widths.items() if peft_config.r > min(w)}
+        if narrow:
+            # A warning, not an error: it trains correctly, and one recipe (r=64, say) is often shared between a
+            # small test model and the real one.
+            tail, widths = next(iter(narrow.items()))
+            warnings.warn(
+                f"StateCtrlConfig(r={peft_config.r}) is above the state width {min(widths)} of bridge "
+                f"{placement.plan[tail]!r} -> {tail!r} ({len(narrow)} bridges): B A has rank at most {min(widths)}, "
+                f"so the extra rank only adds parameters. r <= {min(widths)} trains the same function class.",
+                stacklevel=2,
             )
-        self._plan = plan
-        self._lora_targets = resolve_lora_targets(model, peft_config, plan)
+        self._placement, self._plan = placement, placement.plan
+        self._pending_check = deferred
+        self._lora_targets = resolve_lora_targets(model, peft_config, placement)
         self._causal = bool(causal)
         if peft_config.lean_mlp:
             lean_mlp(model)
@@ -182,6 +141,9 @@ class StateCtrlModel(StrictLoadMixin, BaseTuner):
             self._call_hook = model.register_forward_pre_hook(self._record_call, with_kwargs=True)
 
     def _record_call(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        check, self._pending_check = self._pending_check, None
+        if check is not None:  # a model without a probe input: its bridges are checked on its first forward
+            check(args, kwargs)
         self._context.record(args, kwargs)
 
     def _check_target_module_exists(self, peft_config: StateCtrlConfig, key: str) -> bool:
@@ -214,12 +176,7 @@ class StateCtrlModel(StrictLoadMixin, BaseTuner):
         if isinstance(target, StateCtrlLayer):
             layer = target
         else:
-            in_features, out_features = _input_width(head), _output_width(target)
-            if in_features is None or out_features is None:
-                raise ValueError(
-                    f"Cannot infer the state width of bridge {head_name!r} -> {current_key!r}: the head should be a "
-                    "norm or contain a linear layer, and the tail should contain a linear layer."
-                )
+            in_features, out_features = self._placement.widths[current_key]
             layer = StateCtrlLayer(target, in_features, out_features, self._context)
             set_active_adapter(layer, adapter_name)
         layer.update_layer(
