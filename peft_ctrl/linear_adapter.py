@@ -13,8 +13,8 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .distributed.zero import require_gathered
 from .ops import dropout_probability, lowrank
+from .sharding import require_gathered
 
 
 def linear_base(target: nn.Module, method: str, key: str) -> nn.Linear:

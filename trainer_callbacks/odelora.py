@@ -6,8 +6,9 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from peft_ctrl.distributed import check_stage, deepspeed_stage
-from peft_ctrl.distributed.fsdp import fsdp_limit, fsdp_requested
+from peft_ctrl.capabilities import check_stage, fsdp_limit
+from peft_ctrl.distributed import deepspeed_stage
+from peft_ctrl.distributed.fsdp import fsdp_requested
 from peft_ctrl.optim import ODELoRA, create_odelora_optimizer
 
 

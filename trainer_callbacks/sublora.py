@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from peft_ctrl.distributed import check_stage, deepspeed_stage
-from peft_ctrl.distributed.fsdp import fsdp_limit, fsdp_requested
+from peft_ctrl.capabilities import check_stage, fsdp_limit
+from peft_ctrl.distributed import deepspeed_stage
+from peft_ctrl.distributed.fsdp import fsdp_requested
 from peft_ctrl.sublora.runtime import LossFn, RankAllocator, write_heatmap
 
 logger = logging.getLogger(__name__)

@@ -5,18 +5,15 @@ See docs/distributed.md for the launch recipes (``torchrun``, ``deepspeed``, ``a
 and GPUs, and for what each method supports under each ZeRO stage (``SUPPORTED_STAGES``).
 """
 
-from .fsdp import FSDP_SUPPORTED, accelerate_fsdp_config_path, check_fsdp, is_sharded, shard_model
+from ..capabilities import FSDP_SUPPORTED, SUPPORTED_STAGES, check_stage
+from ..sharding import is_partitioned, is_sharded, rank_and_world, require_gathered
+from .fsdp import accelerate_fsdp_config_path, check_fsdp, shard_model
 from .launch import init_distributed, strip_local_rank, training_arguments
 from .zero import (
-    SUPPORTED_STAGES,
     accelerate_config_path,
-    check_stage,
     config_path,
     deepspeed_stage,
     gathered,
-    is_partitioned,
-    rank_and_world,
-    require_gathered,
     save_adapter,
     zero_config,
 )

@@ -15,21 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-# Whether each method trains under FSDP, and why not where it does not.
-FSDP_SUPPORTED: dict[str, bool] = {"state_ctrl": True, "seal": True, "sublora": False, "odelora": False}
-_WHY_NOT = {
-    "sublora": (
-        "SubLoRA's allocation reads P, lambda, Q and the masks whole on every rank and takes second derivatives "
-        "through the model, while FSDP holds only a shard of each and gathers parameters inside each block's "
-        "forward only (as DeepSpeed ZeRO-3 does, which SubLoRA refuses too). Train SubLoRA in a single process, "
-        "with plain data parallel (torchrun, accelerate launch without FSDP) or under DeepSpeed ZeRO-2"
-    ),
-    "odelora": (
-        "ODELoRA integrates an r x r system per LoRA pair from the whole factors, while FSDP hands the optimizer "
-        "one shard of each. Train with ODELoRA in a single process or with plain data parallel (torchrun, "
-        "accelerate launch without FSDP)"
-    ),
-}
+from ..capabilities import fsdp_limit
+from ..sharding import is_dtensor
+
 _CPU_FSDP = (
     "accelerate runs FSDP only on GPUs and other accelerators: on CPU it ignores the FSDP settings and trains "
     "plain data parallel instead, without the sharding you asked for. On CPU, shard a custom training loop with "
@@ -38,16 +26,12 @@ _CPU_FSDP = (
 )
 
 
-def fsdp_limit(method: str) -> str:
-    """Why ``method`` does not run under FSDP, and where it does run."""
-    return f"{method} does not run under FSDP: {_WHY_NOT[method]}."
-
-
 def check_fsdp(model: nn.Module) -> None:
     """Raise ``ValueError`` when ``model`` holds an adapter of a method that cannot train under FSDP."""
-    from peft_ctrl.sublora.layer import SubLoRALayer
-
-    if any(isinstance(m, SubLoRALayer) for m in model.modules()):
+    configs = [
+        c for m in model.modules() if isinstance(getattr(m, "peft_config", None), dict) for c in m.peft_config.values()
+    ]
+    if any(str(getattr(c, "peft_type", "")).rpartition(".")[2].upper() == "SUBLORA" for c in configs):
         raise ValueError(fsdp_limit("sublora"))
 
 
@@ -65,13 +49,6 @@ def cpu_fsdp_error() -> str:
 def fsdp_requested(args: Any) -> bool:
     """Whether the Trainer will run FSDP: ``TrainingArguments(fsdp=...)`` or an accelerate launch config."""
     return bool(getattr(args, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-
-
-def is_sharded(model: nn.Module) -> bool:
-    """True when ``model``'s parameters are FSDP2 shards (DTensors)."""
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def block_classes(model: nn.Module) -> set[type[nn.Module]]:
@@ -110,11 +87,9 @@ def shard_model(model: nn.Module, **fully_shard_kwargs: Any) -> nn.Module:
 def full_adapter_state(model: nn.Module, keep: set[str]) -> dict[str, torch.Tensor]:
     """The model's state dict with the FSDP2 shards named in ``keep`` gathered whole; every rank must call it.
     Other shards (the frozen base) are left out and unsharded tensors (buffers) kept as they are."""
-    from torch.distributed.tensor import DTensor
-
     state = {}
     for name, tensor in model.state_dict().items():
-        if isinstance(tensor, DTensor):
+        if is_dtensor(tensor):
             if name in keep:
                 state[name] = tensor.full_tensor().cpu()
         else:

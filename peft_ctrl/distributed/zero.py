@@ -5,36 +5,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .fsdp import full_adapter_state, is_sharded
+from ..sharding import is_sharded, is_zero3, rank_and_world
+from .fsdp import full_adapter_state
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 _FILES = {(2, False): "zero2.json", (3, False): "zero3.json", (3, True): "zero3_offload.json"}
-
-# ZeRO stages each method supports under DeepSpeed (0 is DeepSpeed's plain data parallel), and why not others.
-SUPPORTED_STAGES: dict[str, tuple[int, ...]] = {
-    "state_ctrl": (0, 1, 2, 3),
-    "seal": (0, 1, 2, 3),
-    "sublora": (0, 1, 2),
-    "odelora": (),
-}
-_WHY_NOT = {
-    "sublora": (
-        "SubLoRA's allocation needs every rank to hold all of P, lambda, Q and the masks whole, and takes "
-        "second derivatives through the model, which ZeRO-3's partitioned parameters do not allow"
-    ),
-    "odelora": (
-        "ODELoRA integrates an r x r system per LoRA pair inside its own optimizer, while DeepSpeed replaces "
-        "the optimizer and partitions its state (ZeRO-1/2) or the factors themselves (ZeRO-3); use torchrun or "
-        "accelerate launch without DeepSpeed (plain data parallel)"
-    ),
-}
 
 
 def config_path(stage: int, offload: bool = False) -> Path:
@@ -77,52 +58,9 @@ def deepspeed_stage(args: Any) -> int | None:
     return int(config.get("zero_optimization", {}).get("stage", 0))
 
 
-def check_stage(method: str, stage: int | None) -> None:
-    """Raise ``ValueError`` when ``method`` cannot run under ZeRO ``stage`` (``None``: no DeepSpeed, always fine)."""
-    if method not in SUPPORTED_STAGES:
-        raise ValueError(f"Unknown method {method!r}; known: {sorted(SUPPORTED_STAGES)}.")
-    if stage is None or stage in SUPPORTED_STAGES[method]:
-        return
-    raise ValueError(f"{method} does not run under DeepSpeed ZeRO stage {stage}: {deepspeed_limit(method)}")
-
-
-def deepspeed_limit(method: str) -> str:
-    """Why ``method`` does not run under the ZeRO stages it does not support, and where it does run: the one
-    statement of each limit, used by every check that enforces it."""
-    supported = SUPPORTED_STAGES[method]
-    where = f"ZeRO stages {', '.join(map(str, supported))}" if supported else "no DeepSpeed stage"
-    return (
-        f"{_WHY_NOT[method]}. It runs under {where}, and without DeepSpeed in a single process or plain data parallel."
-    )
-
-
-def rank_and_world() -> tuple[int, int]:
-    """(this process's rank, the number of processes); (0, 1) outside torch.distributed."""
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def is_partitioned(tensor: torch.Tensor) -> bool:
-    """True for a ZeRO-3 parameter whose full value is not on this rank right now."""
-    full = getattr(tensor, "ds_numel", None)
-    return full is not None and tensor.numel() != full
-
-
-def require_gathered(tensors: Iterable[torch.Tensor], action: str) -> None:
-    """Raise ``ValueError`` before ``action`` reads ZeRO-3-partitioned tensors (it would see empty shards)."""
-    if any(is_partitioned(t) for t in tensors):
-        raise ValueError(
-            f"Cannot {action}: the weights are partitioned by DeepSpeed ZeRO-3, so this rank holds only a shard. "
-            "Save the adapter (trainer.save_model() or peft_ctrl.distributed.save_adapter) and "
-            f"{action} after loading it in a single process, or inside deepspeed.zero.GatheredParameters."
-        )
-
-
 def gathered(params: list[torch.nn.Parameter]) -> AbstractContextManager:
     """Context that holds the full value of ZeRO-3 parameters on every rank (a no-op for whole tensors)."""
-    partitioned = [p for p in params if getattr(p, "ds_numel", None) is not None]
+    partitioned = [p for p in params if is_zero3(p)]
     if not partitioned:
         return contextlib.nullcontext()
     import deepspeed

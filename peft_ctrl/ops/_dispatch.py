@@ -10,7 +10,6 @@ from types import ModuleType
 
 import torch
 
-MAX_RANK = 256  # the Triton kernels keep a whole rank-r row in one block; larger ranks take the torch path
 _FORCED = False
 _WARNED = False
 

@@ -94,7 +94,7 @@ class _LowRank(torch.autograd.Function):
     def forward(ctx, x, A, B, base, scale, p, seed):  # noqa: D401 - autograd signature
         x2 = x.reshape(-1, x.shape[-1])
         # Decided once here: the backward must regenerate the mask with the scheme the forward used.
-        ctx.triton = A.shape[0] <= _dispatch.MAX_RANK and _dispatch.use_triton(x)
+        ctx.triton = _dispatch.use_triton(x) and A.shape[0] <= _dispatch.triton_ops().MAX_RANK
         if ctx.triton:
             z = _dispatch.triton_ops().dropout_matmul(x2, A, seed, p)
         else:

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..distributed.fsdp import fsdp_limit
-from ..distributed.zero import check_stage, deepspeed_limit
+from ..capabilities import check_stage, deepspeed_limit, fsdp_limit
 from ..factors import balanced_split, product_svd, work_dtype
+from ..sharding import is_dtensor, is_zero3
 
 SCHEMES = {"euler": 1, "heun": 2, "rk4": 4}
 
@@ -135,7 +135,7 @@ class ODELoRA(torch.optim.Optimizer):
             raise ValueError(f"lr must be positive, got {lr!r}.")
         if eps <= 0 or warmup_steps < 0:
             raise ValueError("eps must be positive and warmup_steps non-negative.")
-        if any(hasattr(p, "ds_id") for pair in pairs for p in (pair.A, pair.B)):  # ZeRO-3 partitioned them
+        if any(is_zero3(p) for pair in pairs for p in (pair.A, pair.B)):  # ZeRO-3 partitioned them
             check_stage("odelora", 3)
         self.pairs = pairs
         groups = [{"params": [p for pair in pairs for p in (pair.A, pair.B)], "lr": lr, "kind": "lora"}]
@@ -306,9 +306,7 @@ def create_odelora_optimizer(
             "create_odelora_optimizer found no trainable LoRA layer; pass a model from get_peft_model(model, "
             "LoraConfig(...)) with its LoRA adapter active."
         )
-    from torch.distributed.tensor import DTensor
-
-    if any(isinstance(p, DTensor) for pair in pairs for p in (pair.A, pair.B)):
+    if any(is_dtensor(p) for pair in pairs for p in (pair.A, pair.B)):
         raise ValueError(fsdp_limit("odelora"))
     lora_ids = {id(p) for pair in pairs for p in (pair.A, pair.B)}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in lora_ids]

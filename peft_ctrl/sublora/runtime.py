@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..atomic import atomic_file
-from ..distributed.zero import rank_and_world
+from ..sharding import rank_and_world
 from .allocator import curvature_model, greedy_select, project_submodular
 from .config import SubLoRAConfig
 from .layer import SubLoRALayer

@@ -1,0 +1,103 @@
+"""The library's import structure, read from the source (ast): no import circle anywhere in peft_ctrl (lazy
+imports inside functions included), the bottom layer imports nothing of peft_ctrl, and the methods import neither
+the distributed launchers nor the application modules (the CLI, the main job and the benchmark runner)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1] / "peft_ctrl"
+# The bottom layer: shared mechanics every method may use.
+BOTTOM = {"peft_ctrl.sharding", "peft_ctrl.capabilities", "peft_ctrl.atomic", "peft_ctrl.factors", "peft_ctrl.dtypes"}
+# The methods and what they are built from.
+METHODS = ("peft_ctrl.state_ctrl", "peft_ctrl.seal", "peft_ctrl.sublora", "peft_ctrl.optim", "peft_ctrl.ops")
+METHOD_BASES = {"peft_ctrl.linear_adapter", "peft_ctrl.metrics", "peft_ctrl._registry"}
+# The application: the command line, the main job, the benchmark runner and its tasks and data.
+APPLICATION = {
+    "peft_ctrl.cli",
+    "peft_ctrl.finetune",
+    "peft_ctrl.lm_bench",
+    "peft_ctrl.tasks",
+    "peft_ctrl.commonsense",
+    "peft_ctrl.datasets",
+    "peft_ctrl.training",
+}
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for path in ROOT.rglob("*.py"):
+        name = ".".join(path.relative_to(ROOT.parent).with_suffix("").parts)
+        found[name.removesuffix(".__init__")] = path
+    return found
+
+
+MODULES = modules()
+
+
+def imports(name: str) -> set[str]:
+    """Every peft_ctrl module that ``name`` imports, at the top or inside a function. ``from package import x``
+    counts as importing ``package.x`` when that is a module, else ``package``."""
+    path = MODULES[name]
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name in MODULES}
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            prefix = ".".join(base + ([node.module] if node.module else []))
+            subs = [f"{prefix}.{a.name}" for a in node.names]
+            targets = subs if all(s in MODULES for s in subs) else [prefix, *(s for s in subs if s in MODULES)]
+            found |= {t for t in targets if t in MODULES}
+    return found - {name}
+
+
+GRAPH = {name: imports(name) for name in MODULES}
+
+
+def within(name: str, packages: tuple[str, ...] | set[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in packages)
+
+
+def test_no_import_circle():
+    """Depth-first search for a back edge; reports the circle it finds."""
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        path.append(node)
+        for dep in sorted(GRAPH[node]):
+            if state.get(dep) == 1:
+                circle = path[path.index(dep) :] + [dep]
+                pytest.fail("import circle: " + " -> ".join(circle))
+            if dep not in state:
+                visit(dep)
+        path.pop()
+        state[node] = 2
+
+    for node in sorted(GRAPH):
+        if node not in state:
+            visit(node)
+
+
+@pytest.mark.parametrize("name", sorted(BOTTOM))
+def test_the_bottom_layer_imports_nothing_of_peft_ctrl(name):
+    assert GRAPH[name] == set(), GRAPH[name]
+
+
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if within(n, METHODS) or n in METHOD_BASES))
+def test_methods_import_neither_launchers_nor_the_application(name):
+    wrong = {dep for dep in GRAPH[name] if within(dep, {"peft_ctrl.distributed"}) or dep in APPLICATION}
+    assert not wrong, f"{name} imports {sorted(wrong)}"
+
+
+def test_the_graph_is_read():
+    """The reader finds the imports it must (so the tests above cannot pass on an empty graph)."""
+    assert "peft_ctrl.sharding" in GRAPH["peft_ctrl.linear_adapter"]
+    assert "peft_ctrl.state_ctrl.placement" in GRAPH["peft_ctrl.state_ctrl.model"]
+    assert "peft_ctrl.capabilities" in GRAPH["peft_ctrl.distributed"]
