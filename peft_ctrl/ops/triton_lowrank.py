@@ -14,7 +14,6 @@ import triton.language as tl
 MAX_RANK = 256  # a whole rank-r row stays in one block; the dispatcher sends larger ranks to the torch path
 
 
-
 @triton.jit
 def _dropout_matmul_kernel(
     x_ptr,
