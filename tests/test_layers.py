@@ -101,3 +101,18 @@ def test_the_graph_is_read():
     assert "peft_ctrl.sharding" in GRAPH["peft_ctrl.linear_adapter"]
     assert "peft_ctrl.state_ctrl.placement" in GRAPH["peft_ctrl.state_ctrl.model"]
     assert "peft_ctrl.capabilities" in GRAPH["peft_ctrl.distributed"]
+
+
+def test_importing_the_library_loads_no_launcher_and_no_application():
+    """``import peft_ctrl`` (what registers the methods) does not load peft_ctrl.distributed, the application
+    modules, or transformers' TrainingArguments."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, peft_ctrl; "
+        "print(sorted(m for m in sys.modules if m.startswith('peft_ctrl.distributed') or m in "
+        f"{sorted(APPLICATION)!r} or m == 'transformers.training_args'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
