@@ -3,9 +3,10 @@
 from peft_ctrl._registry import register
 
 from .config import StateCtrlConfig
+from .decompose import SubBlock
 from .layer import StateCtrlLayer, StateCtrlLoraLayer
 from .model import StateCtrlModel
-from .placement import SubBlock, find_bridges
+from .placement import find_bridges
 
 __all__ = [
     "StateCtrlConfig",
