@@ -7,6 +7,9 @@ import transformers
 from torch import nn
 
 VOCAB = 64
+# bf16 autocast (the jobs' default) only where the CPU multiplies bf16 natively: on an AVX2-only CPU its backward
+# takes the generic GEMM and one step of SmolLM2 runs for minutes. Tests of the real model train in fp32 there.
+FAST_BF16 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def _lm(config_cls, model_cls, layers=2, **kw):

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from models import VOCAB, build
+from models import FAST_BF16, VOCAB, build
 from peft import get_peft_model
 
 from peft_ctrl import StateCtrlConfig, cli, lm_bench, models
@@ -442,9 +442,7 @@ def test_one_experiment_on_the_real_smollm2(tmp_path):
     except ImportError as err:
         pytest.skip(str(err))
     _, tokenizer = models.load_smollm2()
-    # bf16 autocast (the job's default) only where the CPU multiplies bf16 natively: on an AVX2-only CPU its
-    # backward takes the generic GEMM and one step of SmolLM2 runs for minutes.
-    fast_bf16 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    fast_bf16 = FAST_BF16  # bf16 only where the CPU multiplies it natively (tests/models.py)
     args = lm_bench.BenchArgs(
         methods=("state-ctrl-mlp",), seeds=(0,), steps=2, eval_items=4, split="validation", bf16=fast_bf16
     )

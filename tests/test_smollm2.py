@@ -13,12 +13,15 @@ import shutil
 
 import pytest
 import torch
+from models import FAST_BF16
 from peft import get_peft_model
 
 from peft_ctrl import StateCtrlConfig, cli, models
 from peft_ctrl.state_ctrl import StateCtrlLayer
 from peft_ctrl.tasks import stdlib_items
 from peft_ctrl.training import chat_example
+
+NO_BF16 = [] if FAST_BF16 else ["--no-bf16"]  # see tests/models.py
 
 
 def test_a_missing_package_names_the_install_command(monkeypatch):
@@ -103,7 +106,7 @@ def test_attention_controller_refuses_cached_decoding_on_the_real_model(smollm2)
 def test_the_commonsense_main_job_end_to_end(smollm2, tmp_path, capsys):
     """`peft-ctrl finetune --quick` (the commonsense job, cloze form) cut to 2 steps: table, report files, adapters,
     and a rerun that resumes from the result files instead of training again."""
-    flags = ["finetune", "--quick", "--steps", "2", "--output-dir", str(tmp_path)]
+    flags = ["finetune", "--quick", "--steps", "2", "--output-dir", str(tmp_path), *NO_BF16]
     assert cli.main(flags) == 0
     out = capsys.readouterr().out
     assert "| PEFT LoRA all-linear | 4.88M |" in out and "| state-ctrl mlp | 2.21M |" in out
@@ -130,6 +133,7 @@ def test_the_stdlib_job_end_to_end(smollm2, tmp_path, capsys):
     )
     assert tokenizer.decode(example.answer_ids) == example.answer + "<|im_end|>"
     flags = ["finetune", "--task", "stdlib", "--quick", "--methods", "state-ctrl-mlp", "lora-all-ckpt", "--steps", "2"]
+    flags += NO_BF16
     assert cli.main([*flags, "--output-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| state-ctrl mlp | 2.21M |" in out and "| PEFT LoRA all-linear + checkpointing | 4.88M |" in out
