@@ -116,6 +116,11 @@ def _finetune_parser(sub: argparse._SubParsersAction) -> None:
         "runs/finetune/TASK-quick with --quick)",
     )
     p.add_argument("--no-save", action="store_true", help="do not write adapters")
+    p.add_argument(
+        "--no-bf16",
+        action="store_true",
+        help="smollm2: train and score in fp32 instead of bf16 autocast (for CPUs without native bf16: AVX2-only)",
+    )
 
 
 # flag -> the field it sets, in the MiniLM / tiny-LLaMA job's settings
@@ -156,6 +161,8 @@ def _lm_settings(args: argparse.Namespace) -> BenchArgs:
     given["results_dir"] = args.results_dir or (f"{args.output_dir}/{task}" if args.output_dir else default)
     if not args.no_save:
         given["save_adapters"] = f"{given['results_dir']}/adapters"
+    if args.no_bf16:
+        given["bf16"] = False
     return BenchArgs.main_job(task, **given)
 
 
@@ -167,6 +174,8 @@ def _finetune_settings(args: argparse.Namespace) -> FinetuneArgs | BenchArgs:
         if getattr(args, flag) is not None and args.model not in models:
             hint = " (SmolLM2 rows: `peft-ctrl bench TASK --lr METHOD=LR`)" if flag.startswith("lr_") else ""
             raise ValueError(f"--{flag.replace('_', '-')} applies to --model {' / '.join(models)} only{hint}")
+    if args.no_bf16 and args.model != "smollm2":
+        raise ValueError("--no-bf16 applies to --model smollm2 only (the other jobs train in fp32)")
     if args.model == "smollm2":
         return _lm_settings(args)
     given = {field: getattr(args, flag) for flag, field in _SHARED_FLAGS.items() if getattr(args, flag) is not None}

@@ -540,7 +540,10 @@ def test_flags_left_out_keep_each_jobs_defaults():
     assert commonsense.methods == lm_bench.MAIN_JOB and commonsense.seeds == (0,)
     assert commonsense.results_dir == "runs/commonsense-cloze"  # = the bench's, so each resumes from the other
     labels = cli._finetune_settings(parser.parse_args(["finetune", "--task", "commonsense"]))
-    assert labels.task == "commonsense" and labels.results_dir == "runs/commonsense"
+    assert labels.task == "commonsense" and labels.results_dir == "runs/commonsense" and labels.bf16
+    assert not cli._finetune_settings(parser.parse_args(["finetune", "--no-bf16"])).bf16
+    with pytest.raises(ValueError, match="--no-bf16 applies to --model smollm2 only"):
+        cli._finetune_settings(parser.parse_args(["finetune", "--model", "minilm", "--no-bf16"]))
     bench = cli._bench_settings(parser.parse_args(["bench", "stdlib", "--lr", "dora=5e-4"]))
     assert bench.task == "stdlib" and bench.steps == 22 and bench.methods == lm_bench.STDLIB_JOB
     assert bench.lr_of("dora") == 5e-4 and bench.results_dir == "runs/stdlib"
