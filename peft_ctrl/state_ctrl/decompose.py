@@ -61,7 +61,6 @@ class _Decomposer:
                 f"({None if rec.x0 is None else tuple(rec.x0.shape)} -> "
                 f"{None if rec.y is None else tuple(rec.y.shape)})"
             )
-        self.shape = rec.x0.shape
         self.counts: dict[str, int] = {}
         for c in rec.calls:
             self.counts[c.name] = self.counts.get(c.name, 0) + 1

@@ -54,7 +54,6 @@ class Placement:
     widths: dict[str, tuple[int, int]] = field(default_factory=dict)
     causal: dict[str, bool | None] = field(default_factory=dict)
     attention_inputs: set[str] = field(default_factory=set)
-    checked: bool = False
 
 
 def _has_weights(model: nn.Module) -> bool:
@@ -98,13 +97,38 @@ def _layer_filter(config: Any, stacks: dict[str, list[str]]):
     return keep
 
 
-def _probe(model: nn.Module, blocks: list[str], inputs: dict[str, torch.Tensor]) -> dict[str, BlockRecord]:
-    reps = sorted(set(representatives(model, blocks).values()))
-    return record(model, reps, lambda: model(**inputs, **({"use_cache": False} if _takes_use_cache(model) else {})))
+def _join(block: str, name: str) -> str:
+    """A module path relative to ``block`` as a path in the model."""
+    return f"{block}.{name}" if block else name
 
 
-def _takes_use_cache(model: nn.Module) -> bool:
-    return hasattr(getattr(model, "config", None), "use_cache")
+def _probe_forward(model: nn.Module, inputs: dict[str, torch.Tensor]):
+    """The probe's forward on the built ``inputs`` (without a KV cache where the model keeps one)."""
+    cache = {"use_cache": False} if hasattr(getattr(model, "config", None), "use_cache") else {}
+    return lambda: model(**inputs, **cache)
+
+
+def _probe(
+    model: nn.Module, blocks: list[str], run: Any
+) -> tuple[dict[str, str], dict[str, BlockRecord], dict[str, list[SubBlock] | None], list[str]]:
+    """Run the probe on the first block of each structure among ``blocks``: each block's representative, the
+    representatives' records and sub-blocks (None where a block does not decompose) and the reasons why not."""
+    reps = representatives(model, blocks)
+    records = record(model, sorted(set(reps.values())), run)
+    subs: dict[str, list[SubBlock] | None] = {}
+    reasons = []
+    for name, rec in records.items():
+        try:
+            subs[name] = decompose(rec)
+        except Undecomposable as err:
+            subs[name] = None
+            reasons.append(str(err))
+    return reps, records, subs, reasons
+
+
+def _attention_causal(subs: list[SubBlock] | None) -> bool | None:
+    """Whether the block's self-attention is causal, as the probe saw it (None: unknown or no attention)."""
+    return next((s.causal for s in subs or [] if s.kind == "attn"), None)
 
 
 def _attention_inputs(rec: BlockRecord, subs: list[SubBlock]) -> list[str]:
@@ -148,8 +172,10 @@ def find_bridges(model: nn.Module, blocks: str = "both") -> dict[str, list[SubBl
     inputs = probe_inputs(model)
     if inputs is None:
         raise ValueError(f"{type(model).__name__} has no transformers config to build a probe input from.")
-    records = _probe(model, [b for blocks_ in stacks.values() for b in blocks_], inputs)
-    return {name: [s for s in decompose(rec) if s.kind in KINDS[blocks]] for name, rec in records.items()}
+    _, _, subs, reasons = _probe(model, [b for bs in stacks.values() for b in bs], _probe_forward(model, inputs))
+    if reasons:
+        raise Undecomposable("; ".join(reasons))
+    return {name: [s for s in found if s.kind in KINDS[blocks]] for name, found in subs.items()}
 
 
 def _guess_widths(model: nn.Module, head: nn.Module, tail: nn.Module) -> tuple[int, int] | None:
@@ -240,28 +266,19 @@ def place(model: nn.Module, config: Any, skip: list[str]) -> tuple[Placement, An
                 + SKIP_HINT
             )
         blocks = [b for stack in stacks.values() for b in stack]
-        records = _probe(model, blocks, inputs)
-        subs, reasons = {}, []
-        for name, rec in records.items():
-            try:
-                subs[name] = decompose(rec)
-            except Undecomposable as err:
-                reasons.append(str(err))
-        reps = representatives(model, blocks)
+        reps, records, subs, reasons = _probe(model, blocks, _probe_forward(model, inputs))
         for block in blocks:
-            if not keep(block) or reps[block] not in subs:
-                continue
             found = subs[reps[block]]
-            causal = next((s.causal for s in found if s.kind == "attn"), None)
+            if not keep(block) or found is None:
+                continue
             for sub in found:
                 if sub.kind in KINDS[config.blocks or "mlp"]:
-                    tail = f"{block}.{sub.tail}" if block else sub.tail
-                    placement.plan[tail] = f"{block}.{sub.head}" if block else sub.head
+                    tail = _join(block, sub.tail)
+                    placement.plan[tail] = _join(block, sub.head)
                     placement.widths[tail] = (sub.width, sub.width)
-                    placement.causal[tail] = causal
+                    placement.causal[tail] = _attention_causal(found)
             if want_attention_inputs:
-                rec = records[reps[block]]
-                placement.attention_inputs |= {f"{block}.{n}" for n in _attention_inputs(rec, found)}
+                placement.attention_inputs |= {_join(block, n) for n in _attention_inputs(records[reps[block]], found)}
         if not placement.plan:
             detail = "; ".join(reasons) if reasons else f"no {config.blocks or 'mlp'} sub-block was found"
             raise ValueError(
@@ -269,7 +286,6 @@ def place(model: nn.Module, config: Any, skip: list[str]) -> tuple[Placement, An
                 f"{sorted(stacks) or 'none'}): {detail}. Pass bridges=[(head, tail)] with module paths relative to "
                 "one block: the control reads the input of head and is added to the output of tail."
             )
-        placement.checked = True
         return placement, None
 
     matched = {k: v for k, v in _match_bridges(model, list(config.bridges), skip).items() if keep(v[0]) or not stacks}
@@ -283,7 +299,7 @@ def place(model: nn.Module, config: Any, skip: list[str]) -> tuple[Placement, An
             "that exist in one block (print(model) shows them)."
         )
     for key, (block, head, _) in matched.items():
-        placement.plan[key] = f"{block}.{head}" if block else head
+        placement.plan[key] = _join(block, head)
     if config.check_placement and not weights:
         raise ValueError(
             f"state-ctrl checks the bridges with one probe forward of {type(model).__name__}, but its weights are not "
@@ -310,7 +326,7 @@ def place(model: nn.Module, config: Any, skip: list[str]) -> tuple[Placement, An
             _check_matched(model, placement, matched, lambda: model(*args, **kwargs), compare_widths=True)
 
         return placement, deferred
-    _check_matched(model, placement, matched, lambda: model(**inputs), want_attention_inputs)
+    _check_matched(model, placement, matched, _probe_forward(model, inputs), want_attention_inputs)
     return placement, None
 
 
@@ -324,14 +340,7 @@ def _check_matched(
 ) -> None:
     """Probe the blocks of the user's bridges and check each bridge there (see ``check_bridge``)."""
     blocks = sorted({block for block, _, _ in matched.values()})
-    reps = representatives(model, blocks)
-    records = record(model, sorted(set(reps.values())), run)
-    subs: dict[str, list[SubBlock] | None] = {}
-    for name, rec in records.items():
-        try:
-            subs[name] = decompose(rec)
-        except Undecomposable:
-            subs[name] = None
+    reps, records, subs, _ = _probe(model, blocks, run)
     for key, (block, head, tail) in matched.items():
         rep = reps[block]
         widths = check_bridge(records[rep], subs[rep], head, tail)
@@ -341,10 +350,8 @@ def _check_matched(
                 f"read off its modules, but the probe forward shows {widths}; pass the right bridges."
             )
         placement.widths[key] = widths
-        found = subs[rep] or []
-        placement.causal[key] = next((s.causal for s in found if s.kind == "attn"), None)
+        placement.causal[key] = _attention_causal(subs[rep])
     if want_attention_inputs:
         for block in blocks:
             rec, found = records[reps[block]], subs[reps[block]] or []
-            placement.attention_inputs |= {f"{block}.{n}" if block else n for n in _attention_inputs(rec, found)}
-    placement.checked = True
+            placement.attention_inputs |= {_join(block, n) for n in _attention_inputs(rec, found)}
