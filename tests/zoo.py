@@ -87,12 +87,13 @@ SIZES = dict(
 )
 
 
-def tiny_config(family: str) -> transformers.PretrainedConfig:
-    """``family``'s config with the sizes above (each under the name the family's config uses)."""
+def tiny_config(family: str, **sizes: int) -> transformers.PretrainedConfig:
+    """``family``'s config with the sizes above, or ``sizes`` where given (each under the name the family's config
+    uses)."""
     cls = CONFIG_MAPPING[family]
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
-    for name, value in SIZES.items():
+    for name, value in {**SIZES, **sizes}.items():
         real = cls.attribute_map.get(name, name)
         if real in fields:
             kwargs.setdefault(real, value)
