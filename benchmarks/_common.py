@@ -25,7 +25,7 @@ from peft_ctrl import StateCtrlConfig
 from peft_ctrl.ops import lean_lora, lean_mlp
 
 # ALL_LINEAR (re-exported for the benchmarks): the seven linears of a LLaMA block, as in the main job.
-from peft_ctrl.training import ALL_LINEAR as ALL_LINEAR
+from peft_ctrl_app.training import ALL_LINEAR as ALL_LINEAR
 
 RESULTS = Path("docs/results")
 

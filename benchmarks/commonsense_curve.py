@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from peft_ctrl.atomic import atomic_file
-from peft_ctrl.lm_bench import METHODS, TASKS, BenchArgs, run_bench
+from peft_ctrl_app.lm_bench import METHODS, TASKS, BenchArgs, run_bench
 
 
 def table(results: list[dict]) -> str:

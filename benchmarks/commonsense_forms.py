@@ -19,10 +19,10 @@ from pathlib import Path
 
 from _common import parser, pyplot, save_figure, write_results
 
-from peft_ctrl.commonsense import TASKS as SUBTASKS
-from peft_ctrl.commonsense import read_items, shipped_file, split_validation
-from peft_ctrl.lm_bench import TASKS, BenchData, evaluate, scored_item
 from peft_ctrl.models import load_smollm2
+from peft_ctrl_app.commonsense import TASKS as SUBTASKS
+from peft_ctrl_app.commonsense import read_items, shipped_file, split_validation
+from peft_ctrl_app.lm_bench import TASKS, BenchData, evaluate, scored_item
 
 # each form is the bench task that asks it, so the benchmark scores exactly what `peft-ctrl bench TASK` scores
 FORMS = {"label": "commonsense", "listed": "commonsense-listed", "cloze": "commonsense-cloze"}

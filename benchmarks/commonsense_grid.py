@@ -9,7 +9,7 @@ Each (row, lr) is one experiment of ``peft-ctrl bench commonsense`` with its own
 (``runs/TASK_grid/lrLR/validation/METHOD__seedN.json``), so an interrupted grid resumes. Prints the table
 and writes docs/results/REPORT_NAME.{json,md,png}; the ODELoRA group has its own report (``--groups odelora
 --report-name commonsense_grid_odelora``), so it does not replace the main grid's. The row with the lowest option
-NLL of each method sets its lr in ``peft_ctrl.lm_bench.METHODS`` (docs/commonsense.md). 2e-4 is the stdlib chat
+NLL of each method sets its lr in ``peft_ctrl_app.lm_bench.METHODS`` (docs/commonsense.md). 2e-4 is the stdlib chat
 job's state-ctrl lr.
 """
 
@@ -19,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from peft_ctrl.lm_bench import METHODS, TASKS, BenchArgs, run_bench, summary_table, write_report
+from peft_ctrl_app.lm_bench import METHODS, TASKS, BenchArgs, run_bench, summary_table, write_report
 
 GROUPS = {
     # the two rows whose lr every other row shares (LoRA-family rows use LoRA's, bridges use state-ctrl's)

@@ -24,7 +24,7 @@ from peft.optimizers import create_loraplus_optimizer, create_riemannian_optimiz
 
 from peft_ctrl.optim import ODELoRA, create_odelora_optimizer, find_lora_pairs, imbalance
 from peft_ctrl.optim.odelora import damped_inverse
-from peft_ctrl.optim.sensing import SensingProblem
+from peft_ctrl_app.sensing import SensingProblem
 
 TARGET = 1e-6
 BUDGET = 1000  # gradient evaluations

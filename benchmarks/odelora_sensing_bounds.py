@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from _common import parser, write_results
 
-from peft_ctrl.optim.sensing import SensingProblem
+from peft_ctrl_app.sensing import SensingProblem
 
 TARGET = 1e-6
 SCHEMES = {  # stability polynomial coefficients (lowest degree first) and evaluations per step

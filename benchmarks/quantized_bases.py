@@ -104,8 +104,8 @@ def build(base: str, method: str) -> nn.Module:
 
 def batch() -> dict[str, torch.Tensor]:
     """BATCH sequences of SEQ tokens: ARC-Easy training questions and answers, packed end to end."""
-    from peft_ctrl.commonsense import read_items, shipped_file
     from peft_ctrl.models import load_smollm2
+    from peft_ctrl_app.commonsense import read_items, shipped_file
 
     tokenizer = load_smollm2()[1]
     ids: list[int] = []

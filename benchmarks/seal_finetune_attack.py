@@ -31,10 +31,10 @@ from _common import parser, pyplot, save_figure, write_results
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from peft_ctrl import SealConfig
-from peft_ctrl.seal import attacks
 from peft_ctrl.seal.io import LoraFactors, read_adapter, write_lora
 from peft_ctrl.seal.release import release
 from peft_ctrl.seal.verify import OWNER_THRESHOLD, Suspect, verify_owner
+from peft_ctrl_app.forensics import attacks
 
 KEY = "finetune-attack-owner-key-0123456789"
 VOCAB, HIDDEN, STEPS, LR, BATCH, LENGTH = 64, 64, 300, 1e-2, 16, 32

@@ -57,8 +57,13 @@ from _common import parser, pyplot, save_figure, write_results
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from peft_ctrl import SealConfig
-from peft_ctrl.datasets import stdlib_topics
-from peft_ctrl.finetune import (
+from peft_ctrl.seal.claim import Claim, read_claim, structure_of, weights_sha256
+from peft_ctrl.seal.io import LoraFactors, Proof, read_adapter, write_lora, write_proof
+from peft_ctrl.seal.keys import KEY_ENV, commitment, new_salt
+from peft_ctrl.seal.release import CLAIM_FILE, release
+from peft_ctrl.seal.verify import DEFAULT_THRESHOLD, OWNER_THRESHOLD, Suspect, verify_key, verify_owner
+from peft_ctrl_app.datasets import stdlib_topics
+from peft_ctrl_app.finetune import (
     FinetuneArgs,
     accuracy,
     build_model,
@@ -66,13 +71,8 @@ from peft_ctrl.finetune import (
     train_one,
     trim,
 )
-from peft_ctrl.seal import attacks
-from peft_ctrl.seal.claim import Claim, read_claim, structure_of, weights_sha256
-from peft_ctrl.seal.io import LoraFactors, Proof, read_adapter, write_lora, write_proof
-from peft_ctrl.seal.keys import KEY_ENV, commitment, new_salt
-from peft_ctrl.seal.release import CLAIM_FILE, release
-from peft_ctrl.seal.verify import DEFAULT_THRESHOLD, OWNER_THRESHOLD, Suspect, verify_key, verify_owner
-from peft_ctrl.training import length_bucketed_batches, lr_at
+from peft_ctrl_app.forensics import attacks
+from peft_ctrl_app.training import length_bucketed_batches, lr_at
 
 RUNS = Path("runs/seal_robustness")
 SEEDS = (0, 1, 2)
@@ -350,8 +350,8 @@ def smollm2_part(root: Path) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from peft_ctrl.models import load_smollm2
-    from peft_ctrl.tasks import stdlib_items
-    from peft_ctrl.training import (
+    from peft_ctrl_app.tasks import stdlib_items
+    from peft_ctrl_app.training import (
         ChatExample,
         answer_logits,
         answer_loss,
@@ -363,7 +363,7 @@ def smollm2_part(root: Path) -> dict:
 
     _, tokenizer = load_smollm2()
     pad = tokenizer.pad_token_id
-    # the stdlib chat task (peft_ctrl.tasks): every train sentence, 20 test sentences per topic scored by greedy
+    # the stdlib chat task (peft_ctrl_app.tasks): every train sentence, 20 test sentences per topic scored by greedy
     # exact match; the attacker gets the other test sentences
     train_examples = [chat_example(tokenizer, it) for it in stdlib_items("stdlib", "train", tokenizer)]
     test_all = [chat_example(tokenizer, it) for it in stdlib_items("stdlib", "test", tokenizer)]

@@ -16,15 +16,15 @@ from peft import PeftModel, get_peft_model
 
 import peft_ctrl  # noqa: F401  (registers STATE_CTRL with peft)
 from peft_ctrl import StateCtrlConfig
-from peft_ctrl.commonsense import read_items, shipped_file, subset
-from peft_ctrl.lm_bench import option_choices, scored_item
 from peft_ctrl.models import load_smollm2
-from peft_ctrl.tasks import cloze
-from peft_ctrl.training import answer_loss, chat_example, collate, lr_at
+from peft_ctrl_app.commonsense import read_items, shipped_file, subset
+from peft_ctrl_app.lm_bench import option_choices, scored_item
+from peft_ctrl_app.tasks import cloze
+from peft_ctrl_app.training import answer_loss, chat_example, collate, lr_at
 
 torch.manual_seed(0)
 base, tokenizer = load_smollm2()
-# the cloze form: the question alone, answered with the option's words (peft_ctrl.commonsense.in_words)
+# the cloze form: the question alone, answered with the option's words (peft_ctrl_app.commonsense.in_words)
 train = [chat_example(tokenizer, cloze(it)) for it in subset(read_items(shipped_file("ARC-Easy", "train")), 320)]
 questions = [cloze(it) for it in subset(read_items(shipped_file("ARC-Easy", "test")), 100)]
 test = [scored_item(tokenizer, it, end_of_turn=True) for it in questions]

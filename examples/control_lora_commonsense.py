@@ -16,11 +16,11 @@ from peft import PeftModel, get_peft_model
 
 import peft_ctrl  # noqa: F401  (registers STATE_CTRL with peft)
 from peft_ctrl import StateCtrlConfig
-from peft_ctrl.commonsense import read_items, shipped_file, subset
-from peft_ctrl.lm_bench import option_choices, scored_item
 from peft_ctrl.models import load_smollm2
 from peft_ctrl.optim import bridge_input_rms, depth_scaled_param_groups
-from peft_ctrl.training import answer_loss, chat_example, collate
+from peft_ctrl_app.commonsense import read_items, shipped_file, subset
+from peft_ctrl_app.lm_bench import option_choices, scored_item
+from peft_ctrl_app.training import answer_loss, chat_example, collate
 
 torch.manual_seed(0)
 base, tokenizer = load_smollm2()

@@ -14,7 +14,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 from peft_ctrl.optim import create_odelora_optimizer, imbalance
-from peft_ctrl.optim.sensing import SensingProblem
+from peft_ctrl_app.sensing import SensingProblem
 from trainer_callbacks import ODELoRATrainer
 
 

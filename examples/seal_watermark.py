@@ -15,11 +15,12 @@ import transformers
 from peft import PeftModel, get_peft_model
 
 from peft_ctrl import SealConfig
-from peft_ctrl.seal import attacks, generate_key
+from peft_ctrl.seal import generate_key
 from peft_ctrl.seal.claim import read_claim
 from peft_ctrl.seal.io import read_adapter
 from peft_ctrl.seal.release import release
 from peft_ctrl.seal.verify import Suspect, verify_key, verify_owner
+from peft_ctrl_app.forensics import attacks
 
 
 def tiny_llama() -> transformers.LlamaForCausalLM:

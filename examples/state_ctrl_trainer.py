@@ -13,8 +13,8 @@ from peft import get_peft_model
 from transformers import Trainer, TrainingArguments
 
 from peft_ctrl import StateCtrlConfig
-from peft_ctrl.datasets import stdlib_topics
-from peft_ctrl.finetune import accuracy, build_model, encode
+from peft_ctrl_app.datasets import stdlib_topics
+from peft_ctrl_app.finetune import accuracy, build_model, encode
 from trainer_callbacks import MemoryReportCallback
 
 

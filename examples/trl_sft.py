@@ -87,7 +87,7 @@ def main() -> None:
     from peft import PeftModel
 
     from peft_ctrl import set_adapter_dtype
-    from peft_ctrl.commonsense import read_items, shipped_file
+    from peft_ctrl_app.commonsense import read_items, shipped_file
     from trainer_callbacks import ODELoRAMixin, SubLoRACallback
 
     items = read_items(shipped_file("ARC-Easy", "train"))[: 4 * options.steps]

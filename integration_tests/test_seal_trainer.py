@@ -8,9 +8,9 @@ from peft import get_peft_model
 from transformers import Trainer, TrainingArguments
 
 from peft_ctrl import SealConfig
-from peft_ctrl.cli import main as cli
 from peft_ctrl.seal.keys import KEY_ENV, passport
 from peft_ctrl.seal.verify import Suspect, verify_owner
+from peft_ctrl_app.cli import main as cli
 
 KEY = "trainer-owner-key-0123456789abcdef"
 

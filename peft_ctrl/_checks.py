@@ -1,4 +1,4 @@
-"""Up-front checks of config fields and command-line values.
+"""Up-front checks of config fields and function arguments.
 
 Every check raises ``ValueError`` with one sentence that names the field, the allowed values and what was
 given, so a bad value is reported before any model is built (not as an error from deep inside torch).
@@ -6,10 +6,9 @@ given, so a bad value is reported before any model is built (not as an error fro
 
 from __future__ import annotations
 
-import argparse
 import math
 import numbers
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 
@@ -70,30 +69,3 @@ def check_choice(field: str, value: Any, choices: Iterable[Any]) -> Any:
     if value not in choices:
         raise ValueError(f"{field} must be one of {', '.join(map(repr, choices))}; got {value!r}.")
     return value
-
-
-def int_arg(low: int) -> Callable[[str], int]:
-    """An argparse ``type``: an integer >= ``low``."""
-
-    def parse(text: str) -> int:
-        try:
-            return check_int("the value", int(text), low=low)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
-
-    return parse
-
-
-def float_arg(
-    low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False
-) -> Callable[[str], float]:
-    """An argparse ``type``: a finite number within the bounds (``*_open`` excludes the bound itself)."""
-
-    def parse(text: str) -> float:
-        try:
-            return check_float("the value", float(text), low, high, low_open=low_open, high_open=high_open)
-        except ValueError:
-            bounds = _range_text(low, high, low_open, high_open)
-            raise argparse.ArgumentTypeError(f"must be a finite number{bounds}, got {text!r}") from None
-
-    return parse

@@ -11,8 +11,9 @@ import sys
 
 import pytest
 
-from peft_ctrl import SealConfig, StateCtrlConfig, SubLoRAConfig, cli
-from peft_ctrl.finetune import FinetuneArgs
+from peft_ctrl import SealConfig, StateCtrlConfig, SubLoRAConfig
+from peft_ctrl_app import cli
+from peft_ctrl_app.finetune import FinetuneArgs
 
 SUB = {"target_modules": ["q_proj"], "target_r": 2}
 
@@ -98,7 +99,7 @@ def test_cli_errors_are_one_line_usage_errors(argv, message, capsys):
 
 def test_a_bad_flag_in_a_real_process_exits_2_without_a_traceback():
     done = subprocess.run(
-        [sys.executable, "-m", "peft_ctrl.cli", "finetune", "--rank-state-ctrl", "0"],
+        [sys.executable, "-m", "peft_ctrl_app.cli", "finetune", "--rank-state-ctrl", "0"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -133,7 +134,7 @@ def test_an_unknown_option_never_echoes_its_value(capsys, words, named):
 def test_the_key_option_echo_is_closed_in_a_real_process():
     """The same through the installed entry point, as a user types it (finding 6 of the SEAL issue)."""
     done = subprocess.run(
-        [sys.executable, "-m", "peft_ctrl.cli", "seal", "verify", "REL", "--mode", "key", "--key=SECRET-xyz"],
+        [sys.executable, "-m", "peft_ctrl_app.cli", "seal", "verify", "REL", "--mode", "key", "--key=SECRET-xyz"],
         capture_output=True,
         text=True,
         timeout=120,

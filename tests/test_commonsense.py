@@ -11,8 +11,10 @@ import torch
 from models import FAST_BF16, VOCAB, build
 from peft import get_peft_model
 
-from peft_ctrl import StateCtrlConfig, cli, lm_bench, models
-from peft_ctrl.commonsense import (
+from peft_ctrl import StateCtrlConfig, models
+from peft_ctrl.optim import bridge_input_rms, depth_scaled_param_groups
+from peft_ctrl_app import cli, job_commands, lm_bench
+from peft_ctrl_app.commonsense import (
     DATA_DIR,
     TASKS,
     Item,
@@ -22,9 +24,8 @@ from peft_ctrl.commonsense import (
     split_validation,
     subset,
 )
-from peft_ctrl.optim import bridge_input_rms, depth_scaled_param_groups
-from peft_ctrl.tasks import STDLIB_MAX_TOKENS, STDLIB_SYSTEM, stdlib_items
-from peft_ctrl.training import chat_example, prompt_ids
+from peft_ctrl_app.tasks import STDLIB_MAX_TOKENS, STDLIB_SYSTEM, stdlib_items
+from peft_ctrl_app.training import chat_example, prompt_ids
 
 SIZES = {
     ("boolq", "train"): 9427,
@@ -525,32 +526,34 @@ def test_finetune_flags_are_checked_before_anything_runs(flags, message, capsys)
 def test_flags_left_out_keep_each_jobs_defaults():
     parser = cli.Parser(prog="peft-ctrl")
     sub = parser.add_subparsers(dest="command")
-    cli._finetune_parser(sub)
-    cli._bench_parser(sub)
-    stdlib = cli._finetune_settings(parser.parse_args(["finetune", "--task", "stdlib", "--seeds", "4"]))
+    job_commands.finetune_parser(sub, cli.COMMANDS["finetune"])
+    job_commands.bench_parser(sub, cli.COMMANDS["bench"])
+    stdlib = job_commands._finetune_settings(parser.parse_args(["finetune", "--task", "stdlib", "--seeds", "4"]))
     assert stdlib.task == "stdlib" and stdlib.seeds == (4,) and stdlib.steps == 22
     assert stdlib.methods == lm_bench.STDLIB_JOB and stdlib.save_adapters == "runs/stdlib/adapters"
-    quick = cli._finetune_settings(parser.parse_args(["finetune", "--task", "stdlib", "--quick", "--no-save"]))
+    quick = job_commands._finetune_settings(
+        parser.parse_args(["finetune", "--task", "stdlib", "--quick", "--no-save"])
+    )
     assert quick.steps == 20 and quick.eval_items == 30 and quick.save_adapters is None
     assert quick.results_dir == "runs/finetune/stdlib-quick" and quick.seeds == (0,)
-    minilm = cli._finetune_settings(parser.parse_args(["finetune", "--model", "minilm", "--methods", "lora"]))
+    minilm = job_commands._finetune_settings(parser.parse_args(["finetune", "--model", "minilm", "--methods", "lora"]))
     assert minilm.model == "minilm" and minilm.methods == ("lora",) and minilm.steps == 200
-    commonsense = cli._finetune_settings(parser.parse_args(["finetune", "--steps", "7"]))
+    commonsense = job_commands._finetune_settings(parser.parse_args(["finetune", "--steps", "7"]))
     assert commonsense.task == "commonsense-cloze" and commonsense.steps == 7  # the README's main job
     assert commonsense.methods == lm_bench.MAIN_JOB and commonsense.seeds == (0,)
     assert commonsense.results_dir == "runs/commonsense-cloze"  # = the bench's, so each resumes from the other
-    labels = cli._finetune_settings(parser.parse_args(["finetune", "--task", "commonsense"]))
+    labels = job_commands._finetune_settings(parser.parse_args(["finetune", "--task", "commonsense"]))
     assert labels.task == "commonsense" and labels.results_dir == "runs/commonsense" and labels.bf16
-    assert not cli._finetune_settings(parser.parse_args(["finetune", "--no-bf16"])).bf16
+    assert not job_commands._finetune_settings(parser.parse_args(["finetune", "--no-bf16"])).bf16
     with pytest.raises(ValueError, match="--no-bf16 applies to --model smollm2 only"):
-        cli._finetune_settings(parser.parse_args(["finetune", "--model", "minilm", "--no-bf16"]))
-    bench = cli._bench_settings(parser.parse_args(["bench", "stdlib", "--lr", "dora=5e-4"]))
+        job_commands._finetune_settings(parser.parse_args(["finetune", "--model", "minilm", "--no-bf16"]))
+    bench = job_commands._bench_settings(parser.parse_args(["bench", "stdlib", "--lr", "dora=5e-4"]))
     assert bench.task == "stdlib" and bench.steps == 22 and bench.methods == lm_bench.STDLIB_JOB
     assert bench.lr_of("dora") == 5e-4 and bench.results_dir == "runs/stdlib"
-    headline = cli._bench_settings(parser.parse_args(["bench", "commonsense"]))
+    headline = job_commands._bench_settings(parser.parse_args(["bench", "commonsense"]))
     assert headline.methods == lm_bench.HEADLINE and headline.steps == 60
-    cloze = cli._bench_settings(parser.parse_args(["bench", "commonsense-cloze", "--seeds", "0"]))
+    cloze = job_commands._bench_settings(parser.parse_args(["bench", "commonsense-cloze", "--seeds", "0"]))
     assert cloze.task == "commonsense-cloze" and cloze.results_dir == "runs/commonsense-cloze"
     assert cloze.methods == lm_bench.CLOZE_HEADLINE and cloze.steps == 60 and cloze.seeds == (0,)
     for task in lm_bench.TASKS:  # every task has its bench command and default rows
-        assert cli._bench_settings(parser.parse_args(["bench", task])).task == task
+        assert job_commands._bench_settings(parser.parse_args(["bench", task])).task == task

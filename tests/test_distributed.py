@@ -168,7 +168,7 @@ def test_sublora_callback_refuses_zero3_the_regulariser_and_exact_svd_under_deep
 
 
 def test_cli_prints_config_paths(capsys):
-    from peft_ctrl.cli import main
+    from peft_ctrl_app.cli import main
 
     assert main(["zero-config", "--stage", "3", "--offload"]) == 0
     assert capsys.readouterr().out.strip() == str(config_path(3, True))

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from peft_ctrl import cli
 from peft_ctrl.atomic import atomic_directory
-from peft_ctrl.datasets import _sentences, stdlib_topics
-from peft_ctrl.finetune import FinetuneArgs, length_bucketed_batches, trim
+from peft_ctrl_app import cli
+from peft_ctrl_app.datasets import _sentences, stdlib_topics
+from peft_ctrl_app.finetune import FinetuneArgs, length_bucketed_batches, trim
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
-"""The library's import structure, read from the source (ast): no import circle anywhere in peft_ctrl (lazy
-imports inside functions included), the bottom layer imports nothing of peft_ctrl, and the methods import neither
-the distributed launchers nor the application modules (the CLI, the main job and the benchmark runner)."""
+"""The import structure of the two packages, read from the source (ast): no import circle anywhere in the library
+(``peft_ctrl``, ``trainer_callbacks``) or the application (``peft_ctrl_app``), lazy imports inside functions
+included; the library imports nothing from the application; the bottom layer imports nothing of peft_ctrl; the
+methods do not import the distributed launchers; and the command line starts without loading torch or peft."""
 
 from __future__ import annotations
 
@@ -9,29 +10,22 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1] / "peft_ctrl"
+REPO = Path(__file__).resolve().parents[1]
+LIBRARY = ("peft_ctrl", "trainer_callbacks")
+APPLICATION = ("peft_ctrl_app",)
 # The bottom layer: shared mechanics every method may use.
 BOTTOM = {"peft_ctrl.sharding", "peft_ctrl.capabilities", "peft_ctrl.atomic", "peft_ctrl.factors", "peft_ctrl.dtypes"}
 # The methods and what they are built from.
 METHODS = ("peft_ctrl.state_ctrl", "peft_ctrl.seal", "peft_ctrl.sublora", "peft_ctrl.optim", "peft_ctrl.ops")
 METHOD_BASES = {"peft_ctrl.linear_adapter", "peft_ctrl.metrics", "peft_ctrl._registry"}
-# The application: the command line, the main job, the benchmark runner and its tasks and data.
-APPLICATION = {
-    "peft_ctrl.cli",
-    "peft_ctrl.finetune",
-    "peft_ctrl.lm_bench",
-    "peft_ctrl.tasks",
-    "peft_ctrl.commonsense",
-    "peft_ctrl.datasets",
-    "peft_ctrl.training",
-}
 
 
 def modules() -> dict[str, Path]:
     found = {}
-    for path in ROOT.rglob("*.py"):
-        name = ".".join(path.relative_to(ROOT.parent).with_suffix("").parts)
-        found[name.removesuffix(".__init__")] = path
+    for package in LIBRARY + APPLICATION:
+        for path in (REPO / package).rglob("*.py"):
+            name = ".".join(path.relative_to(REPO).with_suffix("").parts)
+            found[name.removesuffix(".__init__")] = path
     return found
 
 
@@ -39,8 +33,8 @@ MODULES = modules()
 
 
 def imports(name: str) -> set[str]:
-    """Every peft_ctrl module that ``name`` imports, at the top or inside a function. ``from package import x``
-    counts as importing ``package.x`` when that is a module, else ``package``."""
+    """Every module of the two packages that ``name`` imports, at the top or inside a function. ``from package
+    import x`` counts as importing ``package.x`` when that is a module, else ``package``."""
     path = MODULES[name]
     package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
     found = set()
@@ -91,8 +85,14 @@ def test_the_bottom_layer_imports_nothing_of_peft_ctrl(name):
 
 
 @pytest.mark.parametrize("name", sorted(n for n in MODULES if within(n, METHODS) or n in METHOD_BASES))
-def test_methods_import_neither_launchers_nor_the_application(name):
-    wrong = {dep for dep in GRAPH[name] if within(dep, {"peft_ctrl.distributed"}) or dep in APPLICATION}
+def test_methods_do_not_import_the_launchers(name):
+    wrong = {dep for dep in GRAPH[name] if within(dep, {"peft_ctrl.distributed"})}
+    assert not wrong, f"{name} imports {sorted(wrong)}"
+
+
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if within(n, LIBRARY)))
+def test_the_library_imports_nothing_from_the_application(name):
+    wrong = {dep for dep in GRAPH[name] if within(dep, APPLICATION)}
     assert not wrong, f"{name} imports {sorted(wrong)}"
 
 
@@ -101,18 +101,43 @@ def test_the_graph_is_read():
     assert "peft_ctrl.sharding" in GRAPH["peft_ctrl.linear_adapter"]
     assert "peft_ctrl.state_ctrl.placement" in GRAPH["peft_ctrl.state_ctrl.model"]
     assert "peft_ctrl.capabilities" in GRAPH["peft_ctrl.distributed"]
+    assert "peft_ctrl.state_ctrl" in GRAPH["peft_ctrl_app.lm_bench"]
+    assert "peft_ctrl_app.commonsense" in GRAPH["peft_ctrl_app.tasks"]
+    assert "peft_ctrl.distributed" in GRAPH["trainer_callbacks.sublora"]
 
 
 def test_importing_the_library_loads_no_launcher_and_no_application():
-    """``import peft_ctrl`` (what registers the methods) does not load peft_ctrl.distributed, the application
-    modules, or transformers' TrainingArguments."""
+    """``import peft_ctrl`` (what registers the methods) does not load peft_ctrl.distributed, any application
+    module, or transformers' TrainingArguments."""
     import subprocess
     import sys
 
     code = (
         "import sys, peft_ctrl; "
-        "print(sorted(m for m in sys.modules if m.startswith('peft_ctrl.distributed') or m in "
-        f"{sorted(APPLICATION)!r} or m == 'transformers.training_args'))"
+        "print(sorted(m for m in sys.modules if m.startswith(('peft_ctrl.distributed', 'peft_ctrl_app')) "
+        "or m == 'transformers.training_args'))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
+
+
+@pytest.mark.parametrize("argv", [["seal", "verify", "--help"], ["seal", "keygen", "--help"], ["--help"]])
+def test_the_command_line_answers_help_without_loading_torch_or_peft(argv):
+    """The CLI imports a command's modules only when that command runs: its parsers are built from the
+    application's own light modules, so ``peft-ctrl seal verify --help`` starts in well under 2 s."""
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import sys; from peft_ctrl_app.cli import main\n"
+        "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+        "heavy = sorted(m for m in ('torch', 'peft', 'transformers', 'peft_ctrl') if m in sys.modules)\n"
+        "print('HEAVY', heavy)"
+    )
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True).stdout
+    elapsed = time.perf_counter() - start
+    assert "usage: " in out
+    assert out.strip().splitlines()[-1] == "HEAVY []", out
+    assert elapsed < 2.0, f"{' '.join(argv)} took {elapsed:.2f} s"

@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 
 from peft_ctrl.optim import ODELoRA, create_odelora_optimizer, imbalance, ode_direction, rebalance
 from peft_ctrl.optim.odelora import LoraPair, gauge
-from peft_ctrl.optim.sensing import SensingProblem
+from peft_ctrl_app.sensing import SensingProblem
 
 
 def dense_projection(B, A, G):

@@ -14,13 +14,13 @@ from safetensors.torch import save_file
 from scipy import stats
 
 from peft_ctrl import SealConfig
-from peft_ctrl.cli import main as cli
-from peft_ctrl.seal import attacks
 from peft_ctrl.seal.claim import read_claim
 from peft_ctrl.seal.io import LoraFactors, read_adapter, write_lora
 from peft_ctrl.seal.keys import KEY_ENV, initial_a, key_schedule, passport
 from peft_ctrl.seal.release import release
 from peft_ctrl.seal.verify import Suspect, verify_key, verify_owner, verify_passport
+from peft_ctrl_app.cli import main as cli
+from peft_ctrl_app.forensics import attacks
 
 KEY = "owner-key-0123456789abcdef"
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -795,3 +795,17 @@ def test_a_larger_initial_a_keeps_more_evidence_through_continued_fine_tuning(tm
         SealConfig(init_a_scale=-1.0)
     with pytest.raises(ValueError, match="warmup_steps must be >= 0"):
         attacks.continued_finetune(attacked, [], 1, max_grad_norm=0.0)
+
+
+def test_the_command_lines_copies_of_library_constants_match_them():
+    """The seal parser holds literal copies (so that building it loads neither torch nor peft): each must equal
+    the value it copies."""
+    from peft_ctrl.seal import release as release_module
+    from peft_ctrl.seal import verify as verify_module
+    from peft_ctrl_app.forensics import cli as seal_cli
+
+    assert seal_cli.KEY_ENV == KEY_ENV
+    assert seal_cli.OWNER_THRESHOLD == verify_module.OWNER_THRESHOLD
+    assert seal_cli.DEFAULT_THRESHOLD == verify_module.DEFAULT_THRESHOLD
+    assert seal_cli.CLAIM_FILE == release_module.CLAIM_FILE
+    assert seal_cli.WEIGHT_ATTACKS == attacks.WEIGHT_ATTACKS

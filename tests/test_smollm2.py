@@ -16,10 +16,11 @@ import torch
 from models import FAST_BF16
 from peft import get_peft_model
 
-from peft_ctrl import StateCtrlConfig, cli, models
+from peft_ctrl import StateCtrlConfig, models
 from peft_ctrl.state_ctrl import StateCtrlLayer
-from peft_ctrl.tasks import stdlib_items
-from peft_ctrl.training import chat_example
+from peft_ctrl_app import cli
+from peft_ctrl_app.tasks import stdlib_items
+from peft_ctrl_app.training import chat_example
 
 NO_BF16 = [] if FAST_BF16 else ["--no-bf16"]  # see tests/models.py
 

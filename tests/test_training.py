@@ -1,4 +1,4 @@
-"""The shared causal-LM training pieces (peft_ctrl.training) on a tiny LLaMA: batches, the answer-only loss, the
+"""The shared causal-LM training pieces (peft_ctrl_app.training) on a tiny LLaMA: batches, the answer-only loss, the
 one-pass greedy score and the learning-rate schedule."""
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from models import VOCAB, build
 
-from peft_ctrl.training import (
+from peft_ctrl_app.training import (
     ChatExample,
     answer_logits,
     answer_loss,

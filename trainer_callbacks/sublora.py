@@ -12,7 +12,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from peft_ctrl.capabilities import check_stage, fsdp_limit
 from peft_ctrl.distributed import deepspeed_stage
 from peft_ctrl.distributed.fsdp import fsdp_requested
-from peft_ctrl.sublora.runtime import LossFn, RankAllocator, write_heatmap
+from peft_ctrl.sublora.runtime import LossFn, RankAllocator
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "sublora_state.json"
@@ -151,3 +151,27 @@ def _to(batch: Any, device) -> Any:
     if isinstance(batch, dict):
         return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
     return type(batch)(v.to(device) if hasattr(v, "to") else v for v in batch)
+
+
+def write_heatmap(history: list[dict], path: str | Path) -> Path:
+    """PNG of the kept components per module (rows) at each allocation (columns)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history:
+        raise ValueError("No allocation has run yet, so there is no rank history to plot.")
+    modules = list(history[0]["ranks"])
+    data = [[event["ranks"][m] for event in history] for m in modules]
+    fig, ax = plt.subplots(figsize=(max(4, 0.4 * len(history) + 3), max(3, 0.25 * len(modules) + 1)))
+    image = ax.imshow(data, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_yticks(range(len(modules)), modules, fontsize=6)
+    ax.set_xticks(range(len(history)), [str(e["step"]) for e in history], fontsize=6, rotation=90)
+    ax.set_xlabel("step")
+    fig.colorbar(image, ax=ax, label="kept components")
+    ax.set_title("SubLoRA ranks per module")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -349,27 +349,3 @@ def _hvp_rows(
                 rows = torch.autograd.grad(flat_grad, params, grad_outputs=v, retain_graph=True)
                 out.append(torch.cat([r.reshape(-1) for r in rows])[None])
     return torch.cat(out)
-
-
-def write_heatmap(history: list[dict], path: str | Path) -> Path:
-    """PNG of the kept components per module (rows) at each allocation (columns)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not history:
-        raise ValueError("No allocation has run yet, so there is no rank history to plot.")
-    modules = list(history[0]["ranks"])
-    data = [[event["ranks"][m] for event in history] for m in modules]
-    fig, ax = plt.subplots(figsize=(max(4, 0.4 * len(history) + 3), max(3, 0.25 * len(modules) + 1)))
-    image = ax.imshow(data, aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set_yticks(range(len(modules)), modules, fontsize=6)
-    ax.set_xticks(range(len(history)), [str(e["step"]) for e in history], fontsize=6, rotation=90)
-    ax.set_xlabel("step")
-    fig.colorbar(image, ax=ax, label="kept components")
-    ax.set_title("SubLoRA ranks per module")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)

@@ -7,19 +7,19 @@ import argparse
 import json
 from pathlib import Path
 
-from safetensors.torch import save_file
+from ..args import float_arg, int_arg
 
-from .._checks import float_arg, int_arg
-from . import attacks
-from .claim import read_claim
-from .io import atomic_output, read_adapter, write_lora, write_proof
-from .keys import KEY_ENV, generate_key
-from .release import CLAIM_FILE, release
-from .verify import DEFAULT_THRESHOLD, OWNER_THRESHOLD, Suspect, verify_key, verify_owner
+# Copies of library constants, so that building this parser loads neither torch nor peft (the library's import
+# does); tests/test_seal.py checks each against the value it copies.
+KEY_ENV = "PEFT_CTRL_SEAL_KEY"  # peft_ctrl.seal.keys.KEY_ENV
+OWNER_THRESHOLD = 2.0**-64  # peft_ctrl.seal.verify.OWNER_THRESHOLD
+DEFAULT_THRESHOLD = 1e-6  # peft_ctrl.seal.verify.DEFAULT_THRESHOLD
+CLAIM_FILE = "seal_claim.json"  # peft_ctrl.seal.release.CLAIM_FILE
+WEIGHT_ATTACKS = ("prune", "noise", "obfuscate", "permute", "refactorize", "pad-rank")  # attacks.WEIGHT_ATTACKS
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    seal = sub.add_parser("seal", help="SEAL watermarks: keygen, release, verify, attack")
+def add_parser(sub: argparse._SubParsersAction, help_text: str) -> None:
+    seal = sub.add_parser("seal", help=help_text)
     cmds = seal.add_subparsers(dest="seal_command", required=True)
     cmds.add_parser("keygen", help=f"print a fresh random key for {KEY_ENV}")
 
@@ -59,11 +59,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = cmds.add_parser(
         "attack",
         help="write an attacked copy of a released LoRA adapter (continued fine-tuning: the Python function "
-        "peft_ctrl.seal.attacks.continued_finetune, which needs your model and data)",
+        "peft_ctrl_app.forensics.attacks.continued_finetune, which needs your model and data)",
     )
     p.add_argument("adapter_dir", type=Path)
     p.add_argument("out", type=Path, help="adapter directory; merge: a .safetensors file; forge: a proof file")
-    p.add_argument("--kind", choices=[*attacks.WEIGHT_ATTACKS, "merge", "forge"], required=True)
+    p.add_argument("--kind", choices=[*WEIGHT_ATTACKS, "merge", "forge"], required=True)
     p.add_argument(
         "--strength",
         type=float_arg(0.0),
@@ -95,52 +95,74 @@ def _safetensors(path: Path) -> dict:
 def run(args: argparse.Namespace) -> int:
     """Run one ``seal`` sub-command; returns the exit status (verify: 0 verified, 1 not verified)."""
     if args.seal_command == "keygen":
+        from peft_ctrl.seal.keys import generate_key
+
         print(generate_key())
         return 0
     if args.seal_command == "release":
-        proof = args.proof or args.adapter_dir / "seal_proof.safetensors"
-        claim = release(args.adapter_dir, args.out_dir, proof, key=_key(args))
-        print(f"released {len(claim.structure)} LoRA modules to {args.out_dir}; private proof: {proof}")
-        print(
-            f"publish this claim digest now, dated, where verifiers will look (e.g. the model card): {claim.digest()}"
-        )
-        print(f"(its public record: {args.out_dir / CLAIM_FILE})")
-        return 0
+        return _release(args)
     if args.seal_command == "attack":
-        adapter = read_adapter(args.adapter_dir)
-        if args.kind == "merge":
-            if args.base is None:
-                raise ValueError("--kind merge needs --base (the base model's weights).")
-            with atomic_output(args.out, is_dir=False) as tmp:
-                save_file(attacks.merge(adapter, _safetensors(args.base)), str(tmp))
-            print(f"wrote the merged model to {args.out}")
-            return 0
-        if args.kind == "forge":
-            if args.forged_key_file is None or not args.forged_key_file.is_file():
-                raise ValueError("--kind forge needs --forged-key-file (the forger's key in a file).")
-            forged = attacks.forge_proof(adapter, args.forged_key_file.read_text().strip())
-            write_proof(args.out, forged)
-            print(
-                f"wrote a forged proof for the forger's key to {args.out}; the forger's claim digest (what they "
-                f"would publish): {attacks.claim_of(forged).digest()}"
-            )
-            return 0
-        if args.kind == "prune":
-            attacked = attacks.prune(adapter, args.strength)
-        elif args.kind == "noise":
-            attacked = attacks.noise(adapter, args.strength, seed=args.seed)
-        elif args.kind == "refactorize":
-            attacked = attacks.refactorize(adapter)
-        elif args.kind == "pad-rank":
-            if args.strength < 1 or args.strength != int(args.strength):
-                raise ValueError("--kind pad-rank takes --strength N: how many near-null components to add (N >= 1).")
-            attacked = attacks.pad_rank(adapter, int(args.strength), seed=args.seed)
-        else:
-            attacked = getattr(attacks, args.kind)(adapter, seed=args.seed)
-        write_lora(args.out, attacked)
-        print(f"wrote the {args.kind} attack of {args.adapter_dir} to {args.out}")
+        return _attack(args)
+    return _verify(args)
+
+
+def _release(args: argparse.Namespace) -> int:
+    from peft_ctrl.seal.release import release
+
+    proof = args.proof or args.adapter_dir / "seal_proof.safetensors"
+    claim = release(args.adapter_dir, args.out_dir, proof, key=_key(args))
+    print(f"released {len(claim.structure)} LoRA modules to {args.out_dir}; private proof: {proof}")
+    print(f"publish this claim digest now, dated, where verifiers will look (e.g. the model card): {claim.digest()}")
+    print(f"(its public record: {args.out_dir / CLAIM_FILE})")
+    return 0
+
+
+def _attack(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+
+    from peft_ctrl.seal.io import atomic_output, read_adapter, write_lora, write_proof
+
+    from . import attacks
+
+    adapter = read_adapter(args.adapter_dir)
+    if args.kind == "merge":
+        if args.base is None:
+            raise ValueError("--kind merge needs --base (the base model's weights).")
+        with atomic_output(args.out, is_dir=False) as tmp:
+            save_file(attacks.merge(adapter, _safetensors(args.base)), str(tmp))
+        print(f"wrote the merged model to {args.out}")
         return 0
-    # verify
+    if args.kind == "forge":
+        if args.forged_key_file is None or not args.forged_key_file.is_file():
+            raise ValueError("--kind forge needs --forged-key-file (the forger's key in a file).")
+        forged = attacks.forge_proof(adapter, args.forged_key_file.read_text().strip())
+        write_proof(args.out, forged)
+        print(
+            f"wrote a forged proof for the forger's key to {args.out}; the forger's claim digest (what they "
+            f"would publish): {attacks.claim_of(forged).digest()}"
+        )
+        return 0
+    if args.kind == "prune":
+        attacked = attacks.prune(adapter, args.strength)
+    elif args.kind == "noise":
+        attacked = attacks.noise(adapter, args.strength, seed=args.seed)
+    elif args.kind == "refactorize":
+        attacked = attacks.refactorize(adapter)
+    elif args.kind == "pad-rank":
+        if args.strength < 1 or args.strength != int(args.strength):
+            raise ValueError("--kind pad-rank takes --strength N: how many near-null components to add (N >= 1).")
+        attacked = attacks.pad_rank(adapter, int(args.strength), seed=args.seed)
+    else:
+        attacked = getattr(attacks, args.kind)(adapter, seed=args.seed)
+    write_lora(args.out, attacked)
+    print(f"wrote the {args.kind} attack of {args.adapter_dir} to {args.out}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from peft_ctrl.seal.claim import read_claim
+    from peft_ctrl.seal.verify import Suspect, verify_key, verify_owner
+
     if (args.suspect / "adapter_config.json").is_file():
         suspect = Suspect.from_adapter(args.suspect)
     elif args.base is None:

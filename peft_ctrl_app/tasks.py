@@ -1,7 +1,7 @@
 """The causal-LM tasks of ``peft-ctrl bench`` and ``peft-ctrl finetune``, described as data.
 
 A task is a list of subtasks whose train and test splits load as ``Item`` lists (a question, its reference
-response, its answer and every option), plus the settings of its main job. One runner (``peft_ctrl.lm_bench``)
+response, its answer and every option), plus the settings of its main job. One runner (``peft_ctrl_app.lm_bench``)
 trains and scores every task the same way: the loss on the response only, the answer = the option whose response
 the model finds most likely.
 """
@@ -46,18 +46,18 @@ class Task:
 
 
 def commonsense_items(subtask: str, split: str, tokenizer: Any = None) -> list[Item]:
-    """A shipped commonsense file (``peft_ctrl.commonsense``); the tokenizer is not needed."""
+    """A shipped commonsense file (``peft_ctrl_app.commonsense``); the tokenizer is not needed."""
     return read_items(shipped_file(subtask, split), subtask)
 
 
 def cloze(item: Item) -> Item:
     """The cloze form of a commonsense item: the question alone, answered with the words of its option
-    (``peft_ctrl.commonsense.in_words`` without the listed options)."""
+    (``peft_ctrl_app.commonsense.in_words`` without the listed options)."""
     return in_words(item, show_options=False)
 
 
 def stdlib_items(subtask: str, split: str, tokenizer: Any) -> list[Item]:
-    """The stdlib topics (``peft_ctrl.datasets.stdlib_topics``) as chat questions: the system message lists the six
+    """The stdlib topics (``peft_ctrl_app.datasets.stdlib_topics``) as chat questions: the system message lists the six
     topics, the user message is the sentence (cut to its first 40 tokens) and the response is the topic's name."""
     if subtask != "stdlib" or split not in ("train", "test"):
         raise ValueError(f"The stdlib task has one subtask, 'stdlib', split train or test; got {subtask}/{split}.")

@@ -14,11 +14,11 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from ..factors import balanced_split, haar_orthogonal, product_svd
-from .canonical import LLAMA_NORM_READERS, norm_readers
-from .claim import Claim, structure_of, weights_sha256
-from .io import LoraFactors, Proof
-from .keys import commitment, new_salt, passport, resolve_key
+from peft_ctrl.factors import balanced_split, haar_orthogonal, product_svd
+from peft_ctrl.seal.canonical import LLAMA_NORM_READERS, norm_readers
+from peft_ctrl.seal.claim import Claim, structure_of, weights_sha256
+from peft_ctrl.seal.io import LoraFactors, Proof
+from peft_ctrl.seal.keys import commitment, new_salt, passport, resolve_key
 
 WEIGHT_ATTACKS = ("prune", "noise", "obfuscate", "permute", "refactorize", "pad-rank")
 

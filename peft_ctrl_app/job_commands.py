@@ -1,19 +1,21 @@
-"""The ``peft-ctrl`` command line: parses arguments, calls library functions, prints tables."""
+"""``peft-ctrl finetune`` and ``peft-ctrl bench``: their parsers and what they run.
+
+Imported by ``peft_ctrl_app.cli`` only when one of these commands is on the command line (this module loads the
+jobs, hence torch and peft).
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import warnings
-from typing import Any, NoReturn
+from typing import Any
 
-from ._checks import float_arg, int_arg
+from peft_ctrl.state_ctrl.config import BLOCKS
+
+from .args import float_arg, int_arg
 from .finetune import DEFAULT_LR, DEFAULT_METHODS, METHODS, MODELS, FinetuneArgs, run_finetune, summary_table
 from .lm_bench import ABLATION, CLOZE_HEADLINE, HEADLINE, MAIN_JOB, OTHERS, STDLIB_JOB, TASKS, BenchArgs
 from .lm_bench import METHODS as BENCH_METHODS
-from .seal import cli as seal_cli
-from .state_ctrl.config import BLOCKS
 
 POSITIVE = float_arg(0.0, low_open=True)
 ALL_MODELS = ("smollm2", *MODELS)
@@ -37,35 +39,10 @@ DEFAULT_PRESET = {
 QUICK = {"methods": ("lora-all", "state-ctrl-mlp"), "seeds": (0,), "steps": 20, "eval_items": 30}
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with whole option names only (no prefix matching) and one-line usage errors (exit code 2)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("allow_abbrev", False)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str) -> NoReturn:
-        if message.startswith("unrecognized arguments:"):
-            # Name the unknown options but never echo their values: one may be a secret (a mistyped key option,
-            # given as `--key SECRET`, `--key=SECRET` or `-kSECRET`).
-            options = [_option_name(word) for word in message.split()[2:] if word.startswith("-")]
-            message = f"unrecognized arguments: {' '.join(options) or '(values not shown)'}"
-        elif message.startswith("ambiguous option:"):
-            message = f"ambiguous option: {_option_name(message.split()[2])}"
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _option_name(word: str) -> str:
-    """The option name of a command-line word, without a value attached to it (``--key=X`` or ``-kX``)."""
-    if word.startswith("--"):
-        return word.split("=", 1)[0]
-    return word[:2]
-
-
-def _finetune_parser(sub: argparse._SubParsersAction) -> None:
+def finetune_parser(sub: argparse._SubParsersAction, help_text: str) -> None:
     p = sub.add_parser(
         "finetune",
-        help="fine-tune state-ctrl, PEFT LoRA and DoRA side by side on a built-in pretrained model (offline)",
+        help=help_text,
         description="The main job. --model smollm2 (default), --task commonsense-cloze (default): fine-tune "
         "SmolLM2-135M-Instruct on the commonsense suite (BoolQ, ARC-Easy, ARC-Challenge, OpenBookQA) in the cloze "
         "form (the question alone, answered with the option's words) with PEFT LoRA all-linear and q,k,v, state-ctrl "
@@ -208,10 +185,11 @@ def _finetune(settings: FinetuneArgs | BenchArgs, command: str) -> int:
 
 
 def _run_bench(settings: BenchArgs, command: str, report_dir: str, name: str) -> int:
-    from .lm_bench import run_bench, summary_table, write_report
+    from .lm_bench import run_bench, write_report
+    from .lm_bench import summary_table as bench_table
 
     results = run_bench(settings)
-    print(summary_table(results))
+    print(bench_table(results))
     written = write_report(results, report_dir, name, command)
     print(f"report: {', '.join(map(str, written))}")
     if settings.save_adapters:
@@ -219,8 +197,8 @@ def _run_bench(settings: BenchArgs, command: str, report_dir: str, name: str) ->
     return 0
 
 
-def _bench_parser(sub: argparse._SubParsersAction) -> None:
-    bench = sub.add_parser("bench", help="method-comparison benchmarks on SmolLM2 (resumable)")
+def bench_parser(sub: argparse._SubParsersAction, help_text: str) -> None:
+    bench = sub.add_parser("bench", help=help_text)
     tasks = bench.add_subparsers(dest="bench_task", required=True)
     commonsense = tasks.add_parser(
         "commonsense",
@@ -317,86 +295,34 @@ def _eval_only(args: argparse.Namespace) -> int:
     return 0
 
 
-def _zero_config_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "zero-config",
-        help="print the path of a shipped DeepSpeed ZeRO config (or an accelerate launch config)",
-        description="Print the path of a shipped config, for launchers: "
-        "`accelerate launch --config_file $(peft-ctrl zero-config --accelerate) train.py`, "
-        "`--deepspeed $(peft-ctrl zero-config --stage 3)` or, for FSDP2 on GPUs, "
-        "`accelerate launch --config_file $(peft-ctrl zero-config --fsdp) train.py`.",
-    )
-    p.add_argument("--stage", type=int, default=2, help="ZeRO stage: 2 or 3")
-    p.add_argument("--offload", action="store_true", help="stage 3 with parameters and optimizer on the CPU")
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--accelerate", action="store_true", help="the accelerate launch YAML for DeepSpeed instead")
-    which.add_argument("--fsdp", action="store_true", help="the accelerate launch YAML for FSDP2 (GPUs) instead")
-
-
-def _zero_config(args: argparse.Namespace) -> int:
-    from .distributed.fsdp import accelerate_fsdp_config_path
-    from .distributed.zero import accelerate_config_path, config_path
-
-    try:
-        if args.fsdp:
-            print(accelerate_fsdp_config_path())
-        else:
-            print(accelerate_config_path() if args.accelerate else config_path(args.stage, args.offload))
-    except ValueError as err:
-        print(f"peft-ctrl zero-config: error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = Parser(prog="peft-ctrl", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    _finetune_parser(sub)
-    _bench_parser(sub)
-    seal_cli.add_parser(sub)
-    _zero_config_parser(sub)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
-    if args.command == "zero-config":
-        return _zero_config(args)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    # peft calls a transformers method that transformers 5 renamed; the warning is noise for users here.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    if args.command == "seal":
+def run_bench_command(args: argparse.Namespace, argv: list[str], parser: argparse.ArgumentParser) -> int:
+    """``peft-ctrl bench TASK ...``: bad flags are usage errors (exit 2, one line) before anything is loaded."""
+    if args.eval_only and (args.methods or args.seeds or args.steps or args.lr or args.save_adapters):
+        parser.error("bench: --eval-only scores saved adapters; training flags do not apply to it")
+    if not args.eval_only:
         try:
-            return seal_cli.run(args)
-        except (ValueError, OSError, RuntimeError) as err:  # exit 2 = error, never 1 (= "not verified")
-            print(f"peft-ctrl seal {args.seal_command}: error: {err}", file=sys.stderr)
-            return 2
-    if args.command == "bench":
-        if args.eval_only and (args.methods or args.seeds or args.steps or args.lr or args.save_adapters):
-            parser.error("bench: --eval-only scores saved adapters; training flags do not apply to it")
-        if not args.eval_only:
-            try:  # bad flags are usage errors (exit 2, one line) before anything is loaded
-                settings = _bench_settings(args)
-            except ValueError as err:
-                parser.error(f"bench: {err}")
-        try:
-            if args.eval_only:
-                return _eval_only(args)
-            report_dir = args.report_dir or settings.results_dir
-            name = args.report_name or settings.task
-            return _run_bench(settings, "peft-ctrl " + " ".join(argv), report_dir, name)
-        except (ValueError, OSError) as err:
-            print(f"peft-ctrl bench: error: {err}", file=sys.stderr)
-            return 2
-    if args.command == "finetune":
-        try:
-            settings = _finetune_settings(args)
+            settings = _bench_settings(args)
         except ValueError as err:
-            parser.error(f"finetune: {err}")
-        try:
-            return _finetune(settings, "peft-ctrl " + " ".join(argv))
-        except ImportError as err:  # a model's package is missing: say which one to install
-            print(f"peft-ctrl finetune: error: {err}", file=sys.stderr)
-            return 2
-    return 0
+            parser.error(f"bench: {err}")
+    try:
+        if args.eval_only:
+            return _eval_only(args)
+        report_dir = args.report_dir or settings.results_dir
+        name = args.report_name or settings.task
+        return _run_bench(settings, "peft-ctrl " + " ".join(argv), report_dir, name)
+    except (ValueError, OSError) as err:
+        print(f"peft-ctrl bench: error: {err}", file=sys.stderr)
+        return 2
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def run_finetune_command(args: argparse.Namespace, argv: list[str], parser: argparse.ArgumentParser) -> int:
+    """``peft-ctrl finetune ...``: the main job."""
+    try:
+        settings = _finetune_settings(args)
+    except ValueError as err:
+        parser.error(f"finetune: {err}")
+    try:
+        return _finetune(settings, "peft-ctrl " + " ".join(argv))
+    except ImportError as err:  # a model's package is missing: say which one to install
+        print(f"peft-ctrl finetune: error: {err}", file=sys.stderr)
+        return 2

@@ -1,13 +1,13 @@
 """Method comparison on a causal LM: ``peft-ctrl bench TASK`` and ``peft-ctrl finetune`` (the README's main job).
 
 In the spirit of upstream peft's ``method_comparison``: an experiment is data, a method of ``METHODS`` (an adapter
-config and its training settings) on a task of ``TASKS`` (``peft_ctrl.tasks``) at one seed, and one runner trains
+config and its training settings) on a task of ``TASKS`` (``peft_ctrl_app.tasks``) at one seed, and one runner trains
 and scores any of them. Each finished experiment writes one JSON file (``RESULTS/SPLIT/METHOD__seedN.json``) and a
 run skips the experiments whose file exists, so an interrupted comparison resumes where it stopped.
 
 Protocol (the commonsense task; the stdlib task differs only in its data, a system message and scoring through
-the end-of-turn token, ``peft_ctrl.tasks``). SmolLM2-135M-Instruct is fine-tuned on the shuffled mixture of the
-train splits of BoolQ, ARC-Easy, ARC-Challenge and OpenBookQA (``peft_ctrl.commonsense``), each question asked as
+the end-of-turn token, ``peft_ctrl_app.tasks``). SmolLM2-135M-Instruct is fine-tuned on the shuffled mixture of the
+train splits of BoolQ, ARC-Easy, ARC-Challenge and OpenBookQA (``peft_ctrl_app.commonsense``), each question asked as
 a user turn of the model's chat template and answered with the reference response (``the correct answer is X``,
 then the end-of-turn token); the loss is on the response only. A fixed part of every train split
 (``validation_items`` per task, picked by hash) is held out as the validation split, on which learning rates and
@@ -40,13 +40,14 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._checks import check_choice, check_float, check_int
-from .atomic import atomic_directory, atomic_file
+from peft_ctrl._checks import check_choice, check_float, check_int
+from peft_ctrl.atomic import atomic_directory, atomic_file
+from peft_ctrl.metrics import SavedTensorMeter
+from peft_ctrl.optim import bridge_input_rms, depth_scaled_param_groups
+from peft_ctrl.state_ctrl import StateCtrlConfig
+
 from .commonsense import TASKS as COMMONSENSE_TASKS
 from .commonsense import Item, in_words, read_items, split_validation, subset
-from .metrics import SavedTensorMeter
-from .optim import bridge_input_rms, depth_scaled_param_groups
-from .state_ctrl import StateCtrlConfig
 from .tasks import Task, cloze, commonsense_items, stdlib_items
 from .training import (
     ALL_LINEAR,
@@ -418,7 +419,7 @@ def peft_config(method: str, steps: int) -> Any:
     if spec.kind == "state-ctrl":
         return StateCtrlConfig(task_type="CAUSAL_LM", **spec.options)
     if spec.kind == "seal":
-        from .seal import SealConfig
+        from peft_ctrl.seal import SealConfig
 
         return SealConfig(task_type="CAUSAL_LM", **spec.options)
     schedule = {"total_step": steps}
@@ -430,7 +431,7 @@ def peft_config(method: str, steps: int) -> Any:
             task_type="CAUSAL_LM", tinit=t_init, tfinal=t_final, deltaT=delta_t, **schedule, **spec.options
         )
     if spec.kind == "sublora":
-        from .sublora import SubLoRAConfig
+        from peft_ctrl.sublora import SubLoRAConfig
 
         return SubLoRAConfig(
             task_type="CAUSAL_LM", t_init=t_init, t_final=t_final, delta_t=delta_t, **schedule, **spec.options
@@ -468,7 +469,7 @@ def train_and_score(
     """Train one method at one seed and score it; returns the experiment's result record. ``load`` gives the base
     model and tokenizer (default: SmolLM2-135M-Instruct); ``steps`` replaces ``args.steps`` (gradient
     evaluations)."""
-    from .models import load_smollm2
+    from peft_ctrl.models import load_smollm2
 
     spec = METHODS[method]
     started = time.perf_counter()
@@ -498,7 +499,7 @@ def train_and_score(
 
     rms: dict[str, float] = {}  # the state each bridge reads, when its lr is depth-scaled
     if spec.optimizer.startswith("odelora"):
-        from .optim import create_odelora_optimizer
+        from peft_ctrl.optim import create_odelora_optimizer
 
         optimizer = create_odelora_optimizer(model, lr=lr, scheme=spec.optimizer.split("-", 1)[1])
         steps = max(1, evaluations // optimizer.evaluations_per_step)  # the same gradient evaluations as AdamW rows
@@ -516,7 +517,7 @@ def train_and_score(
     batches = batches[:steps]
     allocator = None
     if spec.kind == "sublora":
-        from .sublora.runtime import RankAllocator
+        from peft_ctrl.sublora.runtime import RankAllocator
 
         allocator = RankAllocator(model, total_step=steps, loss_fn=answer_loss)
         draw = torch.Generator().manual_seed(10_000 + seed)
@@ -599,7 +600,7 @@ def train_and_score(
 
 def score_base(args: BenchArgs, data: BenchData, load: Callable[[], tuple[nn.Module, Any]] | None = None) -> dict:
     """The ``base`` row: the model without fine-tuning, scored like every other row (no costs: nothing trains)."""
-    from .models import load_smollm2
+    from peft_ctrl.models import load_smollm2
 
     started = time.perf_counter()
     model, tokenizer = (load or load_smollm2)()
@@ -674,8 +675,8 @@ def same_time_steps(args: BenchArgs, method: str, seed: int) -> int | None:
 def run_bench(args: BenchArgs) -> list[dict[str, Any]]:
     """Run every (seed, method) experiment that has no result file yet, writing each file when it finishes; returns
     all results of ``args.methods`` x ``args.seeds``. All methods of one seed run back to back."""
-    from .models import load_smollm2
-    from .seal.keys import KEY_ENV
+    from peft_ctrl.models import load_smollm2
+    from peft_ctrl.seal.keys import KEY_ENV
 
     if any(METHODS[m].kind == "seal" for m in args.methods) and not os.environ.get(KEY_ENV):
         raise ValueError(f"The SEAL row trains with the owner's key: set {KEY_ENV} (make one: peft-ctrl seal keygen).")
@@ -727,7 +728,7 @@ def score_adapters(
     """``--eval-only``: score every saved adapter under ``adapters`` (folders holding ``adapter_config.json``) on
     each file in the LLM-Adapters format, in ``task``'s form (``commonsense-cloze``: answered in words); returns one
     record per adapter with per-file accuracy."""
-    from .models import load_smollm2
+    from peft_ctrl.models import load_smollm2
 
     folders = sorted(p.parent for p in Path(adapters).rglob("adapter_config.json"))
     if not folders:
