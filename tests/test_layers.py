@@ -141,3 +141,19 @@ def test_the_command_line_answers_help_without_loading_torch_or_peft(argv):
     assert "usage: " in out
     assert out.strip().splitlines()[-1] == "HEAVY []", out
     assert elapsed < 2.0, f"{' '.join(argv)} took {elapsed:.2f} s"
+
+
+def test_library_files_and_functions_stay_small():
+    """Issue 34's bar for the library: no file over 400 lines, no function over 60 (the application's runner and
+    tables are not held to it)."""
+    too_long = []
+    for name, path in MODULES.items():
+        if not within(name, LIBRARY):
+            continue
+        text = path.read_text()
+        if text.count("\n") > 400:
+            too_long.append(f"{name}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 60:
+                too_long.append(f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not too_long, too_long

@@ -39,24 +39,16 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
-from scipy import stats
-from scipy.optimize import linear_sum_assignment
-
-from ..factors import product_svd, seeded_svd_lowrank
-from .canonical import align_merged
 from .claim import Claim, published_digest, structure_of
-from .io import LoraFactors, Proof, read_adapter, read_proof
-from .keys import Structure, check_commitment, check_structure, initial_a, key_schedule, passport, resolve_key
+from .io import Proof, read_proof
+from .keys import Structure, check_commitment, passport, resolve_key
+from .pvalues import PAIRING_ROWS, KeyRows, Pairing, binom_log_sf
+from .suspect import Suspect
 
 # Key-only detection (screening suspects with the owner's key) and the owner verdict (a claim against others):
 # at 2^-64 a forger trying whole claims needs about 2^64 tries to pass by chance (10^6 tries: 5e-14).
 DEFAULT_THRESHOLD = 1e-6
 OWNER_THRESHOLD = 2.0**-64
-# Key rows per module that pair modules by structure: a handful find a watermarked module among its shape class
-# (its rows overlap its row space far above chance), and every row they use is one the test cannot use.
-PAIRING_ROWS = 4
 _LOG10 = math.log(10)
 SUSPECT_STRUCTURE_NOTE = (
     " The key rows came from the structure the suspect shows (its names, shapes and ranks): a suspect renamed, cut "
@@ -110,221 +102,6 @@ def _result(mode: str, statistic: float, log_p: float, threshold: float, modules
     return VerificationResult(mode, statistic, p, log_p / _LOG10, p < threshold, threshold, modules, **kw)
 
 
-@dataclass
-class Suspect:
-    """What is verified: per module, either LoRA factors or a dense delta W (merged model minus base)."""
-
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    deltas: dict[str, torch.Tensor] = field(default_factory=dict)
-    note: str = ""  # how a merged suspect was aligned to its base (see peft_ctrl.seal.canonical)
-
-    def __post_init__(self) -> None:
-        self.factors = {m: (_real(B), _real(A)) for m, (B, A) in self.factors.items()}
-        self.deltas = {m: _real(d) for m, d in self.deltas.items()}
-
-    @classmethod
-    def from_adapter(cls, adapter: LoraFactors | str | Path) -> Suspect:
-        if not isinstance(adapter, LoraFactors):
-            adapter = read_adapter(adapter, expect=("LORA",))
-        return cls(factors={m: (B * adapter.scaling, A) for m, (B, A) in adapter.factors.items()})
-
-    @classmethod
-    def from_merged(cls, weights: dict[str, torch.Tensor], base: dict[str, torch.Tensor], rank: int = 64) -> Suspect:
-        """Suspect from a merged model's state dict and its base model's (``module.weight`` names). The suspect
-        is first brought back to the base's coordinates (``peft_ctrl.seal.canonical.align_merged``: residual
-        rotations, folded norm gains, head and neuron permutations); ``rank`` bounds the delta rank that the
-        norm-gain fit leaves alone (the owner's LoRA rank or more)."""
-        matrices = [n for n, w in weights.items() if w.dim() == 2]
-        shared = sum(n in base and base[n].shape == weights[n].shape for n in matrices)
-        if 2 * shared < len(matrices):  # a merge into the base keeps every name and shape
-            raise ValueError(
-                f"Only {shared} of the merged model's {len(matrices)} 2-D weights have a weight of the same name and "
-                f"shape in --base ({sum(w.dim() == 2 for w in base.values())} 2-D weights): --base is not the model "
-                "the adapter was merged into (another architecture, size or naming)."
-            )
-        aligned, alignment = align_merged(weights, base, rank)
-        deltas = {n[: -len(".weight")]: w - base[n].double() for n, w in aligned.items() if n.endswith(".weight")}
-        if not deltas and alignment.unmatched:
-            shown = ", ".join(alignment.unmatched[:5]) + (" ..." if len(alignment.unmatched) > 5 else "")
-            raise ValueError(
-                f"{len(alignment.unmatched)} weights of the merged model differ from the base, but no documented "
-                f"transform (residual rotation, norm gains, head and neuron permutations) aligns them: {shown}."
-            )
-        if not deltas:
-            raise ValueError(
-                "The merged model does not differ from the base model in any 2-D weight that could be aligned with "
-                "it (is --base the model the adapter was merged into?)."
-            )
-        return cls(deltas=deltas, note=alignment.summary())
-
-    def modules(self) -> list[str]:
-        return sorted({*self.factors, *self.deltas})
-
-    def shape(self, module: str) -> tuple[int, int]:
-        if module in self.factors:
-            B, A = self.factors[module]
-            return B.shape[0], A.shape[1]
-        return tuple(self.deltas[module].shape)
-
-    def row_space(self, module: str, k: int) -> torch.Tensor:
-        """Orthonormal basis (n x k') of the top-k row space of delta W; k' <= k drops null directions."""
-        if module in self.factors:
-            # The right singular vectors of B A, from an r x r core (peft_ctrl.factors.product_svd).
-            B, A = self.factors[module]
-            _, S, Vh = product_svd(B.double(), A.double())
-            keep = int((S[:k] > S[0] * 1e-7).sum()) if S[0] > 0 else 0
-            return Vh[:keep].T
-        else:
-            d = self.deltas[module]
-            if min(d.shape) > 4 * k + 64:
-                _, S, V = seeded_svd_lowrank(d, q=k + 16, niter=4)
-                Vh = V.T
-            else:
-                _, S, Vh = torch.linalg.svd(d, full_matrices=False)
-        keep = int((S[:k] > S[0] * 1e-9).sum()) if S.numel() and S[0] > 0 else 0
-        return Vh[:keep].T.double()
-
-    def core(self, module: str, B0: torch.Tensor, A0: torch.Tensor) -> torch.Tensor:
-        """C_hat = B0^+ delta W A0^+ (never forms delta W for an adapter)."""
-        # B0^+ = (B0^T B0)^+ B0^T and A0^+ = A0^T (A0 A0^T)^+: only r x r pseudo-inverses.
-        B0, A0 = B0.double(), A0.double()
-        left, right = torch.linalg.pinv(B0.T @ B0), torch.linalg.pinv(A0 @ A0.T)
-        if module in self.factors:
-            B, A = self.factors[module]
-            return left @ (B0.T @ B.double()) @ (A.double() @ A0.T) @ right
-        return left @ (B0.T @ self.deltas[module].double() @ A0.T) @ right
-
-
-def _chi2_log_sf(x: float, dof: int) -> float:
-    """log P(chi2_dof >= x); where scipy's tail underflows, the Chernoff bound
-    log P <= -(x - dof)/2 + (dof/2) log(x / dof), which can only overstate p."""
-    exact = float(stats.chi2.logsf(x, dof))
-    if math.isfinite(exact):
-        return exact
-    return -(x - dof) / 2 + (dof / 2) * math.log(x / dof)
-
-
-def _binom_log_sf(k: int, n: int) -> float:
-    """log P(Binomial(n, 1/2) >= k); where scipy's tail underflows, the Chernoff bound
-    log P <= -n KL(k/n || 1/2), which can only overstate p."""
-    exact = float(stats.binom.logsf(k - 1, n, 0.5))
-    if math.isfinite(exact):
-        return exact
-    q = k / n
-    kl = q * math.log(2 * q) + ((1 - q) * math.log(2 * (1 - q)) if q < 1 else 0.0)
-    return -n * kl
-
-
-def _real(t: torch.Tensor) -> torch.Tensor:
-    """fp32 or fp64 as given (half precision is widened): the thin factors are only ever QR-factorised."""
-    return t.detach() if t.dtype in (torch.float32, torch.float64) else t.detach().float()
-
-
-def _row_log_sf(rows: torch.Tensor, basis: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Per key row a: the overlap u = |P_S a|^2 / |a|^2 with the span S of ``basis`` (n x k, orthonormal) and its
-    natural-log tail P(Beta(k/2, (n-k)/2) >= u), floored at -700 (where float tails underflow: this only raises
-    p). ``u = 1`` exactly would give p = 0, so u is clamped below 1."""
-    n, k = basis.shape
-    u = ((rows @ basis).pow(2).sum(1) / rows.pow(2).sum(1)).clamp(0, 1 - 1e-12).numpy()
-    return np.maximum(stats.beta.logsf(u, k / 2, (n - k) / 2), -700.0), u
-
-
-@dataclass
-class _Pairing:
-    """One pairing of claimed modules with suspect modules and the evidence of the rows it tests."""
-
-    pairs: dict[str, str] = field(default_factory=dict)  # claimed module -> suspect module
-    log_ps: list[float] = field(default_factory=list)
-    overlaps: list[float] = field(default_factory=list)
-
-    def log_p(self) -> float:
-        """Fisher's method over the tested rows (chi-squared with 2N degrees of freedom), natural log."""
-        return _chi2_log_sf(-2 * sum(self.log_ps), 2 * len(self.log_ps)) if self.log_ps else 0.0
-
-
-class _KeyRows:
-    """The key rows of a claimed structure, and the suspect's row spaces (each computed once)."""
-
-    def __init__(self, suspect: Suspect, key: bytes, structure: Structure) -> None:
-        # One entry per module (keys.check_structure): the rows of distinct names are independent, which is what
-        # lets Fisher's method combine them; a repeated name would bring the same rows twice.
-        self.suspect, self.key, self.structure = suspect, key, check_structure(structure)
-        self.schedule = key_schedule(structure)
-        self.present = suspect.modules()
-        self._rows: dict[str, torch.Tensor] = {}
-        self._bases: dict[tuple[str, int], torch.Tensor] = {}
-
-    def rows(self, module: str, r: int, n: int) -> torch.Tensor:
-        if module not in self._rows:
-            self._rows[module] = initial_a(self.key, self.schedule, module, r, n).double()
-        return self._rows[module]
-
-    def basis(self, module: str, k: int) -> torch.Tensor:
-        if (module, k) not in self._bases:
-            self._bases[module, k] = self.suspect.row_space(module, k)
-        return self._bases[module, k]
-
-    def test(self, pairing: _Pairing, claimed: str, module: str, rows: torch.Tensor, r: int) -> None:
-        basis = self.basis(module, r)
-        if 0 < basis.shape[1] < basis.shape[0]:
-            log_ps, u = _row_log_sf(rows, basis)
-            pairing.pairs[claimed] = module
-            pairing.log_ps.extend(log_ps.tolist())
-            pairing.overlaps.extend(u.tolist())
-
-    def by_name(self) -> _Pairing:
-        """Claimed modules paired with the suspect modules of the same name and shape; every key row tested."""
-        pairing = _Pairing()
-        for module, out, inp, r in self.structure:
-            if module in self.present and self.suspect.shape(module) == (out, inp):
-                self.test(pairing, module, module, self.rows(module, r, inp), r)
-        return pairing
-
-    def by_structure(self) -> _Pairing:
-        """Claimed modules paired with suspect modules of their shape by their first few key rows (the assignment
-        that those rows support best, whatever the names and their order), then tested on their other rows: given
-        the pairing, the tested rows are still independent of any suspect not derived from the key, so the test
-        stays exact."""
-        pairing = _Pairing()
-        for shape in sorted({(out, inp) for _, out, inp, _ in self.structure}):
-            claimed = [(m, r) for m, out, inp, r in self.structure if (out, inp) == shape and r >= 2]
-            present = [m for m in self.present if self.suspect.shape(m) == shape]
-            if not claimed or not present:
-                continue
-            cost = self._pairing_cost(claimed, present, shape[1])
-            for i, j in zip(*linear_sum_assignment(cost), strict=True):
-                module, r = claimed[i]
-                self.test(pairing, module, present[j], self.rows(module, r, shape[1])[pairing_rows(r) :], r)
-        return pairing
-
-    def _pairing_cost(self, claimed: list[tuple[str, int]], present: list[str], n: int) -> np.ndarray:
-        """Summed log p of each claimed module's pairing rows against each candidate's row space (lower: better
-        supported). In fp32 and batched: it only chooses the pairing, which cannot make the test inexact."""
-        cost = np.zeros((len(claimed), len(present)))
-        for r in sorted({r for _, r in claimed}):
-            index = [i for i, (_, rank) in enumerate(claimed) if rank == r]
-            h = pairing_rows(r)
-            rows = torch.cat([self.rows(claimed[i][0], r, n)[:h] for i in index]).float()
-            bases = torch.zeros(n, len(present), r)
-            ks = np.zeros(len(present))
-            for j, module in enumerate(present):
-                basis = self.basis(module, r)
-                bases[:, j, : basis.shape[1]] = basis.float()
-                ks[j] = basis.shape[1]
-            projected = (rows @ bases.view(n, -1)).view(len(index), h, len(present), r).pow(2).sum(-1)
-            u = (projected / rows.pow(2).sum(1).view(len(index), h, 1)).clamp(0, 1 - 1e-6).double().numpy()
-            usable = (ks > 0) & (ks < n)
-            k = np.where(usable, ks, 1)
-            log_p = stats.beta.logsf(u, k / 2, (n - k) / 2).sum(1)
-            cost[index] = np.where(usable, log_p, 0.0)
-        return cost
-
-
-def pairing_rows(r: int) -> int:
-    """How many of a module's r key rows pair it by structure (the rest are tested): half, at most PAIRING_ROWS."""
-    return max(1, min(r // 2, PAIRING_ROWS))
-
-
 def _suspect_structure(suspect: Suspect, r: int | None) -> Structure:
     """The structure a suspect shows by itself: its module names and shapes, with rank ``r`` or its own."""
     structure = []
@@ -341,9 +118,9 @@ def _suspect_structure(suspect: Suspect, r: int | None) -> Structure:
 @dataclass
 class _KeyVerdict:
     log_p: float  # natural log
-    chosen: _Pairing
-    by_name: _Pairing
-    by_structure: _Pairing
+    chosen: Pairing
+    by_name: Pairing
+    by_structure: Pairing
     modules: int
     skipped: list[str]
 
@@ -373,7 +150,7 @@ class _KeyVerdict:
 def _key_test(suspect: Suspect, key: bytes, structure: Structure) -> _KeyVerdict:
     """The key-only test of ``structure``'s key rows against ``suspect``: pairing by name and pairing by structure,
     each exact; p is twice the smaller of the two (a union bound, valid whatever their dependence)."""
-    rows = _KeyRows(suspect, key, structure)
+    rows = KeyRows(suspect, key, structure)
     name, shape = rows.by_name(), rows.by_structure()
     chosen = name if name.log_p() <= shape.log_p() else shape
     log_p = min(0.0, min(name.log_p(), shape.log_p()) + math.log(2)) if chosen.log_ps else 0.0
@@ -394,7 +171,7 @@ def verify_key(
     ``claim.read_claim``; the key must be the claim's), else the suspect's own names and shapes with rank ``r``
     (the owner's LoRA rank) or the suspect's own ranks. Without the record, any change to the suspect's structure
     (renamed or dropped modules, padded ranks) changes every key row, and the test finds nothing: give the record.
-    Claimed modules are paired with the suspect's by name and by structure (``_KeyRows``)."""
+    Claimed modules are paired with the suspect's by name and by structure (``KeyRows``)."""
     raw = resolve_key(key)
     if claim is not None:
         check_commitment(raw, claim.key_commitment, claim.salt, "the claim record")
@@ -477,7 +254,7 @@ def verify_passport(
         return _result(
             "passport", 0.0, 0.0, threshold, 0, skipped=skipped, message="No module of the suspect matches the proof."
         )
-    log_p = _binom_log_sf(agree, total)
+    log_p = binom_log_sf(agree, total)
     message = "statistic: fraction of passport columns recovered (sign of <C_hat_j, C_j>)."
     if total * math.log(2) < -math.log(threshold):
         message += (

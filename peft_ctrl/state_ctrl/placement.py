@@ -245,49 +245,61 @@ def place(model: nn.Module, config: Any, skip: list[str]) -> tuple[Placement, An
     transformers config to build a probe input from), a function that runs it on that forward's arguments."""
     stacks = find_stacks(model)
     keep = _layer_filter(config, stacks)
-    placement = Placement()
     weights = _has_weights(model)
     inputs = probe_inputs(model) if weights else None
-    want_attention_inputs = config.lora_target_modules == ATTENTION_INPUTS
     if config.bridges is None:
-        if not config.check_placement:
-            raise ValueError(
-                "check_placement=False skips the probe that finds the bridges, so give them: "
-                "StateCtrlConfig(bridges=[(head, tail)], check_placement=False). " + SKIP_HINT
-            )
-        if inputs is None:
-            why = (
-                "its weights are not materialised (meta device or sharded)"
-                if not weights
-                else ("it has no transformers config to build a probe input from")
-            )
-            raise ValueError(
-                f"state-ctrl finds its bridges with one probe forward of {type(model).__name__}, but {why}. "
-                + SKIP_HINT
-            )
-        blocks = [b for stack in stacks.values() for b in stack]
-        reps, records, subs, reasons = _probe(model, blocks, _probe_forward(model, inputs))
-        for block in blocks:
-            found = subs[reps[block]]
-            if not keep(block) or found is None:
-                continue
-            for sub in found:
-                if sub.kind in KINDS[config.blocks or "mlp"]:
-                    tail = _join(block, sub.tail)
-                    placement.plan[tail] = _join(block, sub.head)
-                    placement.widths[tail] = (sub.width, sub.width)
-                    placement.causal[tail] = _attention_causal(found)
-            if want_attention_inputs:
-                placement.attention_inputs |= {_join(block, n) for n in _attention_inputs(records[reps[block]], found)}
-        if not placement.plan:
-            detail = "; ".join(reasons) if reasons else f"no {config.blocks or 'mlp'} sub-block was found"
-            raise ValueError(
-                f"state-ctrl found no place for a bridge in {type(model).__name__} (block lists: "
-                f"{sorted(stacks) or 'none'}): {detail}. Pass bridges=[(head, tail)] with module paths relative to "
-                "one block: the control reads the input of head and is added to the output of tail."
-            )
-        return placement, None
+        return _discover(model, config, stacks, keep, inputs, weights), None
+    return _place_given(model, config, skip, stacks, keep, inputs, weights)
 
+
+def _discover(model: nn.Module, config: Any, stacks: dict, keep: Any, inputs: Any, weights: bool) -> Placement:
+    """Bridges found by the probe: one per sub-block of the configured kinds, in every kept block."""
+    if not config.check_placement:
+        raise ValueError(
+            "check_placement=False skips the probe that finds the bridges, so give them: "
+            "StateCtrlConfig(bridges=[(head, tail)], check_placement=False). " + SKIP_HINT
+        )
+    if inputs is None:
+        why = (
+            "its weights are not materialised (meta device or sharded)"
+            if not weights
+            else ("it has no transformers config to build a probe input from")
+        )
+        raise ValueError(
+            f"state-ctrl finds its bridges with one probe forward of {type(model).__name__}, but {why}. " + SKIP_HINT
+        )
+    placement = Placement()
+    blocks = [b for stack in stacks.values() for b in stack]
+    reps, records, subs, reasons = _probe(model, blocks, _probe_forward(model, inputs))
+    for block in blocks:
+        found = subs[reps[block]]
+        if not keep(block) or found is None:
+            continue
+        for sub in found:
+            if sub.kind in KINDS[config.blocks or "mlp"]:
+                tail = _join(block, sub.tail)
+                placement.plan[tail] = _join(block, sub.head)
+                placement.widths[tail] = (sub.width, sub.width)
+                placement.causal[tail] = _attention_causal(found)
+        if config.lora_target_modules == ATTENTION_INPUTS:
+            placement.attention_inputs |= {_join(block, n) for n in _attention_inputs(records[reps[block]], found)}
+    if not placement.plan:
+        detail = "; ".join(reasons) if reasons else f"no {config.blocks or 'mlp'} sub-block was found"
+        raise ValueError(
+            f"state-ctrl found no place for a bridge in {type(model).__name__} (block lists: "
+            f"{sorted(stacks) or 'none'}): {detail}. Pass bridges=[(head, tail)] with module paths relative to "
+            "one block: the control reads the input of head and is added to the output of tail."
+        )
+    return placement
+
+
+def _place_given(
+    model: nn.Module, config: Any, skip: list[str], stacks: dict, keep: Any, inputs: Any, weights: bool
+) -> tuple[Placement, Any]:
+    """The user's ``bridges``, matched in every kept block and checked by the probe (now, on the first forward
+    when there is no probe input, or not at all with check_placement=False)."""
+    want_attention_inputs = config.lora_target_modules == ATTENTION_INPUTS
+    placement = Placement()
     matched = {k: v for k, v in _match_bridges(model, list(config.bridges), skip).items() if keep(v[0]) or not stacks}
     if config.layers_to_transform is not None and not stacks:
         raise ValueError("layers_to_transform needs a list of blocks (an nn.ModuleList), and the model has none.")

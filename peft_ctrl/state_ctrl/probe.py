@@ -183,65 +183,71 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
-def record(model: nn.Module, blocks: list[str], run: Any) -> dict[str, BlockRecord]:
-    """Run ``run()`` (one forward of ``model``) with hooks on ``blocks`` and every module inside them; stop the
-    forward once all have run. Returns each block's record."""
-    records = {b: BlockRecord(b) for b in blocks}
-    clock = [0]
-    handles = []
+class _Recorder:
+    """Forward hooks on blocks and every module inside them, each call stamped by one shared clock."""
 
-    def tick() -> int:
-        clock[0] += 1
-        return clock[0]
+    def __init__(self, blocks: list[str]) -> None:
+        self.records = {b: BlockRecord(b) for b in blocks}
+        self.clock = 0
+        self.handles: list[Any] = []
 
-    def watch_block(rec: BlockRecord, block: nn.Module) -> None:
+    def tick(self) -> int:
+        self.clock += 1
+        return self.clock
+
+    def watch_block(self, rec: BlockRecord, block: nn.Module) -> None:
         def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if rec.x0 is None:
                 rec.x0 = _copy(first_tensor(args, kwargs))
 
         def post(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if rec.end < 0:
-                rec.y, rec.end = _copy(_first_output(output)), tick()
-            if all(r.end >= 0 for r in records.values()):
+                rec.y, rec.end = _copy(_first_output(output)), self.tick()
+            if all(r.end >= 0 for r in self.records.values()):
                 raise _ProbeDone
 
-        handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
-        handles.append(block.register_forward_hook(post, with_kwargs=True))
+        self.handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
+        self.handles.append(block.register_forward_hook(post, with_kwargs=True))
         for name, module in block.named_modules():
             if name:
-                watch_call(rec, name, module)
+                self.watch_call(rec, name, module)
 
-    def watch_call(rec: BlockRecord, name: str, module: nn.Module) -> None:
+    def watch_call(self, rec: BlockRecord, name: str, module: nn.Module) -> None:
         open_calls: list[Call] = []
 
         def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
             if rec.end < 0 and rec.x0 is not None:
-                call = Call(name, module, tick(), input=_copy(first_tensor(args, kwargs)))
+                call = Call(name, module, self.tick(), input=_copy(first_tensor(args, kwargs)))
                 rec.calls.append(call)
                 open_calls.append(call)
 
         def post(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if open_calls:
                 call = open_calls.pop()
-                call.output, call.end = _copy(_first_output(output)), tick()
+                call.output, call.end = _copy(_first_output(output)), self.tick()
 
-        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-        handles.append(module.register_forward_hook(post, with_kwargs=True))
+        self.handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        self.handles.append(module.register_forward_hook(post, with_kwargs=True))
 
-    for name, rec in records.items():
-        watch_block(rec, model.get_submodule(name))
+
+def record(model: nn.Module, blocks: list[str], run: Any) -> dict[str, BlockRecord]:
+    """Run ``run()`` (one forward of ``model``) with hooks on ``blocks`` and every module inside them; stop the
+    forward once all have run. Returns each block's record."""
+    recorder = _Recorder(blocks)
+    for name, rec in recorder.records.items():
+        recorder.watch_block(rec, model.get_submodule(name))
     try:
         with torch.no_grad(), _eval_mode(model), adapters_disabled(model):
             run()
     except _ProbeDone:
         pass
     finally:
-        for handle in handles:
+        for handle in recorder.handles:
             handle.remove()
-    missing = [b for b, rec in records.items() if rec.end < 0]
+    missing = [b for b, rec in recorder.records.items() if rec.end < 0]
     if missing:
         raise ValueError(
             f"The placement probe ran {type(model).__name__} on {PROBE_TOKENS} tokens, but block(s) {missing} never "
             f"ran. {SKIP_HINT}"
         )
-    return records
+    return recorder.records
