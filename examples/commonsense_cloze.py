@@ -13,6 +13,7 @@ import tempfile
 
 import torch
 from peft import PeftModel, get_peft_model
+from transformers import Trainer, TrainingArguments
 
 import peft_ctrl  # noqa: F401  (registers STATE_CTRL with peft)
 from peft_ctrl import StateCtrlConfig
@@ -20,7 +21,8 @@ from peft_ctrl.models import load_smollm2
 from peft_ctrl_app.commonsense import read_items, shipped_file, subset
 from peft_ctrl_app.lm_bench import option_choices, scored_item
 from peft_ctrl_app.tasks import cloze
-from peft_ctrl_app.training import answer_loss, chat_example, collate, lr_at
+from peft_ctrl_app.trainer_setup import ChatCollator, ChatDataset
+from peft_ctrl_app.training import chat_example
 
 torch.manual_seed(0)
 base, tokenizer = load_smollm2()
@@ -40,21 +42,26 @@ def accuracy(model) -> float:
 print(f"before training: {accuracy(base):.0f}% of {len(test)} ARC-Easy test questions (chance 25%)")
 model = get_peft_model(base, StateCtrlConfig(r=64, blocks="mlp", task_type="CAUSAL_LM"))
 model.print_trainable_parameters()
-optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.0)
-batches = [collate(train[i : i + 8], tokenizer.pad_token_id) for i in range(0, len(train), 8)]
-model.train()
-for step, batch in enumerate(batches):
-    for group in optimizer.param_groups:
-        group["lr"] = lr_at(step, len(batches), 1e-3)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = answer_loss(model, batch)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if step % 10 == 0:
-        print(f"step {step:2d}  loss {loss.item():.3f}")
+# Plain transformers.Trainer: the collator's labels are -100 outside the response and logits_to_keep limits the
+# vocabulary projection to the response, so the model's own loss is the response-only loss.
+args = TrainingArguments(
+    output_dir=tempfile.mkdtemp(),
+    max_steps=len(train) // 8,
+    per_device_train_batch_size=8,
+    learning_rate=1e-3,
+    lr_scheduler_type="linear",
+    warmup_steps=4,
+    weight_decay=0.0,
+    bf16=True,
+    remove_unused_columns=False,
+    logging_steps=10,
+    save_strategy="no",
+    report_to="none",
+)
+collator = ChatCollator(tokenizer.pad_token_id)
+Trainer(model=model, args=args, train_dataset=ChatDataset(train), data_collator=collator).train()
 trained = accuracy(model)
-print(f"after {len(batches)} steps: {trained:.0f}%")
+print(f"after {args.max_steps} steps: {trained:.0f}%")
 
 with tempfile.TemporaryDirectory() as folder:
     model.save_pretrained(folder)

@@ -13,6 +13,7 @@ import tempfile
 
 import torch
 from peft import PeftModel, get_peft_model
+from transformers import Trainer, TrainingArguments
 
 import peft_ctrl  # noqa: F401  (registers STATE_CTRL with peft)
 from peft_ctrl import StateCtrlConfig
@@ -20,7 +21,8 @@ from peft_ctrl.models import load_smollm2
 from peft_ctrl.optim import bridge_input_rms, depth_scaled_param_groups
 from peft_ctrl_app.commonsense import read_items, shipped_file, subset
 from peft_ctrl_app.lm_bench import option_choices, scored_item
-from peft_ctrl_app.training import answer_loss, chat_example, collate
+from peft_ctrl_app.trainer_setup import ChatCollator, ChatDataset
+from peft_ctrl_app.training import chat_example
 
 torch.manual_seed(0)
 base, tokenizer = load_smollm2()
@@ -29,26 +31,33 @@ model.print_trainable_parameters()
 
 train = [chat_example(tokenizer, it) for it in subset(read_items(shipped_file("openbookqa", "train")), 160)]
 test = [scored_item(tokenizer, it) for it in subset(read_items(shipped_file("openbookqa", "test")), 40)]
-batches = [collate(train[i : i + 8], tokenizer.pad_token_id) for i in range(0, len(train), 8)]
-
-first = {k: v for k, v in batches[0].items() if k != "targets"}
-rms = bridge_input_rms(model, lambda: model(**first, logits_to_keep=1))
+collator = ChatCollator(tokenizer.pad_token_id)
+first = {k: v for k, v in collator([{"example": e} for e in train[:8]]).items() if k != "labels"}
+rms = bridge_input_rms(model, lambda: model(**first))
 print(f"RMS of the state each MLP bridge reads: layer 0 {min(rms.values()):.2f} ... up to {max(rms.values()):.2f}")
 optimizer = torch.optim.AdamW(depth_scaled_param_groups(model, 1e-3, rms))
 
-model.train()
-for step, batch in enumerate(batches):
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = answer_loss(model, batch)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
-    if step % 5 == 0:
-        print(f"step {step:2d}  loss {loss.item():.3f}")
+# transformers.Trainer with the depth-scaled optimizer (its schedule scales every group alike): the collator's labels
+# are -100 outside the response, so the model's own loss is the response-only loss.
+args = TrainingArguments(
+    output_dir=tempfile.mkdtemp(),
+    max_steps=len(train) // 8,
+    per_device_train_batch_size=8,
+    lr_scheduler_type="constant",
+    bf16=True,
+    remove_unused_columns=False,
+    logging_steps=5,
+    save_strategy="no",
+    report_to="none",
+)
+trainer = Trainer(
+    model=model, args=args, train_dataset=ChatDataset(train), data_collator=collator, optimizers=(optimizer, None)
+)
+trainer.train()
 
 choices = option_choices(model, test, tokenizer.pad_token_id, bf16=True)
 accuracy = sum(s.item.options[c] == s.item.answer for s, c in zip(test, choices, strict=True)) / len(test)
-print(f"OpenBookQA, {len(test)} test questions after {len(batches)} steps: {100 * accuracy:.1f}% (chance 25%)")
+print(f"OpenBookQA, {len(test)} test questions after {args.max_steps} steps: {100 * accuracy:.1f}% (chance 25%)")
 
 with tempfile.TemporaryDirectory() as folder:
     model.save_pretrained(folder)

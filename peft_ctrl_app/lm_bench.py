@@ -22,7 +22,6 @@ every method.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import platform
@@ -39,27 +38,26 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import Trainer, TrainerCallback
 
 from peft_ctrl._checks import check_choice, check_float, check_int
 from peft_ctrl.atomic import atomic_directory, atomic_file
-from peft_ctrl.metrics import SavedTensorMeter
 from peft_ctrl.optim import bridge_input_rms, depth_scaled_param_groups
+from peft_ctrl.optim.odelora import SCHEMES
 from peft_ctrl.state_ctrl import StateCtrlConfig
+from trainer_callbacks import (
+    AdaLoRACallback,
+    MemoryReportCallback,
+    ODELoRATrainer,
+    StepTimeCallback,
+    SubLoRACallback,
+)
 
 from .commonsense import TASKS as COMMONSENSE_TASKS
 from .commonsense import Item, in_words, read_items, split_validation, subset
 from .tasks import Task, cloze, commonsense_items, stdlib_items
-from .training import (
-    ALL_LINEAR,
-    ChatExample,
-    answer_loss,
-    chat_example,
-    collate,
-    left_padded,
-    length_bucketed_batches,
-    lr_at,
-    prompt_ids,
-)
+from .trainer_setup import ChatCollator, ChatDataset, job_arguments, quiet_progress, step_losses
+from .training import ALL_LINEAR, ChatExample, chat_example, left_padded, prompt_ids
 
 QKV = ["q_proj", "k_proj", "v_proj"]
 
@@ -450,12 +448,56 @@ def _task_means(hits: dict[str, list[int]]) -> dict[str, float]:
     return {task: statistics.fmean(h) for task, h in hits.items()}
 
 
-def _labels(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The batch's last k + 1 tokens as causal-LM labels (-100 outside the response), for models whose own loss
-    must run (AdaLoRA adds its orthogonality term to ``outputs.loss`` only); with ``logits_to_keep = k + 1`` the
-    model's loss equals ``answer_loss``."""
-    k = batch["targets"].shape[1]
-    return torch.cat([torch.full_like(batch["targets"][:, :1], -100), batch["targets"]], dim=1)[:, -(k + 1) :]
+class _Curve(TrainerCallback):
+    """Scores the model every ``every`` steps during training (the record's ``curve``)."""
+
+    def __init__(self, every: int | None, data: BenchData, pad: int, bf16: bool) -> None:
+        self.every, self.data, self.pad, self.bf16 = every, data, pad, bf16
+        self.points: list[dict[str, Any]] = []
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
+        step = state.global_step
+        if self.every and step % self.every == 0 and step < state.max_steps:
+            scored, nll = evaluate(model, self.data, self.pad, self.bf16)
+            self.points.append({"step": step, "accuracy": _task_means(scored), "option_nll": nll})
+            model.train()
+
+
+def _trainer(
+    method: str, model: nn.Module, args: BenchArgs, data: BenchData, seed: int, steps: int, output_dir: str, pad: int
+) -> tuple[Trainer, int, dict[str, float]]:
+    """The Trainer of one row, the optimizer steps it takes and the bridge-input RMS (depth-scaled rows), with the
+    method's own callback: AdaLoRA's and SubLoRA's allocation, ODELoRA's trainer."""
+    spec = METHODS[method]
+    lr = args.lr_of(method)
+    trainer_class: type[Trainer] = Trainer
+    options: dict[str, Any] = {}
+    callbacks: list[TrainerCallback] = []
+    optimizer, rms = None, {}
+    if spec.optimizer.startswith("odelora"):
+        scheme = spec.optimizer.split("-", 1)[1]
+        trainer_class, options = ODELoRATrainer, {"scheme": scheme}
+        steps = max(1, steps // SCHEMES[scheme])  # the same gradient evaluations as the AdamW rows
+    elif spec.depth_lr:
+        collator = ChatCollator(pad)
+        first = collator([{"example": data.train[0]}])
+        first = {k: v for k, v in first.items() if k != "labels"}
+        rms = bridge_input_rms(model, lambda: model(**first))
+        optimizer = torch.optim.AdamW(depth_scaled_param_groups(model, lr, rms), weight_decay=0.0)
+    if spec.kind == "adalora":
+        callbacks.append(AdaLoRACallback())
+    elif spec.kind == "sublora":
+        callbacks.append(SubLoRACallback())
+    trainer = trainer_class(
+        model=model,
+        args=job_arguments(output_dir, steps=steps, batch_size=args.batch_size, lr=lr, seed=seed, bf16=args.bf16),
+        train_dataset=ChatDataset(data.train),
+        data_collator=ChatCollator(pad),
+        callbacks=callbacks,
+        optimizers=(optimizer, None),
+        **options,
+    )
+    return trainer, steps, rms
 
 
 def train_and_score(
@@ -466,9 +508,9 @@ def train_and_score(
     load: Callable[[], tuple[nn.Module, Any]] | None = None,
     steps: int | None = None,
 ) -> dict[str, Any]:
-    """Train one method at one seed and score it; returns the experiment's result record. ``load`` gives the base
-    model and tokenizer (default: SmolLM2-135M-Instruct); ``steps`` replaces ``args.steps`` (gradient
-    evaluations)."""
+    """Train one method at one seed through ``transformers.Trainer`` and score it; returns the experiment's result
+    record. ``load`` gives the base model and tokenizer (default: SmolLM2-135M-Instruct); ``steps`` replaces
+    ``args.steps`` (gradient evaluations)."""
     from peft_ctrl.models import load_smollm2
 
     spec = METHODS[method]
@@ -477,122 +519,46 @@ def train_and_score(
     if spec.checkpointing:
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(seed)
-    model = get_peft_model(base, peft_config(method, steps or args.steps))
-    params = [p for p in model.parameters() if p.requires_grad]
-    trainable = sum(p.numel() for p in params)
-    lr = args.lr_of(method)
     evaluations = steps or args.steps
+    model = get_peft_model(base, peft_config(method, evaluations))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     pad = tokenizer.pad_token_id
-    lengths = torch.tensor([len(e.prompt_ids) + len(e.answer_ids) for e in data.train])
-    # every step's batch for the most steps this row can take; ODELoRA's multi-evaluation schemes take fewer
-    batches = length_bucketed_batches(lengths, args.batch_size, evaluations, seed)
-
-    def collated(indices: torch.Tensor) -> dict[str, torch.Tensor]:
-        return collate([data.train[i] for i in indices.tolist()], pad)
-
-    def loss_of(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            if spec.kind == "adalora":
-                inputs = {k: v for k, v in batch.items() if k != "targets"}
-                return model(**inputs, labels=_labels(batch), logits_to_keep=batch["targets"].shape[1] + 1).loss
-            return answer_loss(model, batch)
-
-    rms: dict[str, float] = {}  # the state each bridge reads, when its lr is depth-scaled
-    if spec.optimizer.startswith("odelora"):
-        from peft_ctrl.optim import create_odelora_optimizer
-
-        optimizer = create_odelora_optimizer(model, lr=lr, scheme=spec.optimizer.split("-", 1)[1])
-        steps = max(1, evaluations // optimizer.evaluations_per_step)  # the same gradient evaluations as AdamW rows
-    else:
-        if spec.depth_lr:
-            first = {k: v for k, v in collated(batches[0]).items() if k != "targets"}
-            rms = bridge_input_rms(model, lambda: model(**first, logits_to_keep=1))
-            groups = depth_scaled_param_groups(model, lr, rms)
-        else:
-            groups = [{"params": params, "lr": lr}]
-        optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-        steps = evaluations
-    for group in optimizer.param_groups:
-        group["peak_lr"] = group["lr"]
-    batches = batches[:steps]
-    allocator = None
-    if spec.kind == "sublora":
-        from peft_ctrl.sublora.runtime import RankAllocator
-
-        allocator = RankAllocator(model, total_step=steps, loss_fn=answer_loss)
-        draw = torch.Generator().manual_seed(10_000 + seed)
-        curvature_batches = (
-            collated(torch.randperm(len(data.train), generator=draw)[: args.batch_size]) for _ in itertools.count()
-        )
-    times, losses, saved, tokens, curve = [], [], 0, 0, []
-    model.train()
-    bar = tqdm(range(steps), desc=f"{method} seed {seed}", leave=False, dynamic_ncols=True)
-    for step in bar:
-        batch = collated(batches[step])
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, group["peak_lr"])
-        start = time.perf_counter()
-        if step == 0:  # the same first batch for every method of a seed
-            meter = SavedTensorMeter(exclude=model)
-            with meter:
-                loss = loss_of(batch)
-                loss.backward()
-            saved, tokens = meter.total_bytes, int(batch["attention_mask"].numel())
-            model.zero_grad(set_to_none=True)  # the measured pass is not a training step: every row steps alike
-            start = time.perf_counter()
-        if spec.optimizer.startswith("odelora"):
-
-            def closure(batch: dict[str, torch.Tensor] = batch) -> torch.Tensor:
-                loss = loss_of(batch)
-                loss.backward()
-                return loss
-
-            loss = optimizer.step(closure)
-        else:
-            loss = loss_of(batch)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            if spec.kind == "adalora":
-                model.base_model.update_and_allocate(step)
-        optimizer.zero_grad(set_to_none=True)
-        if allocator is not None and allocator.due(step):
-            allocator.allocate(step, curvature_batches, optimizer)
-        times.append(time.perf_counter() - start)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{statistics.fmean(losses[-10:]):.3f}")
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < steps:
-            so_far, so_far_nll = evaluate(model, data, pad, args.bf16)
-            curve.append({"step": step + 1, "accuracy": _task_means(so_far), "option_nll": so_far_nll})
-            model.train()
-    if allocator is not None:
-        model.base_model.truncate()
+    memory, timer, curve = (
+        MemoryReportCallback(),
+        StepTimeCallback(skip=2),
+        _Curve(args.eval_every, data, pad, args.bf16),
+    )
+    with tempfile.TemporaryDirectory() as output_dir:
+        trainer, steps, rms = _trainer(method, model, args, data, seed, evaluations, output_dir, pad)
+        # Callbacks run in the order they were added: the method's own (allocation counts in its step time), then
+        # the timer, then the curve (its scoring does not).
+        for callback in (memory, timer, curve):
+            trainer.add_callback(callback)
+        quiet_progress(trainer).train()
     trained = time.perf_counter() - started
     scored, nll = evaluate(model, data, pad, args.bf16)
-    curve.append({"step": steps, "accuracy": _task_means(scored), "option_nll": nll})
     if args.save_adapters:
         with atomic_directory(Path(args.save_adapters) / method / f"seed{seed}") as folder:
             model.save_pretrained(folder)
-    steady = times[2:] if len(times) > 4 else times
     return {
         "method": method,
         "label": spec.label,
         "kind": spec.kind,
         "seed": seed,
-        "lr": lr,
+        "lr": args.lr_of(method),
         "depth_lr": spec.depth_lr,
         "optimizer": spec.optimizer,
         "optimizer_steps": steps,
         "trainable_params": trainable,
         "adapter_bytes": adapter_bytes(model),
-        "saved_activation_bytes": saved,
-        "measured_tokens": tokens,
-        "step_seconds": statistics.median(steady),
+        "saved_activation_bytes": memory.saved_bytes,
+        "measured_tokens": trainer.data_collator.first_batch_tokens,
+        "step_seconds": timer.median(),
         "train_seconds": round(trained, 1),
-        "losses": [round(x, 4) for x in losses],
+        "losses": [round(x, 4) for x in step_losses(trainer.state.log_history)],
         "accuracy": _task_means(scored),
         "option_nll": nll,
-        "curve": curve,
+        "curve": [*curve.points, {"step": steps, "accuracy": _task_means(scored), "option_nll": nll}],
         "bridge_input_rms": rms,
         "hits": scored,
     }
