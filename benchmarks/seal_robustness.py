@@ -72,7 +72,7 @@ from peft_ctrl_app.finetune import (
     trim,
 )
 from peft_ctrl_app.forensics import attacks
-from peft_ctrl_app.training import length_bucketed_batches, lr_at
+from peft_ctrl_app.training import length_bucketed_batches
 
 RUNS = Path("runs/seal_robustness")
 SEEDS = (0, 1, 2)
@@ -347,10 +347,11 @@ def claim_search(root: Path, claims: int, chunk: int = 500) -> dict:
 
 def smollm2_part(root: Path) -> dict:
     """SEAL vs LoRA on SmolLM2's chat task, then merged-model rewrites, fine-tuning and distillation attacks."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer
 
     from peft_ctrl.models import load_smollm2
     from peft_ctrl_app.tasks import stdlib_items
+    from peft_ctrl_app.trainer_setup import ChatCollator, ChatDataset, job_arguments, quiet_progress
     from peft_ctrl_app.training import (
         ChatExample,
         answer_logits,
@@ -384,16 +385,14 @@ def smollm2_part(root: Path) -> dict:
     def train(config) -> torch.nn.Module:
         torch.manual_seed(0)
         model = get_peft_model(fresh(), config)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=SMOL_LR, weight_decay=0.0)
-        model.train()
-        for step, batch in enumerate(batches(train_examples, SMOL_STEPS, 0)):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, SMOL_STEPS, SMOL_LR)
-            answer_loss(model, batch).backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        with tempfile.TemporaryDirectory() as output_dir:
+            settings = job_arguments(
+                output_dir, steps=SMOL_STEPS, batch_size=SMOL_BATCH, lr=SMOL_LR, seed=0, bf16=False
+            )
+            trainer = Trainer(
+                model=model, args=settings, train_dataset=ChatDataset(train_examples), data_collator=ChatCollator(pad)
+            )
+            quiet_progress(trainer).train()
         return model.eval()
 
     def score(model: torch.nn.Module) -> float:

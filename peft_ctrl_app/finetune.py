@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import statistics
-import time
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,13 +24,13 @@ from tqdm.auto import tqdm
 
 from peft_ctrl._checks import check_choice, check_float, check_int
 from peft_ctrl.atomic import atomic_directory
-from peft_ctrl.metrics import SavedTensorMeter
 from peft_ctrl.seal import SealConfig
 from peft_ctrl.state_ctrl import StateCtrlConfig
 from peft_ctrl.state_ctrl.config import BLOCKS
+from trainer_callbacks import MemoryReportCallback, StepTimeCallback
 
 from .datasets import TextDataset, stdlib_topics
-from .training import length_bucketed_batches, lr_at
+from .trainer_setup import job_arguments, quiet_progress, step_losses
 
 MODELS = ("minilm", "tiny-llama")
 METHODS = ("state-ctrl", "lora", "seal")
@@ -162,46 +162,48 @@ def accuracy(model: nn.Module, data: dict[str, torch.Tensor], batch_size: int = 
     return correct / len(data["labels"])
 
 
-def trim(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop the padding columns that no sentence of the batch uses."""
-    width = int(batch["attention_mask"].sum(1).max())
-    return {k: v[:, :width] if v.dim() == 2 else v for k, v in batch.items()}
+def examples(data: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
+    """The encoded sentences as Trainer examples, each cut to its own tokens (the collator pads each batch to its
+    longest sentence)."""
+    lengths = data["attention_mask"].sum(1).tolist()
+    return [
+        {"input_ids": data["input_ids"][i, :n], "attention_mask": data["attention_mask"][i, :n], "labels": label}
+        for i, (n, label) in enumerate(zip(lengths, data["labels"].tolist(), strict=True))
+    ]
 
 
 def train_one(method: str, seed: int, args: FinetuneArgs, train: dict, test: dict, num_labels: int) -> RunResult:
+    """One method at one seed through ``transformers.Trainer``: batches grouped by length, the linear schedule,
+    clipping; bytes saved for backward and step times from the library's callbacks."""
+    from transformers import DataCollatorWithPadding, Trainer
+
     model = get_peft_model(build_model(args.model, num_labels, seed), peft_config(method, args))
-    params = [p for p in model.parameters() if p.requires_grad]
-    trainable = sum(p.numel() for p in params)
-    optimizer = torch.optim.AdamW(params, lr=args.lr[method], weight_decay=0.01)
-    batches = length_bucketed_batches(train["attention_mask"].sum(1), args.batch_size, args.steps, seed)
-    times, losses, saved = [], [], 0
-    model.train()
-    bar = tqdm(batches, desc=f"{method} seed {seed}", leave=False, dynamic_ncols=True)
-    for step, idx in enumerate(bar):
-        batch = trim({k: v[idx] for k, v in train.items()})
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr[method])
-        start = time.perf_counter()
-        if step == 0:
-            with SavedTensorMeter(exclude=model) as meter:
-                loss = model(**batch).loss
-                loss.backward()
-            saved = meter.total_bytes
-        else:
-            loss = model(**batch).loss
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{statistics.fmean(losses[-20:]):.3f}")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    memory, timer = MemoryReportCallback(), StepTimeCallback(skip=5)
+    with tempfile.TemporaryDirectory() as output_dir:
+        settings = job_arguments(
+            output_dir,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr[method],
+            seed=seed,
+            bf16=False,
+            weight_decay=0.01,
+        )
+        trainer = Trainer(
+            model=model,
+            args=settings,
+            train_dataset=examples(train),
+            data_collator=DataCollatorWithPadding(_tokenizer()),
+            callbacks=[memory, timer],
+        )
+        quiet_progress(trainer).train()
+    losses = step_losses(trainer.state.log_history)
     acc = accuracy(model, test)
     if args.save_adapters:
         with atomic_directory(Path(args.output_dir) / args.model / method / f"seed{seed}") as folder:
             model.save_pretrained(folder)  # atomic for PEFT LoRA too
-    steady = times[5:] if len(times) > 10 else times
-    return RunResult(method, seed, trainable, acc, saved, statistics.median(steady), statistics.fmean(losses[-20:]))
+    return RunResult(method, seed, trainable, acc, memory.saved_bytes, timer.median(), statistics.fmean(losses[-20:]))
 
 
 def run_finetune(args: FinetuneArgs) -> list[RunResult]:

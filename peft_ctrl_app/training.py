@@ -1,8 +1,8 @@
-"""Training pieces the jobs share: the learning-rate schedule, length-bucketed batches, and chat examples for a
-causal LM (the prompt in the model's chat template, the response as the only loss, the one-pass greedy score).
+"""Pieces the jobs share: chat examples for a causal LM (the prompt in the model's chat template, the response as
+the only loss, the one-pass greedy score) and length-bucketed batches for the SEAL attacks' own loops.
 
-``peft-ctrl finetune`` (the MiniLM classification job), ``peft-ctrl bench`` (``peft_ctrl_app.lm_bench``, every
-causal-LM task) and the SEAL benchmark use them; none of them keeps a copy.
+The jobs train through ``transformers.Trainer`` (``peft_ctrl_app.trainer_setup``); ``answer_loss`` is the loss
+their collator's labels give the model, kept for the attack simulations and the tests that check the two agree.
 """
 
 from __future__ import annotations
@@ -20,14 +20,6 @@ from .commonsense import Item
 
 # The seven linears of a LLaMA decoder layer.
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def lr_at(step: int, total: int, peak: float) -> float:
-    """10% linear warm-up to ``peak``, then linear decay to 0 at ``total``."""
-    warmup = max(1, total // 10)
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * max(0.0, (total - step) / (total - warmup))
 
 
 def length_bucketed_batches(lengths: torch.Tensor, batch_size: int, steps: int, seed: int) -> list[torch.Tensor]:

@@ -8,7 +8,7 @@ import torch
 from peft_ctrl.atomic import atomic_directory
 from peft_ctrl_app import cli
 from peft_ctrl_app.datasets import _sentences, stdlib_topics
-from peft_ctrl_app.finetune import FinetuneArgs, length_bucketed_batches, trim
+from peft_ctrl_app.finetune import FinetuneArgs, examples
 
 
 @pytest.fixture(scope="module")
@@ -27,25 +27,16 @@ def test_stdlib_topics_is_a_real_labelled_split(task):
     ]
 
 
-def test_length_bucketed_batches():
-    lengths = torch.randint(3, 60, (1000,))
-    batches = length_bucketed_batches(lengths, batch_size=32, steps=70, seed=0)
-    assert len(batches) == 70 and all(len(b) == 32 for b in batches)
-    first_epoch = torch.cat(batches[:31])
-    assert len(set(first_epoch.tolist())) == 31 * 32  # no sentence twice within an epoch
-    spread = torch.tensor([float(lengths[b].max() - lengths[b].min()) for b in batches]).mean()
-    assert spread < 10  # similar lengths in a batch
-    assert all(torch.equal(a, b) for a, b in zip(batches, length_bucketed_batches(lengths, 32, 70, 0), strict=True))
-
-
-def test_trim_drops_unused_padding():
-    batch = {
-        "input_ids": torch.ones(2, 10),
+def test_examples_are_cut_to_their_own_tokens():
+    """Each Trainer example keeps its sentence's tokens only; the collator pads a batch to its longest one."""
+    data = {
+        "input_ids": torch.arange(20).reshape(2, 10),
         "attention_mask": torch.tensor([[1] * 4 + [0] * 6, [1] * 6 + [0] * 4]),
         "labels": torch.tensor([0, 1]),
     }
-    out = trim(batch)
-    assert out["input_ids"].shape == (2, 6) and out["labels"].shape == (2,)
+    out = examples(data)
+    assert [len(e["input_ids"]) for e in out] == [4, 6] and [e["labels"] for e in out] == [0, 1]
+    assert out[1]["input_ids"].tolist() == list(range(10, 16)) and out[0]["attention_mask"].tolist() == [1] * 4
 
 
 class _Saver:

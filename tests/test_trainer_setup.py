@@ -65,6 +65,17 @@ def test_the_step_timer_times_every_step(tmp_path):
         StepTimeCallback().median()
 
 
+def test_the_jobs_schedule_warms_up_for_a_tenth_then_decays_to_zero(tmp_path):
+    """Trainer's linear schedule with job_arguments' warm-up: 0 at the first step, the peak at step steps // 10,
+    then a straight line that would reach 0 at step ``steps``."""
+    model = get_peft_model(build("llama"), LoraConfig(r=4, target_modules=["q_proj"]))
+    trainer = _trainer(model, tmp_path, 20, [])
+    trainer.train()
+    rates = [entry["learning_rate"] for entry in trainer.state.log_history if "loss" in entry]
+    assert rates[:3] == pytest.approx([0.0, 0.5e-3, 1e-3])
+    assert rates[2:] == pytest.approx([1e-3 * (20 - step) / 18 for step in range(2, 20)])
+
+
 def _adalora(steps: int):
     config = AdaLoraConfig(
         init_r=6, target_r=2, tinit=1, tfinal=2, deltaT=1, total_step=steps, target_modules=["q_proj", "v_proj"]

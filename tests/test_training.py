@@ -1,7 +1,6 @@
 """The shared causal-LM training pieces (peft_ctrl_app.training) on a tiny LLaMA: batches, the answer-only loss, the
 one-pass greedy score and the learning-rate schedule."""
 
-import pytest
 import torch
 import torch.nn.functional as F
 from models import VOCAB, build
@@ -14,7 +13,6 @@ from peft_ctrl_app.training import (
     collate,
     greedy_hits,
     length_bucketed_batches,
-    lr_at,
 )
 
 PAD = 0
@@ -85,12 +83,6 @@ def test_balanced_subset_is_balanced_and_the_same_every_time():
     # The pick depends on the sentences only, not on their order.
     shuffled = balanced_subset(list(reversed(examples)), 4)
     assert {e.sentence for e in shuffled} == {e.sentence for e in subset}
-
-
-def test_the_schedule_warms_up_then_decays_to_zero():
-    peaks = [lr_at(step, 20, 1.0) for step in range(20)]
-    assert peaks[0] == pytest.approx(0.5) and peaks[1] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(peaks[1:], peaks[2:], strict=False)) and lr_at(20, 20, 1.0) == 0.0
 
 
 def test_length_bucketed_batches_are_fixed_per_seed_and_group_similar_lengths():
