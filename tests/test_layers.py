@@ -14,7 +14,14 @@ REPO = Path(__file__).resolve().parents[1]
 LIBRARY = ("peft_ctrl", "trainer_callbacks")
 APPLICATION = ("peft_ctrl_app",)
 # The bottom layer: shared mechanics every method may use.
-BOTTOM = {"peft_ctrl.sharding", "peft_ctrl.capabilities", "peft_ctrl.atomic", "peft_ctrl.factors", "peft_ctrl.dtypes"}
+BOTTOM = {
+    "peft_ctrl._checks",
+    "peft_ctrl.sharding",
+    "peft_ctrl.capabilities",
+    "peft_ctrl.atomic",
+    "peft_ctrl.factors",
+    "peft_ctrl.dtypes",
+}
 # The methods and what they are built from.
 METHODS = ("peft_ctrl.state_ctrl", "peft_ctrl.seal", "peft_ctrl.sublora", "peft_ctrl.optim", "peft_ctrl.ops")
 METHOD_BASES = {"peft_ctrl.linear_adapter", "peft_ctrl.metrics", "peft_ctrl._registry"}
