@@ -43,3 +43,12 @@ def set_adapter_dtype(model: nn.Module, dtype: torch.dtype, adapter_name: str | 
                         tensor.data = tensor.data.to(dtype)
                         cast += 1
     return cast
+
+
+def autocast_state(device_type: str) -> tuple[bool, torch.dtype | None]:
+    """``(torch.is_autocast_enabled(device_type), its dtype)``, and ``(False, None)`` for device types autocast does
+    not know (the meta device, where the memory planner runs models without weights)."""
+    try:
+        return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    except RuntimeError:
+        return False, None

@@ -13,6 +13,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from .dtypes import autocast_state
 from .ops import dropout_probability, lowrank
 from .sharding import require_gathered
 
@@ -64,7 +65,7 @@ class LinearAdapterLayer(nn.Module, BaseTunerLayer):
     ) -> torch.Tensor:
         """``scale * dropout(x) A^T B^T`` through ``ops.lowrank``, with x cast to the adapter's dtype outside
         autocast (the way every ``delta`` feeds its factors)."""
-        if not torch.is_autocast_enabled(x.device.type):
+        if not autocast_state(x.device.type)[0]:
             x = x.to(A.dtype)
         return lowrank(x, A, B, scale, dropout_probability(dropout), training=self.training)
 

@@ -34,7 +34,9 @@ from torch import nn
 
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
-    return (str(t.device), t.untyped_storage().data_ptr())
+    """One key per storage: its device and the identity of its StorageImpl (``_cdata``; views share it). Not the
+    data pointer, which is 0 for every storage on the meta device, where the memory planner counts."""
+    return (str(t.device), t.untyped_storage()._cdata)
 
 
 def in_backward_pass() -> bool:
@@ -92,6 +94,7 @@ class SavedTensorMeter:
         self._excluded = {_storage_key(t) for t in tensors}
         self._regions = list(checkpointed or [])
         self._storages: dict[tuple[str, int], torch.UntypedStorage] = {}
+        self._last_dims: dict[tuple[str, int], int] = {}
         self._region_bytes: list[int] = []
         self._measured: set[int] = set()
         self._rerun: dict[tuple[str, int], torch.UntypedStorage] | None = None
@@ -106,7 +109,9 @@ class SavedTensorMeter:
 
     def _add(self, t: torch.Tensor, into: dict[tuple[str, int], torch.UntypedStorage]) -> None:
         if self._countable(t):
-            into.setdefault(_storage_key(t), t.untyped_storage())
+            key = _storage_key(t)
+            into.setdefault(key, t.untyped_storage())
+            self._last_dims.setdefault(key, t.shape[-1] if t.dim() else 0)
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         if self._rerun is not None:
@@ -162,6 +167,11 @@ class SavedTensorMeter:
     def outer_bytes(self) -> int:
         """Bytes saved outside checkpointed regions (their inputs included)."""
         return sum(s.nbytes() for s in self._storages.values())
+
+    def outer_bytes_with_last_dim(self, size: int) -> int:
+        """Of ``outer_bytes``, the storages first saved through a tensor whose last dimension is ``size`` (with the
+        vocabulary size: the logits and the loss's copies of them)."""
+        return sum(s.nbytes() for key, s in self._storages.items() if self._last_dims.get(key) == size)
 
     @property
     def region_bytes(self) -> list[int]:

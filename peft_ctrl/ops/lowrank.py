@@ -22,9 +22,12 @@ its backward keeps, and the mask comes from the compiled graph's own random stre
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
+from ..dtypes import autocast_state
 from . import _dispatch
 
 
@@ -45,7 +48,7 @@ def _check(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, base: torch.Tensor
     tensors = [t for t in (x, A, B, base) if t is not None]
     if len({t.device for t in tensors}) > 1:
         raise ValueError(f"x, A, B and base must be on one device, got {[str(t.device) for t in tensors]}.")
-    if not torch.is_autocast_enabled(x.device.type) and len({t.dtype for t in tensors}) > 1:
+    if not autocast_state(x.device.type)[0] and len({t.dtype for t in tensors}) > 1:
         raise ValueError(
             f"x, A, B and base must share a dtype outside autocast, got {[str(t.dtype) for t in tensors]}; "
             "cast them or run under torch.autocast."
@@ -107,7 +110,7 @@ class _LowRank(torch.autograd.Function):
             out = base + out.to(base.dtype)
         ctx.save_for_backward(x, A, B, z)
         ctx.scale, ctx.p, ctx.seed, ctx.has_base = scale, p, seed, base is not None
-        ctx.autocast = (torch.is_autocast_enabled(x.device.type), torch.get_autocast_dtype(x.device.type))
+        ctx.autocast = autocast_state(x.device.type)
         return out
 
     @staticmethod
@@ -115,7 +118,8 @@ class _LowRank(torch.autograd.Function):
         x, A, B, z = ctx.saved_tensors
         scale, p, seed = ctx.scale, ctx.p, ctx.seed
         enabled, dtype = ctx.autocast
-        with torch.autocast(x.device.type, dtype=dtype, enabled=enabled):
+        # The forward's autocast state (none on the meta device, where autocast does not exist).
+        with torch.autocast(x.device.type, dtype=dtype, enabled=enabled) if dtype else contextlib.nullcontext():
             # Same operation order as autograd on the unfused expression (bitwise equal with the same mask).
             g = grad_out.reshape(-1, grad_out.shape[-1]).to(z.dtype)
             if scale != 1.0:

@@ -10,6 +10,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from peft_ctrl._registry import move_adapter_to_base_device, set_active_adapter
+from peft_ctrl.dtypes import autocast_state
 from peft_ctrl.linear_adapter import LinearAdapterLayer
 from peft_ctrl.ops import dropout_probability, lowrank
 
@@ -208,7 +209,7 @@ class StateCtrlLayer(nn.Module, StateCtrlTunerLayer):
         B = self.state_ctrl_B[adapter_name]
         alpha = self.alpha[adapter_name]
         linear = self.controller[adapter_name] == "linear"
-        if not torch.is_autocast_enabled(h.device.type):
+        if not autocast_state(h.device.type)[0]:
             h = h.to(A.weight.dtype)
         if self.fused[adapter_name]:
             p = dropout_probability(self.state_ctrl_dropout[adapter_name])
