@@ -8,6 +8,7 @@ import sys
 import warnings
 from typing import Any, NoReturn
 
+from . import plan_command
 from .forensics import cli as seal_cli
 
 # Each command's one-line help. A command's parser is built (and its modules imported) only when that command is
@@ -17,6 +18,7 @@ COMMANDS = {
     "bench": "method-comparison benchmarks on SmolLM2 (resumable)",
     "seal": "SEAL watermarks: keygen, release, verify, attack",
     "zero-config": "print the path of a shipped DeepSpeed ZeRO config (or an accelerate launch config)",
+    "plan": "the memory of a training step of every method at 7B-9B shapes, computed without a GPU",
 }
 
 
@@ -87,6 +89,8 @@ def _build(sub: argparse._SubParsersAction, command: str) -> None:
         bench_parser(sub, COMMANDS[command])
     elif command == "seal":
         seal_cli.add_parser(sub, COMMANDS[command])
+    elif command == "plan":
+        plan_command.add_parser(sub, COMMANDS[command])
     else:
         _zero_config_parser(sub)
 
@@ -104,6 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "zero-config":
         return _zero_config(args)
+    if args.command == "plan":
+        try:
+            return plan_command.run(args)
+        except ValueError as err:
+            print(f"peft-ctrl plan: error: {err}", file=sys.stderr)
+            return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # peft calls a transformers method that transformers 5 renamed; the warning is noise for users here.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

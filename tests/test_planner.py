@@ -87,3 +87,24 @@ def test_every_shipped_config_loads_and_bad_input_is_refused(tmp_path):
     ]:
         with pytest.raises(ValueError, match=message):
             plan(TINY, **kwargs)
+
+
+def test_peft_ctrl_plan_prints_the_breakdown_and_the_longest_sequence(tmp_path, capsys):
+    from peft_ctrl_app.cli import main
+
+    path = tmp_path / "config.json"
+    path.write_text(TINY.to_json_string())
+    assert main(["plan", "--model", str(path), "--method", "state-ctrl", "--seq", "64", "--gpu-gib", "0.01"]) == 0
+    out = capsys.readouterr().out
+    assert "state-ctrl-mlp, bf16, batch 1 x 64 tokens, cuda" in out and "peak (sum)" in out
+    longest = int(out.rsplit(":", 1)[1])
+    assert longest > 0 and plan(str(path), "state-ctrl-mlp", seq=longest).peak <= 0.01 * 2**30
+    assert plan(str(path), "state-ctrl-mlp", seq=longest + 256).peak > 0.01 * 2**30
+    assert main(["plan", "--model", "no-such-model"]) == 2
+    assert "Unknown model" in capsys.readouterr().err
+
+
+def test_the_plan_commands_copies_of_the_planners_names_match_them():
+    from peft_ctrl_app import plan_command
+
+    assert plan_command.SHIPPED == SHIPPED and plan_command.METHODS == tuple(METHODS)
