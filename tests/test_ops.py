@@ -107,12 +107,35 @@ def test_missing_triton_on_cuda_warns_once_and_uses_torch(monkeypatch):
     monkeypatch.setattr(_dispatch, "triton_available", lambda: False)
     monkeypatch.setattr(_dispatch, "_FORCED", False)
     monkeypatch.setattr(_dispatch, "_WARNED", False)
-    cuda_like = types.SimpleNamespace(is_cuda=True)
+    cuda_like = types.SimpleNamespace(is_cuda=True, dtype=torch.float32)
     with pytest.warns(UserWarning, match="Triton is not installed"):
         assert _dispatch.use_triton(cuda_like) is False
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _dispatch.use_triton(cuda_like) is False
+
+
+@pytest.mark.skipif(not _dispatch.triton_available(), reason="Triton is not installed")
+def test_on_cuda_the_kernels_run_for_exactly_the_dtypes_and_ranks_they_are_compiled_for(monkeypatch):
+    """The dispatcher's choice, with its reason, for CUDA-like inputs (no GPU needed): every dtype and rank class
+    that peft_ctrl.ops.triton_aot compiles goes to Triton, anything else to the torch path with a reason."""
+    from peft_ctrl.ops import triton_aot
+
+    monkeypatch.setattr(_dispatch, "_FORCED", False)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    assert set(dtypes.values()) == set(_dispatch.TRITON_DTYPES) and set(dtypes) == set(triton_aot.DTYPES)
+    for name, dtype in dtypes.items():
+        for rank in (1, *triton_aot.RANK_CLASSES):
+            cuda = types.SimpleNamespace(is_cuda=True, dtype=dtype)
+            assert _dispatch.triton_reason(cuda, rank) is None, (name, rank)
+    top = max(triton_aot.RANK_CLASSES)
+    cuda64 = types.SimpleNamespace(is_cuda=True, dtype=torch.float64)
+    assert "no Triton kernel for torch.float64" in _dispatch.triton_reason(cuda64, 8)
+    assert f"above the kernels' largest rank class, {top}" in _dispatch.triton_reason(
+        types.SimpleNamespace(is_cuda=True, dtype=torch.bfloat16), top + 1
+    )
+    assert _dispatch.triton_reason(torch.zeros(1), 8) == "not a CUDA tensor"
+    assert not _dispatch.use_triton(cuda64, 8)
 
 
 def test_package_works_without_triton():

@@ -97,7 +97,7 @@ class _LowRank(torch.autograd.Function):
     def forward(ctx, x, A, B, base, scale, p, seed):  # noqa: D401 - autograd signature
         x2 = x.reshape(-1, x.shape[-1])
         # Decided once here: the backward must regenerate the mask with the scheme the forward used.
-        ctx.triton = _dispatch.use_triton(x) and A.shape[0] <= _dispatch.triton_ops().MAX_RANK
+        ctx.triton = _dispatch.use_triton(x, A.shape[0])
         if ctx.triton:
             z = _dispatch.triton_ops().dropout_matmul(x2, A, seed, p)
         else:

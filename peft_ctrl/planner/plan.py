@@ -166,7 +166,7 @@ def build(
         attention = attention_function(target) if target else "sdpa"
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], attn_implementation=attention)
     if checkpointing or method == "lora-all-ckpt":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if adapter is not None:
         if checkpointing or method == "lora-all-ckpt":
             model.enable_input_require_grads()
