@@ -110,8 +110,10 @@ class SavedTensorMeter:
     def _add(self, t: torch.Tensor, into: dict[tuple[str, int], torch.UntypedStorage]) -> None:
         if self._countable(t):
             key = _storage_key(t)
-            into.setdefault(key, t.untyped_storage())
-            self._last_dims.setdefault(key, t.shape[-1] if t.dim() else 0)
+            if key not in into:
+                into[key] = t.untyped_storage()
+                if into is self._storages:  # a re-run's storages die after it: their keys can come back
+                    self._last_dims[key] = t.shape[-1] if t.dim() else 0
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         if self._rerun is not None:
