@@ -30,14 +30,13 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def triton_reason(x: torch.Tensor, rank: int = 0) -> str | None:
     """Why ``lowrank`` would not run its Triton kernels on ``x`` with a rank-``rank`` adapter, or None if it would:
     they run on CUDA tensors of ``TRITON_DTYPES`` up to ``MAX_RANK`` when Triton is installed."""
-    if _FORCED:
-        return None
-    if not x.is_cuda:
-        return "not a CUDA tensor"
-    if not triton_available():
-        return "Triton is not installed (pip install 'peft-ctrl[triton]')"
-    if x.dtype not in TRITON_DTYPES:
-        return f"no Triton kernel for {x.dtype} (compiled for float32, bfloat16 and float16)"
+    if not _FORCED:  # force_triton() (tests) runs the kernels on any device and dtype, not at any rank
+        if not x.is_cuda:
+            return "not a CUDA tensor"
+        if not triton_available():
+            return "Triton is not installed (pip install 'peft-ctrl[triton]')"
+        if x.dtype not in TRITON_DTYPES:
+            return f"no Triton kernel for {x.dtype} (compiled for float32, bfloat16 and float16)"
     if rank > triton_ops().MAX_RANK:
         return f"rank {rank} is above the kernels' largest rank class, {triton_ops().MAX_RANK}"
     return None

@@ -157,7 +157,10 @@ def _keep_mask_kernel(out_ptr, M, K, seed, p, BLOCK: tl.constexpr):
 def _blocks(R: int) -> tuple[int, int, int]:
     if R > MAX_RANK:
         raise ValueError(f"The Triton low-rank kernels support ranks up to {MAX_RANK}, got {R}.")
-    return 32, 32, max(16, triton.next_power_of_2(R))
+    block_r = max(16, triton.next_power_of_2(R))
+    # Above rank 64 a 32 x 32 tile with a whole rank row spills registers in fp32 (and in grad_a at 256) on sm_80
+    # and sm_90; 16 x 16 tiles do not (benchmarks/triton_aot.py, docs/ops.md).
+    return (16, 16, block_r) if block_r > 64 else (32, 32, block_r)
 
 
 def _check_size(M: int, K: int) -> None:
