@@ -144,3 +144,22 @@ def test_the_logits_line_counts_with_and_without_checkpointing():
     plain, checkpointed = plan(config, "lora-all", seq=64), plan(config, "lora-all-ckpt", seq=64)
     assert plain.logits == checkpointed.logits > 64 * 1000 * 2  # at least the bf16 logits of 64 tokens
     assert checkpointed.saved < plain.saved
+
+
+def test_the_gpu_check_script_runs_its_cpu_dry_run_and_measures_what_it_plans():
+    """benchmarks/gpu_check.py is for a CUDA machine; --smoke runs its memory part on a tiny LLaMA on the CPU, where
+    the measured saved bytes must equal the planned ones for every method."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "gpu_check.py"), "--smoke"],
+        capture_output=True, text=True, timeout=600, cwd=root,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(run.stdout.strip().splitlines()[-1])["memory"]
+    assert [r["method"] for r in rows] == list(METHODS)
+    assert all(r["measured_saved"] == r["planned_saved"] for r in rows), rows
