@@ -163,3 +163,11 @@ def test_the_gpu_check_script_runs_its_cpu_dry_run_and_measures_what_it_plans():
     rows = json.loads(run.stdout.strip().splitlines()[-1])["memory"]
     assert [r["method"] for r in rows] == list(METHODS)
     assert all(r["measured_saved"] == r["planned_saved"] for r in rows), rows
+
+
+@pytest.mark.parametrize("model", ["gemma-2-9b", "qwen3-8b", "mistral-7b"])
+def test_state_ctrl_plans_on_the_other_shipped_families(model):
+    """The tiny twin finds the bridges on each family (Gemma-2's sandwich norms included; Gemma-2 is planned with
+    eager attention, which its softcapping needs), and state-ctrl keeps less than LoRA all-linear."""
+    state_ctrl, lora = plan(model, "state-ctrl-mlp", seq=256), plan(model, "lora-all", seq=256)
+    assert 0 < state_ctrl.saved < lora.saved and state_ctrl.trainable_params > 0

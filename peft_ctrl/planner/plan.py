@@ -32,7 +32,7 @@ from .kernels import TARGETS, attention_function, cuda_dropout
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
-# method -> (what it is, whether gradient checkpointing is part of it); the adapters are the benchmark's rows.
+# method -> what it trains; the adapters are the commonsense benchmark's rows (peft_ctrl_app.lm_bench).
 METHODS = {
     "lora-all": "PEFT LoRA r=16 on all seven linears of each block",
     "lora-qv": "PEFT LoRA r=16 on q_proj, v_proj",
@@ -164,6 +164,8 @@ def build(
     adapter = None if method == "full" else _adapter(config, method)
     with torch.device(device):
         attention = attention_function(target) if target else "sdpa"
+        if getattr(config, "attn_logit_softcapping", None):  # Gemma-2: SDPA kernels cannot softcap, so eager
+            attention = "eager"
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], attn_implementation=attention)
     if checkpointing or method == "lora-all-ckpt":
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
