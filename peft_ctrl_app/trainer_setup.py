@@ -77,6 +77,7 @@ def job_arguments(
         "save_strategy": "no",
         "report_to": "none",
         "dataloader_num_workers": 0,
+        "dataloader_pin_memory": torch.cuda.is_available(),  # pinning needs a GPU; on CPU it only warns
     }
     settings.update(overrides)
     return TrainingArguments(**settings)
