@@ -351,7 +351,7 @@ def smollm2_part(root: Path) -> dict:
 
     from peft_ctrl.models import load_smollm2
     from peft_ctrl_app.tasks import stdlib_items
-    from peft_ctrl_app.trainer_setup import ChatCollator, ChatDataset, job_arguments, quiet_progress
+    from peft_ctrl_app.trainer_setup import ChatCollator, ChatDataset, in_batch_order, job_arguments, quiet_progress
     from peft_ctrl_app.training import (
         ChatExample,
         answer_logits,
@@ -382,6 +382,8 @@ def smollm2_part(root: Path) -> dict:
         for idx in length_bucketed_batches(lengths, SMOL_BATCH, steps, seed):
             yield collate([examples[i] for i in idx.tolist()], pad)
 
+    train_lengths = [len(e.prompt_ids) + len(e.answer_ids) for e in train_examples]
+
     def train(config) -> torch.nn.Module:
         torch.manual_seed(0)
         model = get_peft_model(fresh(), config)
@@ -390,7 +392,10 @@ def smollm2_part(root: Path) -> dict:
                 output_dir, steps=SMOL_STEPS, batch_size=SMOL_BATCH, lr=SMOL_LR, seed=0, bf16=False
             )
             trainer = Trainer(
-                model=model, args=settings, train_dataset=ChatDataset(train_examples), data_collator=ChatCollator(pad)
+                model=model,
+                args=settings,
+                train_dataset=ChatDataset(in_batch_order(train_examples, train_lengths, SMOL_BATCH, SMOL_STEPS, 0)),
+                data_collator=ChatCollator(pad),
             )
             quiet_progress(trainer).train()
         return model.eval()

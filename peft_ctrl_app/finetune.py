@@ -30,7 +30,7 @@ from peft_ctrl.state_ctrl.config import BLOCKS
 from trainer_callbacks import MemoryReportCallback, StepTimeCallback
 
 from .datasets import TextDataset, stdlib_topics
-from .trainer_setup import job_arguments, quiet_progress, step_losses
+from .trainer_setup import in_batch_order, job_arguments, quiet_progress, step_losses
 
 MODELS = ("minilm", "tiny-llama")
 METHODS = ("state-ctrl", "lora", "seal")
@@ -173,8 +173,8 @@ def examples(data: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
 
 
 def train_one(method: str, seed: int, args: FinetuneArgs, train: dict, test: dict, num_labels: int) -> RunResult:
-    """One method at one seed through ``transformers.Trainer``: batches grouped by length, the linear schedule,
-    clipping; bytes saved for backward and step times from the library's callbacks."""
+    """One method at one seed through ``transformers.Trainer``: the job's length-bucketed batches in order, the linear
+    schedule, clipping; bytes saved for backward and step times from the library's callbacks."""
     from transformers import DataCollatorWithPadding, Trainer
 
     model = get_peft_model(build_model(args.model, num_labels, seed), peft_config(method, args))
@@ -193,7 +193,9 @@ def train_one(method: str, seed: int, args: FinetuneArgs, train: dict, test: dic
         trainer = Trainer(
             model=model,
             args=settings,
-            train_dataset=examples(train),
+            train_dataset=in_batch_order(
+                examples(train), train["attention_mask"].sum(1).tolist(), args.batch_size, args.steps, seed
+            ),
             data_collator=DataCollatorWithPadding(_tokenizer()),
             callbacks=[memory, timer],
         )

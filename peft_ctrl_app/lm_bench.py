@@ -56,7 +56,7 @@ from trainer_callbacks import (
 from .commonsense import TASKS as COMMONSENSE_TASKS
 from .commonsense import Item, in_words, read_items, split_validation, subset
 from .tasks import Task, cloze, commonsense_items, stdlib_items
-from .trainer_setup import ChatCollator, ChatDataset, job_arguments, quiet_progress, step_losses
+from .trainer_setup import ChatCollator, ChatDataset, in_batch_order, job_arguments, quiet_progress, step_losses
 from .training import ALL_LINEAR, ChatExample, chat_example, left_padded, prompt_ids
 
 QKV = ["q_proj", "k_proj", "v_proj"]
@@ -478,9 +478,10 @@ def _trainer(
         scheme = spec.optimizer.split("-", 1)[1]
         trainer_class, options = ODELoRATrainer, {"scheme": scheme}
         steps = max(1, steps // SCHEMES[scheme])  # the same gradient evaluations as the AdamW rows
-    elif spec.depth_lr:
-        collator = ChatCollator(pad)
-        first = collator([{"example": data.train[0]}])
+    lengths = [len(e.prompt_ids) + len(e.answer_ids) for e in data.train]
+    ordered = in_batch_order(data.train, lengths, args.batch_size, steps, seed)
+    if spec.depth_lr:  # each bridge's lr from the RMS of the state it reads, on the first batch
+        first = ChatCollator(pad)([{"example": e} for e in ordered[: args.batch_size]])
         first = {k: v for k, v in first.items() if k != "labels"}
         rms = bridge_input_rms(model, lambda: model(**first))
         optimizer = torch.optim.AdamW(depth_scaled_param_groups(model, lr, rms), weight_decay=0.0)
@@ -491,7 +492,7 @@ def _trainer(
     trainer = trainer_class(
         model=model,
         args=job_arguments(output_dir, steps=steps, batch_size=args.batch_size, lr=lr, seed=seed, bf16=args.bf16),
-        train_dataset=ChatDataset(data.train),
+        train_dataset=ChatDataset(ordered),
         data_collator=ChatCollator(pad),
         callbacks=callbacks,
         optimizers=(optimizer, None),

@@ -1,8 +1,13 @@
 """How the jobs train: ``transformers.Trainer`` with the library's callbacks, the way docs/ tell users to.
 
 A job hands its chat examples to ``ChatDataset`` and ``ChatCollator`` and its settings to ``job_arguments``; the
-Trainer does the rest (the schedule, clipping, length-grouped batches, bf16 autocast, logging), and callbacks
-measure (``MemoryReportCallback``: bytes saved for backward in the first step; ``StepTimeCallback``: step times).
+Trainer does the rest (the schedule, clipping, bf16 autocast, logging), and callbacks measure
+(``MemoryReportCallback``: bytes saved for backward in the first step; ``StepTimeCallback``: step times).
+
+The batches are the jobs' own: ``in_batch_order`` lays the examples out in the order of ``length_bucketed_batches``
+(each epoch shuffled, cut into pools of 50 batches sorted by length, the batch order shuffled again) and the Trainer
+reads them sequentially. Trainer's own length-grouped sampler sorts each pool from its longest batch to its shortest,
+a length curriculum that cost state-ctrl 5 points on the main job (docs/commonsense.md#protocol).
 The loss is the model's own, on the response tokens only: the collator's labels are -100 on the prompt, and
 ``logits_to_keep`` limits the vocabulary projection to the response positions.
 """
@@ -16,12 +21,12 @@ import torch
 from torch.utils.data import Dataset
 from transformers import ProgressCallback, Trainer, TrainingArguments
 
-from .training import ChatExample, collate
+from .training import ChatExample, collate, length_bucketed_batches
 
 
 class ChatDataset(Dataset):
-    """Chat examples as a map-style dataset. Each item's ``input_ids`` (prompt then response) is what the
-    Trainer's length-grouped sampler reads; the collator reads the example itself."""
+    """Chat examples as a map-style dataset (in ``in_batch_order``'s layout for training); the collator reads each
+    item's example."""
 
     def __init__(self, examples: Sequence[ChatExample]) -> None:
         self.examples = list(examples)
@@ -30,8 +35,7 @@ class ChatDataset(Dataset):
         return len(self.examples)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        example = self.examples[index]
-        return {"input_ids": example.prompt_ids + example.answer_ids, "example": example}
+        return {"example": self.examples[index]}
 
 
 class ChatCollator:
@@ -54,12 +58,20 @@ class ChatCollator:
         return batch
 
 
+def in_batch_order(items: Sequence[Any], lengths: Sequence[int], batch_size: int, steps: int, seed: int) -> list[Any]:
+    """``items`` repeated and reordered so that reading them in order gives the ``steps`` batches of
+    ``length_bucketed_batches(lengths, batch_size, steps, seed)``: the same batches for every method of a seed."""
+    batches = length_bucketed_batches(torch.tensor(list(lengths)), batch_size, steps, seed)
+    return [items[i] for batch in batches for i in batch.tolist()]
+
+
 def job_arguments(
     output_dir: str, *, steps: int, batch_size: int, lr: float, seed: int, bf16: bool, **overrides: Any
 ) -> TrainingArguments:
-    """The jobs' Trainer settings: ``steps`` optimizer steps of ``batch_size`` examples grouped by length, AdamW
-    without weight decay at peak ``lr`` after a 10% linear warm-up, then linear decay to 0, gradients clipped to
-    norm 1, bf16 autocast when ``bf16``, a loss logged every step, no checkpoints, no reporting services."""
+    """The jobs' Trainer settings: ``steps`` optimizer steps of ``batch_size`` examples read in the dataset's order
+    (``in_batch_order``), AdamW without weight decay at peak ``lr`` after a 10% linear warm-up, then linear decay to
+    0, gradients clipped to norm 1, bf16 autocast when ``bf16``, a loss logged every step, no checkpoints, no
+    reporting services."""
     settings: dict[str, Any] = {
         "output_dir": output_dir,
         "max_steps": steps,
@@ -71,7 +83,7 @@ def job_arguments(
         "max_grad_norm": 1.0,
         "seed": seed,
         "bf16": bf16,
-        "train_sampling_strategy": "group_by_length",
+        "train_sampling_strategy": "sequential",  # the order of in_batch_order
         "remove_unused_columns": False,
         "logging_steps": 1,
         "save_strategy": "no",
