@@ -2,11 +2,13 @@
 
     # the hand-written loop (commit fe11b59~1) and the Trainer path (fe11b59), each from its own worktree:
     python /tmp/run_tree.py TREE finetune --no-bf16 --results-dir DIR      # DIR = runs/loop-fp32, runs/trainer-fp32
-    python benchmarks/trainer_path.py --loop runs/loop-fp32 --trainer runs/trainer-fp32
+    python benchmarks/trainer_path.py --loop runs/loop-fp32 --trainer runs/trainer-fp32 [--group-by-length DIR]
 
 Reads the per-experiment JSONs of the two runs (the README's main job: 4 rows, seed 0, 60 steps x 8, 150 test items
 per task; here in fp32, ``--no-bf16``, on a CPU without native bf16) and the seed-0 rows of the committed cloze table
-(docs/results/commonsense_cloze.json, bf16), and writes docs/results/trainer_path.{md,json,png}.
+(docs/results/commonsense_cloze.json, bf16), and writes docs/results/trainer_path.{md,json,png}. ``--group-by-length``
+names a run of the Trainer path with Trainer's own length-grouped sampler (fe11b59), stopped after three rows: the
+rows it finished go to docs/results/trainer_path_group_by_length.{md,json}.
 """
 
 from __future__ import annotations
@@ -21,7 +23,24 @@ ROWS = ("lora-all", "lora-qkv", "state-ctrl-mlp", "control-lora")
 
 
 def load(folder: Path) -> dict[str, dict]:
-    return {m: json.loads((folder / "test" / f"{m}__seed0.json").read_text()) for m in ROWS}
+    """The rows of a run that finished (every row, for --loop and --trainer)."""
+    found = {m: folder / "test" / f"{m}__seed0.json" for m in ROWS}
+    return {m: json.loads(path.read_text()) for m, path in found.items() if path.is_file()}
+
+
+def group_by_length_table(loop: dict[str, dict], grouped: dict[str, dict]) -> str:
+    lines = [
+        "| method | loop: avg / NLL | Trainer group_by_length: avg / NLL "
+        "| saved MiB (tokens) loop / group_by_length |",
+        "|---|---:|---:|---:|",
+    ]
+    for m, g in ((m, summary(r)) for m, r in grouped.items()):
+        a = summary(loop[m])
+        lines.append(
+            f"| {m} | {a['average']:.1f} / {a['option_nll']:.3f} | {g['average']:.1f} / {g['option_nll']:.3f} | "
+            f"{a['saved_mib']:.0f} ({a['measured_tokens']}) / {g['saved_mib']:.0f} ({g['measured_tokens']}) |"
+        )
+    return "\n".join(lines)
 
 
 def summary(r: dict) -> dict:
@@ -39,6 +58,7 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--loop", type=Path, required=True)
     p.add_argument("--trainer", type=Path, required=True)
+    p.add_argument("--group-by-length", type=Path, help="a Trainer run with train_sampling_strategy='group_by_length'")
     args = p.parse_args()
     loop, trainer = load(args.loop), load(args.trainer)
     table = json.loads(Path("docs/results/commonsense_cloze.json").read_text())
@@ -82,6 +102,10 @@ def main() -> None:
         save_figure(fig, path)
 
     write_results(args.out, "trainer_path", "\n".join(lines), data, plot)
+    if args.group_by_length:
+        grouped = load(args.group_by_length)
+        rows = {m: {"loop": summary(loop[m]), "group_by_length": summary(r)} for m, r in grouped.items()}
+        write_results(args.out, "trainer_path_group_by_length", group_by_length_table(loop, grouped), rows)
 
 
 if __name__ == "__main__":
