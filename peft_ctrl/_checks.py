@@ -12,7 +12,8 @@ from collections.abc import Iterable
 from typing import Any
 
 
-def _range_text(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+def range_text(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    """The bounds in words for an error message: " in [0, 1)", " >= 1", " < 2" or "" (the command line's too)."""
     if low is not None and high is not None:
         return f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
     if low is not None:
@@ -31,7 +32,7 @@ def _in_range(value: float, low: float | None, high: float | None, low_open: boo
 def check_int(field: str, value: Any, low: int | None = None, high: int | None = None) -> int:
     """``value`` as an ``int`` in ``[low, high]``; bools, floats (even 3.0) and strings are refused."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not _in_range(value, low, high, 0, 0):
-        raise ValueError(f"{field} must be an integer{_range_text(low, high, False, False)}, got {value!r}.")
+        raise ValueError(f"{field} must be an integer{range_text(low, high, False, False)}, got {value!r}.")
     return int(value)
 
 
@@ -48,7 +49,7 @@ def check_float(
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or not _in_range(float(value), low, high, low_open, high_open):
         raise ValueError(
-            f"{field} must be a finite number{_range_text(low, high, low_open, high_open)}, got {value!r}."
+            f"{field} must be a finite number{range_text(low, high, low_open, high_open)}, got {value!r}."
         )
     return float(value)
 
