@@ -180,6 +180,8 @@ def train_one(method: str, seed: int, args: FinetuneArgs, train: dict, test: dic
     model = get_peft_model(build_model(args.model, num_labels, seed), peft_config(method, args))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     memory, timer = MemoryReportCallback(), StepTimeCallback(skip=5)
+    items = examples(train)
+    lengths = [len(e["input_ids"]) for e in items]
     with tempfile.TemporaryDirectory() as output_dir:
         settings = job_arguments(
             output_dir,
@@ -193,9 +195,7 @@ def train_one(method: str, seed: int, args: FinetuneArgs, train: dict, test: dic
         trainer = Trainer(
             model=model,
             args=settings,
-            train_dataset=in_batch_order(
-                examples(train), train["attention_mask"].sum(1).tolist(), args.batch_size, args.steps, seed
-            ),
+            train_dataset=in_batch_order(items, lengths, args.batch_size, args.steps, seed),
             data_collator=DataCollatorWithPadding(_tokenizer()),
             callbacks=[memory, timer],
         )

@@ -1,5 +1,6 @@
 """Pieces the jobs share: chat examples for a causal LM (the prompt in the model's chat template, the response as
-the only loss, the one-pass greedy score) and length-bucketed batches for the SEAL attacks' own loops.
+the only loss, the one-pass greedy score) and length-bucketed batches (the jobs' batch order on Trainer,
+``trainer_setup.in_batch_order``, and the SEAL attacks' own loops).
 
 The jobs train through ``transformers.Trainer`` (``peft_ctrl_app.trainer_setup``); ``answer_loss`` is the loss
 their collator's labels give the model, kept for the attack simulations and the tests that check the two agree.

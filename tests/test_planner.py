@@ -2,6 +2,8 @@
 the meta device (target "cpu": CPU's attention kernel and dropout) equal the bytes SavedTensorMeter measures in a
 real CPU step, to the byte, for every method."""
 
+import copy
+
 import pytest
 import torch
 import transformers
@@ -133,14 +135,8 @@ def test_the_fp32_projection_formula_of_docs_agrees_with_the_plan_at_7b(method):
 
 def test_the_logits_line_counts_with_and_without_checkpointing():
     """The logits and the loss's copies are saved outside the checkpointed layers: the same bytes either way."""
-    config = transformers.LlamaConfig(
-        vocab_size=1000,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    config = copy.deepcopy(TINY)
+    config.vocab_size = 1000  # logits wider than any other saved tensor
     plain, checkpointed = plan(config, "lora-all", seq=64), plan(config, "lora-all-ckpt", seq=64)
     assert plain.logits == checkpointed.logits > 64 * 1000 * 2  # at least the bf16 logits of 64 tokens
     assert checkpointed.saved < plain.saved
