@@ -19,6 +19,9 @@ METHODS = (
     "state-ctrl-both",
     "control-lora",
     "full",
+    "qlora",
+    "qlora-ckpt",
+    "qcontrol",
 )
 ALIASES = {"state-ctrl": "state-ctrl-mlp", "lora": "lora-all"}
 
@@ -40,7 +43,13 @@ def add_parser(sub: argparse._SubParsersAction, help_text: str) -> None:
     )
     p.add_argument("--seq", type=int_arg(1), default=2048, help="tokens per sequence (default 2048)")
     p.add_argument("--batch", type=int_arg(1), default=1, help="sequences per step (default 1)")
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="model dtype (default bf16)")
+    p.add_argument(
+        "--dtype",
+        choices=("bf16", "fp16", "fp32", "autocast"),
+        default="bf16",
+        help="model dtype (default bf16; the quantised methods' compute dtype); autocast: fp32 weights under bf16 "
+        "autocast",
+    )
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing of every layer")
     p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=0, help="DeepSpeed ZeRO stage")
     p.add_argument("--world-size", type=int_arg(1), default=1, help="ranks the ZeRO stage shards across")

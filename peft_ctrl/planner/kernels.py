@@ -9,7 +9,9 @@ would pick, called as the ATen op with its own autograd formula, so what autogra
   and value at their own head count), what CPU SDPA runs for causal attention without a mask. The tests compare the
   planner with the meter on CPU through this target.
 * ``"cuda"``: ``_scaled_dot_product_flash_attention`` (FlashAttention-2: the same tensors, plus the RNG seed and
-  offset), what CUDA SDPA runs for bf16/fp16 causal attention without a mask on sm_80 and newer.
+  offset), what CUDA SDPA runs for bf16/fp16 causal attention without a mask on sm_80 and newer; for fp32, which
+  FlashAttention does not take, ``_scaled_dot_product_efficient_attention`` (the same tensors, the log-sum-exp
+  padded to 32 rows), when query and key have the same head count (it does not read grouped heads).
 
 The mode is entered inside the model's attention function (``attention_function(target)``, registered with
 transformers' ``AttentionInterface``), so it also holds when the backward recomputes a checkpointed layer on
@@ -19,8 +21,9 @@ Dropout differs too: CPU (and the meta device) multiply by a float mask, which a
 CUDA runs the fused ``native_dropout``, which saves a bool mask (one byte per element). ``cuda_dropout(model)``
 swaps every dropout module for one that runs ``torch.native_dropout``.
 
-Calls the fused kernels cannot take (an explicit attention mask, fp32 on CUDA, a query length other than the key
-length) keep the math path, as the device would fall back to a path that saves at least as much.
+Calls the fused kernels cannot take (an explicit attention mask, fp32 with grouped key/value heads on CUDA, a
+head size over 256, a query length other than the key length) keep the math path, as the device would fall back
+to a path that saves at least as much.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+
+from ..dtypes import autocast_state
 
 TARGETS = ("cuda", "cpu")
 
@@ -60,21 +65,27 @@ class attention_like(TorchFunctionMode):  # noqa: N801 - used as a context manag
         scale: float | None = None,
         enable_gqa: bool = False,
     ) -> torch.Tensor:
-        fused = attn_mask is None and query.shape[-2] == key.shape[-2]
-        if self.target == "cuda":
-            fused = fused and query.dtype in (torch.bfloat16, torch.float16) and query.shape[-1] <= 256
-        if not fused:
-            return F.scaled_dot_product_attention(
-                query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
-            )
+        enabled, dtype = autocast_state(query.device.type)
+        if enabled:  # SDPA is on autocast's lower-precision list (CPU and CUDA): this call replaces it, so it casts
+            query, key, value = (t.to(dtype) if t.is_floating_point() else t for t in (query, key, value))
         if key.shape[1] != query.shape[1] and not enable_gqa:
             raise ValueError("query and key head counts differ but enable_gqa is False.")
-        # Both kernels read grouped key/value heads as they are (GQA), so key and value are saved at their own count.
-        if self.target == "cpu":
+        fused = attn_mask is None and query.shape[-2] == key.shape[-2] and query.shape[-1] <= 256
+        flash = fused and (self.target == "cpu" or query.dtype in (torch.bfloat16, torch.float16))
+        # The flash kernels read grouped key/value heads as they are (GQA), so key and value are saved at their own
+        # count; the memory-efficient kernel (CUDA's choice for fp32) takes equal head counts only.
+        if flash and self.target == "cpu":
             op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
             return op(query, key, value, dropout_p, is_causal, attn_mask=None, scale=scale)[0]
-        op = torch.ops.aten._scaled_dot_product_flash_attention
-        return op(query, key, value, dropout_p, is_causal, False, scale=scale)[0]
+        if flash:
+            op = torch.ops.aten._scaled_dot_product_flash_attention
+            return op(query, key, value, dropout_p, is_causal, False, scale=scale)[0]
+        if fused and self.target == "cuda" and key.shape[1] == query.shape[1]:
+            op = torch.ops.aten._scaled_dot_product_efficient_attention
+            return op(query, key, value, None, True, dropout_p, is_causal, scale=scale)[0]
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
+        )
 
 
 def attention_function(target: str) -> str:

@@ -3,11 +3,12 @@
 The model is built from its config on the meta device (no weights are allocated), the method's adapter is applied
 with peft as a user would, and one forward and backward runs on meta inputs of the planned batch and length, with
 ``SavedTensorMeter`` counting every storage autograd saves (views and re-saves once) and the attention kernel of
-the target device modelled by ``kernels.attention_like``. Weights, gradients and optimizer state are the bytes of
-the model's parameters, of its trainable parameters and of AdamW's two moments (in the parameters' dtype, as
-``torch.optim.AdamW`` keeps them), divided across ranks as the ZeRO stage shards them. The peak is their sum with
-the saved activations: what is alive when the backward starts, with the gradients counted as if already allocated
-(an upper bound of the step's live bytes; the CUDA context and allocator slack are not in it).
+the target device modelled by ``kernels.attention_like`` (dtype "autocast": fake CPU tensors under bf16 autocast,
+``autocast``). Weights, gradients and optimizer state are the bytes of the model's parameters (with the
+quantisation state of nf4 weights), of its trainable parameters and of AdamW's two moments (in the parameters'
+dtype, as ``torch.optim.AdamW`` keeps them), divided across ranks as the ZeRO stage shards them. The peak is their
+sum with the saved activations: what is alive when the backward starts, with the gradients counted as if already
+allocated (an upper bound of the step's live bytes; the CUDA context and allocator slack are not in it).
 
 State-ctrl finds its bridges with a probe forward that needs real values; here the probe runs on a tiny twin of
 the model (the same config with small sizes and two layers, random weights), and the bridges and LoRA targets it
@@ -25,10 +26,13 @@ from unittest import mock
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ..metrics import SavedTensorMeter
+from .autocast import AUTOCAST_DTYPE, cuda_float32_ops, to_fake_cpu
 from .configs import load_config
 from .kernels import TARGETS, attention_function, cuda_dropout
+from .quantized import quantize_nf4, weight_bytes
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05}
@@ -42,8 +46,14 @@ METHODS = {
     "state-ctrl-both": "state-ctrl r=32, bridges on attention and MLP sub-blocks",
     "control-lora": "Control+LoRA: MLP bridges r=64 and LoRA r=32 on the attention inputs",
     "full": "full fine-tuning, every parameter trained",
+    "qlora": "QLoRA: PEFT LoRA r=16 on all seven linears over an nf4 base (double quantisation)",
+    "qlora-ckpt": "QLoRA with gradient checkpointing (prepare_model_for_kbit_training's default)",
+    "qcontrol": "QControl: Control+LoRA over the same nf4 base",
 }
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CHECKPOINTED = ("lora-all-ckpt", "qlora-ckpt")
+# Over an nf4 base prepared as peft's QLoRA recipe prepares it (planner.quantized)
+QUANTIZED = {"qlora": "lora-all", "qlora-ckpt": "lora-all", "qcontrol": "control-lora"}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "autocast": torch.float32}
 ZERO_STAGES = (0, 1, 2, 3)
 
 
@@ -137,6 +147,7 @@ def _state_ctrl_config(config: Any, method: str) -> Any:
 def _adapter(config: Any, method: str) -> Any:
     from peft import LoraConfig
 
+    method = QUANTIZED.get(method, method)
     if method in ("lora-all", "lora-all-ckpt"):
         return LoraConfig(target_modules=ALL_LINEAR, **LORA)
     if method == "lora-qv":
@@ -153,11 +164,17 @@ def build(
     checkpointing: bool = False,
     device: str = "meta",
     target: str | None = None,
+    fake_mode: Any = None,
 ) -> nn.Module:
     """The model of ``config`` on ``device`` (meta: no weights) in ``dtype``, with ``method``'s adapter, in training
     mode, running ``target``'s attention kernel and dropout (``kernels``; None: the device's own). On another device
-    it has random weights: the tests run the meter on it, beside the plan."""
-    from peft import get_peft_model
+    it has random weights: the tests run the meter on it, beside the plan. With ``fake_mode`` (a
+    ``FakeTensorMode``) the meta model's tensors become fake CPU tensors of that mode (``autocast.to_fake_cpu``)
+    once it is complete. dtype "autocast" builds the weights in fp32, to train under bf16 autocast. The
+    quantised methods hold every linear but the output embedding in nf4, computing in ``dtype`` (bf16 under
+    autocast), and prepare the model as peft's QLoRA recipe does (``prepare_model_for_kbit_training``: the weights
+    left unquantised in fp32, the base frozen)."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
     config = copy.deepcopy(config)  # from_config records the attention implementation in the config it is given
@@ -167,34 +184,59 @@ def build(
         if getattr(config, "attn_logit_softcapping", None):  # Gemma-2: SDPA kernels cannot softcap, so eager
             attention = "eager"
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype], attn_implementation=attention)
-    if checkpointing or method == "lora-all-ckpt":
+    if method in QUANTIZED:
+        compute = AUTOCAST_DTYPE if dtype == "autocast" else DTYPES[dtype]
+        model = prepare_model_for_kbit_training(
+            quantize_nf4(model, compute), use_gradient_checkpointing=False, auto_clear_cache=False
+        )
+    checkpointing = checkpointing or method in CHECKPOINTED
+    if checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if adapter is not None:
-        if checkpointing or method == "lora-all-ckpt":
+        if checkpointing:
             model.enable_input_require_grads()
         model = get_peft_model(model, adapter)
+    if fake_mode is not None:
+        to_fake_cpu(model, fake_mode)
     if target == "cuda":
         cuda_dropout(model)
     return model.train()
 
 
-def saved_bytes(model: nn.Module, batch: int, seq: int, vocab: int) -> tuple[int, int]:
+def saved_bytes(
+    model: nn.Module,
+    batch: int,
+    seq: int,
+    vocab: int,
+    dtype: str = "bf16",
+    target: str = "cuda",
+    fake_mode: Any = None,
+) -> tuple[int, int]:
     """(bytes saved for backward, of which in vocabulary-sized tensors) in one forward and backward of ``model``
-    on ``batch`` x ``seq`` tokens."""
-    device = next(model.parameters()).device
-    ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
-    with _unpacked(device), SavedTensorMeter(exclude=model) as meter:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+    on ``batch`` x ``seq`` tokens; under bf16 autocast for dtype "autocast" (with CUDA's float32 list for the cuda
+    target, ``autocast.cuda_float32_ops``), in ``fake_mode`` when given."""
+    with fake_mode or contextlib.nullcontext():
+        device = next(model.parameters()).device
+        ids = torch.zeros(batch, seq, dtype=torch.long, device=device)
+        autocast = dtype == "autocast"
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_unpacked(device, fake_mode is not None))
+            if autocast:
+                stack.enter_context(torch.autocast(device.type, dtype=AUTOCAST_DTYPE))
+            if autocast and target == "cuda":
+                stack.enter_context(cuda_float32_ops())
+            meter = stack.enter_context(SavedTensorMeter(exclude=model))
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
     return meter.total_bytes, meter.outer_bytes_with_last_dim(vocab)
 
 
 @contextlib.contextmanager
-def _unpacked(device: torch.device) -> Iterator[None]:
+def _unpacked(device: torch.device, fake: bool) -> Iterator[None]:
     """Without a KV cache (gradient checkpointing turns it off), transformers asks whether the position ids hold
-    packed sequences, a question about values that meta tensors cannot answer. The planner's rows are single
-    unpadded sequences, so the answer is no (``None``, what the check returns for them on a real device)."""
-    if device.type != "meta":
+    packed sequences, a question about values that meta and fake tensors cannot answer. The planner's rows are
+    single unpadded sequences, so the answer is no (``None``, what the check returns for them on a real device)."""
+    if device.type != "meta" and not fake:
         yield
         return
     from transformers import masking_utils
@@ -219,10 +261,11 @@ def plan(
     ``config.json`` path, or a transformers config). See the module docstring for what is counted and how."""
     _check(method, dtype, batch, seq, target, zero_stage, world_size)
     config = load_config(model)
-    net = build(config, method, dtype, checkpointing, target=target)
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if dtype == "autocast" else None
+    net = build(config, method, dtype, checkpointing, target=target, fake_mode=fake_mode)
     params = list(net.parameters())
     trainable = [p for p in params if p.requires_grad]
-    weights = sum(p.nbytes for p in params)
+    weights = weight_bytes(net)
     grads = sum(p.nbytes for p in trainable)
     optimizer = 2 * grads  # AdamW: exp_avg and exp_avg_sq in each parameter's dtype
     if zero_stage >= 1:
@@ -231,7 +274,7 @@ def plan(
         grads //= world_size
     if zero_stage >= 3:
         weights //= world_size
-    saved, logits = saved_bytes(net, batch, seq, config.get_text_config().vocab_size)
+    saved, logits = saved_bytes(net, batch, seq, config.get_text_config().vocab_size, dtype, target, fake_mode)
     name = model if isinstance(model, str) else getattr(config, "name_or_path", "") or config.model_type
     return Plan(
         model=str(name),
@@ -240,7 +283,7 @@ def plan(
         batch=batch,
         seq=seq,
         target=target,
-        checkpointing=checkpointing or method == "lora-all-ckpt",
+        checkpointing=checkpointing or method in CHECKPOINTED,
         zero_stage=zero_stage,
         world_size=world_size,
         parameters=sum(p.numel() for p in params),
