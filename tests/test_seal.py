@@ -1,6 +1,7 @@
 """SEAL: the layer, key handling, release as plain LoRA, verification statistics, attacks, bad input."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -189,16 +190,43 @@ def test_forged_key_claims_and_unrelated_keys_fail(released, tmp_path):
     assert not verify_key(suspect, key="unrelated-key-0123456789").verified
 
 
-def assert_valid_null(results):
-    """Each pairing's p is exactly uniform under the null; the verdict's (twice the smaller) is never below its
-    nominal rate: at most a fraction a of the trials under a, for every a."""
-    for pairing in ("by_name", "by_structure"):
-        p = np.array([10 ** r.components[pairing]["log10_p"] for r in results if r.components[pairing]["rows"]])
-        assert len(p) >= 50 and stats.kstest(p, "uniform").pvalue > 1e-3, pairing
-    p = np.array([r.p_value for r in results])
+def assert_at_most_nominal(p, what):
+    """Valid p-values: at most a fraction a of the trials under a, for every a (binomial slack of 3 sd)."""
     for a in (0.01, 0.05, 0.1, 0.2, 0.5):
-        assert (p <= a).mean() <= a + 3 * (a / len(p)) ** 0.5, a
-    assert (p < 1e-6).sum() == 0
+        assert (p <= a).mean() <= a + 3 * (a / len(p)) ** 0.5, (what, a)
+
+
+def assert_valid_null(results):
+    """Under the null the pairing by name is exactly uniform; the pairing by structure (the best pairing's p
+    times the number of pairings) and the verdict (twice the smaller) are never below their nominal rate."""
+    p = {
+        pairing: np.array([10 ** r.components[pairing]["log10_p"] for r in results if r.components[pairing]["rows"]])
+        for pairing in ("by_name", "by_structure")
+    }
+    assert len(p["by_name"]) >= 50 and stats.kstest(p["by_name"], "uniform").pvalue > 1e-3
+    assert len(p["by_structure"]) >= 50
+    assert_at_most_nominal(p["by_structure"], "by_structure")
+    verdicts = np.array([r.p_value for r in results])
+    assert_at_most_nominal(verdicts, "verdict")
+    assert (verdicts < 1e-6).sum() == 0
+
+
+def test_the_structure_pairing_is_exact_where_there_is_one_pairing(released):
+    """With one suspect module per shape there is one pairing to choose from: the structure test's p is then
+    Fisher's p of every key row, exactly uniform under the null (400 unrelated keys), whatever names the claim
+    uses; with two modules per shape it is the best of 8 pairings times 8, valid and within log10 8 of it."""
+    plain = read_adapter(released / "release")
+    layer0 = {m: f for m, f in plain.factors.items() if ".layers.0." in m}
+    suspect = Suspect.from_adapter(LoraFactors(layer0, plain.scaling))
+    structure = tuple((f"renamed.{i}", *suspect.shape(m), R) for i, m in enumerate(sorted(layer0)))
+    from peft_ctrl.seal.verify import _key_test
+
+    single = [_key_test(suspect, f"null-key-{i:04d}-0123456789".encode(), structure) for i in range(400)]
+    assert {v.by_structure.log_choices for v in single} == {0.0}
+    p = np.array([math.exp(v.by_structure.log_p()) for v in single])
+    assert stats.kstest(p, "uniform").pvalue > 1e-3
+    full = _key_test(Suspect.from_adapter(plain), b"null-key-0000-0123456789", structure)
+    assert math.isclose(full.by_structure.log_choices, math.log(8))
 
 
 def test_key_only_p_values_are_valid_under_the_null(released):

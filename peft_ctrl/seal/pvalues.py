@@ -14,10 +14,6 @@ from scipy.optimize import linear_sum_assignment
 from .keys import Structure, check_structure, initial_a, key_schedule
 from .suspect import Suspect
 
-# Key rows per module that pair modules by structure: a handful find a watermarked module among its shape class
-# (its rows overlap its row space far above chance), and every row they use is one the test cannot use.
-PAIRING_ROWS = 4
-
 
 def chi2_log_sf(x: float, dof: int) -> float:
     """log P(chi2_dof >= x); where scipy's tail underflows, the Chernoff bound
@@ -50,15 +46,21 @@ def _row_log_sf(rows: torch.Tensor, basis: torch.Tensor) -> tuple[np.ndarray, np
 
 @dataclass
 class Pairing:
-    """One pairing of claimed modules with suspect modules and the evidence of the rows it tests."""
+    """One pairing of claimed modules with suspect modules and the evidence of the rows it tests.
+    ``log_choices`` is the natural log of how many pairings the test chose this one from (0: it was fixed before
+    any row was seen): the union bound multiplies the p of the chosen one by that many."""
 
     pairs: dict[str, str] = field(default_factory=dict)  # claimed module -> suspect module
     log_ps: list[float] = field(default_factory=list)
     overlaps: list[float] = field(default_factory=list)
+    log_choices: float = 0.0
 
     def log_p(self) -> float:
-        """Fisher's method over the tested rows (chi-squared with 2N degrees of freedom), natural log."""
-        return chi2_log_sf(-2 * sum(self.log_ps), 2 * len(self.log_ps)) if self.log_ps else 0.0
+        """Fisher's method over the tested rows (chi-squared with 2N degrees of freedom), times the number of
+        pairings chosen from; natural log."""
+        if not self.log_ps:
+            return 0.0
+        return min(0.0, chi2_log_sf(-2 * sum(self.log_ps), 2 * len(self.log_ps)) + self.log_choices)
 
 
 class KeyRows:
@@ -100,45 +102,49 @@ class KeyRows:
         return pairing
 
     def by_structure(self) -> Pairing:
-        """Claimed modules paired with suspect modules of their shape by their first few key rows (the assignment
-        that those rows support best, whatever the names and their order), then tested on their other rows: given
-        the pairing, the tested rows are still independent of any suspect not derived from the key, so the test
-        stays exact."""
+        """Claimed modules paired with suspect modules of their shape, whatever the names: among all one-to-one
+        pairings within each shape, the one whose rows are jointly most significant, every key row tested. Each
+        fixed pairing's p is exact (its rows are independent of any suspect not derived from the key), so the
+        chosen one's p times the number of pairings it was chosen from is a valid p (a union bound). That number
+        counts every claimed module, so entries a claimant adds can only raise it."""
         pairing = Pairing()
         for shape in sorted({(out, inp) for _, out, inp, _ in self.structure}):
-            claimed = [(m, r) for m, out, inp, r in self.structure if (out, inp) == shape and r >= 2]
+            claimed = [(m, r) for m, out, inp, r in self.structure if (out, inp) == shape]
             present = [m for m in self.present if self.suspect.shape(m) == shape]
-            if not claimed or not present:
+            if not present:
                 continue
-            cost = self._pairing_cost(claimed, present, shape[1])
+            pairing.log_choices += log_injections(len(claimed), len(present))
+            cost = self._pair_log_p(claimed, present, shape[1])
             for i, j in zip(*linear_sum_assignment(cost), strict=True):
                 module, r = claimed[i]
-                self.test(pairing, module, present[j], self.rows(module, r, shape[1])[pairing_rows(r) :], r)
+                self.test(pairing, module, present[j], self.rows(module, r, shape[1]), r)
         return pairing
 
-    def _pairing_cost(self, claimed: list[tuple[str, int]], present: list[str], n: int) -> np.ndarray:
-        """Summed log p of each claimed module's pairing rows against each candidate's row space (lower: better
-        supported). In fp32 and batched: it only chooses the pairing, which cannot make the test inexact."""
+    def _pair_log_p(self, claimed: list[tuple[str, int]], present: list[str], n: int) -> np.ndarray:
+        """Fisher's log p of all of each claimed module's key rows against each candidate's row space (lower:
+        better supported). In fp32 and batched: it only chooses the pairing, which cannot make the test inexact."""
         cost = np.zeros((len(claimed), len(present)))
         for r in sorted({r for _, r in claimed}):
             index = [i for i, (_, rank) in enumerate(claimed) if rank == r]
-            h = pairing_rows(r)
-            rows = torch.cat([self.rows(claimed[i][0], r, n)[:h] for i in index]).float()
+            rows = torch.cat([self.rows(claimed[i][0], r, n) for i in index]).float()
             bases = torch.zeros(n, len(present), r)
             ks = np.zeros(len(present))
             for j, module in enumerate(present):
                 basis = self.basis(module, r)
                 bases[:, j, : basis.shape[1]] = basis.float()
                 ks[j] = basis.shape[1]
-            projected = (rows @ bases.view(n, -1)).view(len(index), h, len(present), r).pow(2).sum(-1)
-            u = (projected / rows.pow(2).sum(1).view(len(index), h, 1)).clamp(0, 1 - 1e-6).double().numpy()
+            projected = (rows @ bases.view(n, -1)).view(len(index), r, len(present), r).pow(2).sum(-1)
+            u = (projected / rows.pow(2).sum(1).view(len(index), r, 1)).clamp(0, 1 - 1e-6).double().numpy()
             usable = (ks > 0) & (ks < n)
             k = np.where(usable, ks, 1)
-            log_p = stats.beta.logsf(u, k / 2, (n - k) / 2).sum(1)
+            statistic = -2 * np.maximum(stats.beta.logsf(u, k / 2, (n - k) / 2), -700.0).sum(1)
+            log_p = np.vectorize(chi2_log_sf)(statistic, 2 * r)
             cost[index] = np.where(usable, log_p, 0.0)
         return cost
 
 
-def pairing_rows(r: int) -> int:
-    """How many of a module's r key rows pair it by structure (the rest are tested): half, at most PAIRING_ROWS."""
-    return max(1, min(r // 2, PAIRING_ROWS))
+def log_injections(claimed: int, present: int) -> float:
+    """The natural log of the number of one-to-one pairings of ``claimed`` with ``present`` modules of one shape
+    that pair as many as possible: P(max, min) = max! / (max - min)!."""
+    high, low = max(claimed, present), min(claimed, present)
+    return math.lgamma(high + 1) - math.lgamma(high - low + 1)

@@ -13,8 +13,9 @@ Two tests, each with an exact null distribution:
   The key rows come from a claimed structure (every module's name, shape and rank; ``keys.key_schedule``), so a
   claimant who varies any part of it draws fresh rows for all modules: one exact test per whole claim. Nothing
   the claimant names decides which suspect module a claimed module is compared with: the test pairs them by name
-  (all rows tested) and, independently, by structure (among the modules of one shape, the assignment that the
-  first half of each module's rows supports best; the other half tested), and reports twice the smaller p. A
+  and, independently, by structure (among the modules of one shape, the one-to-one pairing that the key rows
+  support best, its p multiplied by the number of such pairings: a union bound), every row tested in both, and
+  reports twice the smaller p. A
   structure lists each module once (``keys.check_structure``): rows of distinct names are independent, so each
   tested row is one independent piece of evidence however many entries a claim has.
 * **passport** (the paper's owner test; needs the proof file): C_hat = B^+ (delta W) A^+ with the
@@ -42,7 +43,7 @@ from pathlib import Path
 from .claim import Claim, published_digest, structure_of
 from .io import Proof, read_proof
 from .keys import Structure, check_commitment, passport, resolve_key
-from .pvalues import PAIRING_ROWS, KeyRows, Pairing, binom_log_sf
+from .pvalues import KeyRows, Pairing, binom_log_sf
 from .suspect import Suspect
 
 # Key-only detection (screening suspects with the owner's key) and the owner verdict (a claim against others):
@@ -125,24 +126,27 @@ class _KeyVerdict:
     skipped: list[str]
 
     def components(self) -> dict[str, dict]:
-        """Each pairing's own (exact) p, the rows it tested and its pairs that cross names."""
+        """Each pairing's own (valid) p, the rows it tested, its pairs that cross names, and the log10 of how many
+        pairings it was chosen from."""
         return {
             name: {
                 "log10_p": pairing.log_p() / _LOG10,
                 "rows": len(pairing.log_ps),
                 "modules": len(pairing.pairs),
                 "renamed": sum(claimed != module for claimed, module in pairing.pairs.items()),
+                "log10_pairings": pairing.log_choices / _LOG10,
             }
             for name, pairing in (("by_name", self.by_name), ("by_structure", self.by_structure))
         }
 
     def note(self) -> str:
-        which = "name" if self.chosen is self.by_name else "structure (shape and the key's pairing rows)"
+        which = "name" if self.chosen is self.by_name else "structure (shape, and the key rows' best pairing)"
         renamed = sum(claimed != module for claimed, module in self.chosen.pairs.items())
         return (
-            f"Modules paired by {which}: log10 p {self.by_name.log_p() / _LOG10:.1f} paired by name (every key row "
-            f"tested), {self.by_structure.log_p() / _LOG10:.1f} paired by structure (up to {PAIRING_ROWS} rows per "
-            "module pair it, the others are tested); the verdict takes twice the smaller (a union bound)."
+            f"Modules paired by {which}: log10 p {self.by_name.log_p() / _LOG10:.1f} paired by name, "
+            f"{self.by_structure.log_p() / _LOG10:.1f} paired by structure (the best of "
+            f"10^{self.by_structure.log_choices / _LOG10:.1f} pairings within shapes, its p multiplied by that "
+            "number); every key row tested in both; the verdict takes twice the smaller (a union bound)."
             + (f" {renamed} suspect modules carry another name than the claim's." if renamed else "")
         )
 
