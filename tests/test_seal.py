@@ -748,6 +748,71 @@ def test_rewritten_merge_of_an_unrelated_adapter_does_not_verify(gentle):
     assert not result.verified and result.p_value > 1e-3, result
 
 
+@pytest.fixture(scope="module")
+def released_qv(tmp_path_factory):
+    """The SEAL issue's small LLaMA release: SEAL on q_proj and v_proj (4 modules), r = 8."""
+    root = tmp_path_factory.mktemp("seal_qv")
+    train(sealed_model(r=8, target_modules=["q_proj", "v_proj"])).save_pretrained(root / "sealed")
+    release(root / "sealed", root / "release", root / "proof.safetensors", key=KEY)
+    return root
+
+
+def saved_again(weights, how):
+    """A merged model saved in bf16, or with noise of 1% of each 2-D weight's spread added to every entry."""
+    g = torch.Generator().manual_seed(7)
+    if how == "bf16":
+        return {k: v.to(torch.bfloat16).float() for k, v in weights.items()}
+    return {
+        k: v + 0.01 * v.std() * torch.randn(v.shape, generator=g) if v.dim() == 2 else v for k, v in weights.items()
+    }
+
+
+@pytest.mark.parametrize("how", ["bf16", "noise"])
+def test_key_mode_reads_a_merged_models_structure_through_rounding_and_noise(released_qv, how):
+    """Item 4 of the SEAL issue: saved in bf16 or with 1% noise, every 2-D weight of the merged model differs from
+    the base (16 modules, where the adapter had 4); before, key mode took all 16 as the structure and found
+    nothing (log10 p -0.7 and -0.6). Now it takes the modules whose delta is a clear rank-r update, which is the
+    claim's structure, and verifies without the record, as with it."""
+    plain = read_adapter(released_qv / "release")
+    base = dict(build("llama").state_dict())
+    suspect = Suspect.from_merged(saved_again(attacks.merge(plain, base), how), base, rank=8)
+    assert len(suspect.deltas) == 16
+    alone = verify_key(suspect, key=KEY, r=8)
+    assert alone.verified and alone.modules == 4 and alone.log10_p < -15, alone
+    record = read_claim(released_qv / "release" / "seal_claim.json")
+    assert verify_key(suspect, key=KEY, claim=record).verified
+    assert not verify_key(suspect, key="unrelated-key-0123456789", r=8).verified
+
+
+def test_key_mode_refuses_a_merged_model_whose_structure_it_cannot_read(
+    released, released_qv, tmp_path, capsys, monkeypatch
+):
+    """Where the adapted modules cannot be told from noise, key mode without the record refuses and says to pass
+    it: a module whose smaller side is not above r (v_proj, 16 x 32, at r = 16) beside a noise floor, and an
+    adapter scaled down into the noise. With the record both verify or are judged; exact merges need no record."""
+    base = dict(build("llama").state_dict())
+    wide = read_adapter(released / "release")
+    rounded = Suspect.from_merged(saved_again(attacks.merge(wide, base), "bf16"), base, rank=R)
+    with pytest.raises(ValueError, match=r"side not above r.*--published seal_claim.json"):
+        verify_key(rounded, key=KEY, r=R)
+    assert verify_key(rounded, key=KEY, claim=read_claim(released / "release" / "seal_claim.json")).verified
+    small = read_adapter(released_qv / "release")
+    faint = LoraFactors({m: (B * 1e-4, A) for m, (B, A) in small.factors.items()}, small.scaling)
+    noisy = Suspect.from_merged(saved_again(attacks.merge(faint, base), "noise"), base, rank=8)
+    with pytest.raises(ValueError, match="Pass the owner's public record"):
+        verify_key(noisy, key=KEY, r=8)
+    assert verify_key(Suspect.from_merged(attacks.merge(wide, base), base), key=KEY, r=R).verified
+    weights, base_file = tmp_path / "merged.safetensors", tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in saved_again(attacks.merge(wide, base), "bf16").items()}, weights)
+    save_file({k: v.contiguous() for k, v in base.items()}, base_file)
+    capsys.readouterr()
+    monkeypatch.setenv(KEY_ENV, KEY)
+    args = ["seal", "verify", str(weights), "--base", str(base_file), "--mode", "key"]
+    assert cli([*args, "--r", str(R)]) == 2 and "--published seal_claim.json" in capsys.readouterr().err
+    record = str(released / "release" / "seal_claim.json")
+    assert cli([*args, "--published", record]) == 0
+
+
 def test_pad_rank_and_rename_keep_the_function_and_are_refused_on_bad_input(released):
     plain = read_adapter(released / "release")
     padded = attacks.pad_rank(plain, 24)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ class Suspect:
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     deltas: dict[str, torch.Tensor] = field(default_factory=dict)
     note: str = ""  # how a merged suspect was aligned to its base (see peft_ctrl.seal.canonical)
+    _svd: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.factors = {m: (_real(B), _real(A)) for m, (B, A) in self.factors.items()}
@@ -81,15 +83,30 @@ class Suspect:
             _, S, Vh = product_svd(B.double(), A.double())
             keep = int((S[:k] > S[0] * 1e-7).sum()) if S[0] > 0 else 0
             return Vh[:keep].T
-        else:
+        S, Vh = self._delta_svd(module, k)
+        keep = int((S[:k] > S[0] * 1e-9).sum()) if S.numel() and S[0] > 0 else 0
+        return Vh[:keep].T.double()
+
+    def spike(self, module: str, k: int) -> float | None:
+        """For a dense delta: its largest singular value over its (k+1)-th (inf for an exact rank-k delta; None
+        when its smaller side is not above k, so any delta is of rank k). A rank-k update above a noise floor
+        (rounding, added noise) stands far out (hundreds); noise alone stays near its bulk (about 1 to 3)."""
+        if min(self.deltas[module].shape) <= k:
+            return None
+        S, _ = self._delta_svd(module, k)
+        return float(S[0] / S[k]) if S[k] > 0 else math.inf
+
+    def _delta_svd(self, module: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top singular values and right vectors of a dense delta (at least k + 1 of them)."""
+        if (module, k) not in self._svd:
             d = self.deltas[module]
             if min(d.shape) > 4 * k + 64:
                 _, S, V = seeded_svd_lowrank(d, q=k + 16, niter=4)
-                Vh = V.T
+                self._svd[module, k] = (S, V.T)
             else:
                 _, S, Vh = torch.linalg.svd(d, full_matrices=False)
-        keep = int((S[:k] > S[0] * 1e-9).sum()) if S.numel() and S[0] > 0 else 0
-        return Vh[:keep].T.double()
+                self._svd[module, k] = (S, Vh)
+        return self._svd[module, k]
 
     def core(self, module: str, B0: torch.Tensor, A0: torch.Tensor) -> torch.Tensor:
         """C_hat = B0^+ delta W A0^+ (never forms delta W for an adapter)."""

@@ -103,16 +103,55 @@ def _result(mode: str, statistic: float, log_p: float, threshold: float, modules
     return VerificationResult(mode, statistic, p, log_p / _LOG10, p < threshold, threshold, modules, **kw)
 
 
+# A merged suspect's module is taken as adapted when its delta's top singular value is at least SPIKE times its
+# (r+1)-th, and as unchanged up to noise when at most NOISE_BULK times (noise alone: about 1 to 3); a module in
+# between makes the structure ambiguous, and key mode then asks for the owner's record.
+SPIKE, NOISE_BULK = 20.0, 6.0
+MERGED_NEEDS_RECORD = (
+    "The merged suspect's structure cannot be read from it: {what}. Key mode without the owner's claim record "
+    "derives the key rows from the modules that carry a rank-{r} update, and one module wrong changes every row. "
+    "Pass the owner's public record: --published seal_claim.json (Python: verify_key(..., claim=read_claim(path)))."
+)
+
+
+def _merged_modules(suspect: Suspect, r: int) -> list[str]:
+    """The modules of a merged suspect whose delta is a rank-``r`` update standing out of a noise floor (every
+    weight of a model saved in bf16, or with noise added, differs from the base); refuses when that is unclear.
+    A module with a side of at most r holds any delta at rank r: it counts as adapted when no module shows a
+    noise floor (an exact merge changes only the adapted weights), and as unclear otherwise."""
+    spikes = {m: suspect.spike(m, r) for m in suspect.deltas}
+    floor = any(s is not None and s <= NOISE_BULK for s in spikes.values())
+    adapted = [m for m, s in spikes.items() if (s is None and not floor) or (s is not None and s >= SPIKE)]
+    unclear = [m for m, s in spikes.items() if (s is None and floor) or (s is not None and NOISE_BULK < s < SPIKE)]
+    if unclear:
+        shown = ", ".join(
+            f"{m} ({'side not above r' if spikes[m] is None else f'{spikes[m]:.1f}'})" for m in unclear[:3]
+        )
+        what = (
+            f"{len(unclear)} module(s) are neither a clear rank-{r} update nor noise (top over (r+1)-th singular "
+            f"value: {shown})"
+        )
+        raise ValueError(MERGED_NEEDS_RECORD.format(what=what, r=r))
+    if not adapted:
+        what = f"no module's delta stands out of its noise as a rank-{r} update"
+        raise ValueError(MERGED_NEEDS_RECORD.format(what=what, r=r))
+    return adapted
+
+
 def _suspect_structure(suspect: Suspect, r: int | None) -> Structure:
-    """The structure a suspect shows by itself: its module names and shapes, with rank ``r`` or its own."""
+    """The structure a suspect shows by itself: its module names and shapes, with rank ``r`` or its own; for a
+    merged suspect, the modules whose delta is a clear rank-``r`` update (``_merged_modules``)."""
+    if suspect.deltas and r is None:
+        raise ValueError(
+            "Give r (the owner's LoRA rank) or, better, the owner's claim record to verify a merged model."
+        )
+    merged = set(_merged_modules(suspect, r)) if suspect.deltas else set()
     structure = []
     for module in suspect.modules():
-        rank = r or (suspect.factors[module][1].shape[0] if module in suspect.factors else None)
-        if rank is None:
-            raise ValueError(
-                "Give r (the owner's LoRA rank) or, better, the owner's claim record to verify a merged model."
-            )
-        structure.append((module, *suspect.shape(module), rank))
+        if module in suspect.factors:
+            structure.append((module, *suspect.shape(module), r or suspect.factors[module][1].shape[0]))
+        elif module in merged:
+            structure.append((module, *suspect.shape(module), r))
     return tuple(structure)
 
 
