@@ -6,10 +6,11 @@ For each owner key: a tiny LLaMA (hidden 32, 2 layers, 4 heads, 2 key/value head
 (r = 8: 4 modules, 32 key rows) trained 30 AdamW steps on random tokens (lr 3e-2), released as plain LoRA; then
 owner verification (the published digest) of the release as it is and of three renamings of it: the names of the
 LlamaModel backbone ("model." dropped), GGUF-style names ("blk.N.attn_q"), and every layer's modules saved under
-the other layer's names (each claimed name on another module). Reported: log10 p of the verdict, and of the
-pairing by name and by structure behind it. Each (label, key) result is one JSON file in runs/seal_renaming/LABEL;
-the table shows every label found there, so a run of the previous code under another label (e.g. "before") sits
-beside it. Writes docs/results/seal_renaming.{md,json,png}.
+the other layer's names (each claimed name on another module); and the release merged into its base and saved
+in bf16, or with 1% noise on every weight, in key mode with the owner's record and without it (--r 8). Reported:
+log10 p of the verdict, and of the pairing by name and by structure behind it (or the refusal). Each (label, key)
+result is one JSON file in runs/seal_renaming/LABEL; the table shows every label found there, so a run of the
+previous code under another label (e.g. "before") sits beside it. Writes docs/results/seal_renaming.{md,json,png}.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import statistics
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -25,9 +27,11 @@ from _common import parser, pyplot, save_figure, write_results
 from peft import get_peft_model
 
 from peft_ctrl import SealConfig
+from peft_ctrl.seal.claim import read_claim
 from peft_ctrl.seal.io import LoraFactors, read_adapter
-from peft_ctrl.seal.release import release
-from peft_ctrl.seal.verify import Suspect, verify_owner
+from peft_ctrl.seal.release import CLAIM_FILE, release
+from peft_ctrl.seal.verify import Suspect, verify_key, verify_owner
+from peft_ctrl_app.forensics import attacks
 
 RUNS = Path("runs/seal_renaming")
 KEYS = 6
@@ -59,18 +63,20 @@ def owner_key(i: int) -> str:
     return f"seal-renaming-owner-key-{i:02d}"
 
 
+CONFIG = transformers.LlamaConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
+
 def trained_release(folder: Path, key: str, seed: int) -> tuple[LoraFactors, Path, str]:
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
     torch.manual_seed(seed)
     model = get_peft_model(
-        transformers.LlamaForCausalLM(config), SealConfig(r=RANK, target_modules=["q_proj", "v_proj"], key=key)
+        transformers.LlamaForCausalLM(CONFIG), SealConfig(r=RANK, target_modules=["q_proj", "v_proj"], key=key)
     )
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
@@ -84,6 +90,31 @@ def trained_release(folder: Path, key: str, seed: int) -> tuple[LoraFactors, Pat
     return read_adapter(folder / "release"), folder / "proof.safetensors", claim.digest()
 
 
+def merged_suspects(plain: LoraFactors, seed: int) -> dict[str, Suspect]:
+    """The release merged into its base and saved again in bf16, or with noise of 1% of each 2-D weight's spread
+    added to every entry: every weight then differs from the base."""
+    torch.manual_seed(seed)
+    base = {k: v.detach().clone() for k, v in transformers.LlamaForCausalLM(CONFIG).state_dict().items()}
+    merged = attacks.merge(plain, base)
+    g = torch.Generator().manual_seed(seed)
+    noisy = {k: v + 0.01 * v.std() * torch.randn(v.shape, generator=g) for k, v in merged.items() if v.dim() == 2}
+    return {
+        "merged, saved in bf16": Suspect.from_merged({k: v.bfloat16().float() for k, v in merged.items()}, base, RANK),
+        "merged, 1% noise on every weight": Suspect.from_merged({**merged, **noisy}, base, RANK),
+    }
+
+
+def summary(result: Any) -> dict:
+    key_part = result.components["key"]["components"] if "key" in result.components else result.components
+    return {
+        "log10_p": result.log10_p,
+        "verified": result.verified,
+        "by_name": key_part["by_name"]["log10_p"],
+        "by_structure": key_part["by_structure"]["log10_p"],
+        "rows_by_structure": key_part["by_structure"]["rows"],
+    }
+
+
 def experiment(label: str, i: int) -> dict:
     path = RUNS / label / f"key_{i:02d}.json"
     if path.is_file():
@@ -91,22 +122,21 @@ def experiment(label: str, i: int) -> dict:
     key = owner_key(i)
     with tempfile.TemporaryDirectory() as tmp:
         plain, proof, digest = trained_release(Path(tmp), key, seed=i)
-        record = {}
+        record = read_claim(Path(tmp) / "release" / CLAIM_FILE)
+        result = {}
         for name, rename in RENAMINGS.items():
             factors = {rename(m): f for m, f in plain.factors.items()}
             suspect = Suspect.from_adapter(LoraFactors(factors, plain.scaling))
-            result = verify_owner(suspect, proof, digest, key=key)
-            key_part = result.components["key"]["components"]
-            record[name] = {
-                "log10_p": result.log10_p,
-                "verified": result.verified,
-                "by_name": key_part["by_name"]["log10_p"],
-                "by_structure": key_part["by_structure"]["log10_p"],
-                "rows_by_structure": key_part["by_structure"]["rows"],
-            }
+            result[name] = summary(verify_owner(suspect, proof, digest, key=key))
+        for name, suspect in merged_suspects(plain, seed=i).items():
+            result[f"{name}, key mode with the record"] = summary(verify_key(suspect, key=key, claim=record))
+            try:
+                result[f"{name}, key mode alone (--r {RANK})"] = summary(verify_key(suspect, key=key, r=RANK))
+            except ValueError as err:
+                result[f"{name}, key mode alone (--r {RANK})"] = {"refused": str(err)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=1))
-    return record
+    path.write_text(json.dumps(result, indent=1))
+    return result
 
 
 def collect() -> dict[str, list[dict]]:
@@ -125,8 +155,12 @@ def table(results: dict[str, list[dict]]) -> str:
     ]
     for label, records in results.items():
         release_mean = statistics.mean(r["release as published"]["log10_p"] for r in records)
-        for name in RENAMINGS:
+        for name in records[0]:
             rows = [r[name] for r in records]
+            if any("refused" in x for x in rows):
+                refused = sum("refused" in x for x in rows)
+                lines.append(f"| {label} | {name} | {len(rows)} | refused ({refused} of {len(rows)}) | | | | | |")
+                continue
             p = [x["log10_p"] for x in rows]
             mean = statistics.mean(p)
             lines.append(
@@ -135,7 +169,8 @@ def table(results: dict[str, list[dict]]) -> str:
                 f"{statistics.mean(x['by_structure'] for x in rows):.1f} ({rows[0]['rows_by_structure']}) | "
                 f"{sum(x['verified'] for x in rows)}/{len(rows)} |"
             )
-    return "\n".join(lines)
+    refusals = {x["refused"] for records in results.values() for r in records for x in r.values() if "refused" in x}
+    return "\n".join(lines + [""] + [f"Refused: {text}" for text in sorted(refusals)])
 
 
 def plot(results: dict[str, list[dict]], path: Path) -> None:
@@ -143,7 +178,7 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 3.5))
     width = 0.8 / max(1, len(results))
     for k, (label, records) in enumerate(results.items()):
-        means = [statistics.mean(r[name]["log10_p"] for r in records) for name in RENAMINGS]
+        means = [statistics.mean(r[name]["log10_p"] for r in records) for name in RENAMINGS]  # owner verdicts
         ax.bar([i + k * width for i in range(len(RENAMINGS))], means, width, label=label)
     ax.set_xticks([i + width * (len(results) - 1) / 2 for i in range(len(RENAMINGS))])
     ax.set_xticklabels(list(RENAMINGS), fontsize=7)
