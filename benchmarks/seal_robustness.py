@@ -21,7 +21,9 @@ trained), 3 seeds. Keys are fixed benchmark strings so runs repeat exactly.
    proof forged for that key), and the owner's key against the plain-LoRA adapters; 1000 forged proofs
    presented against the owner's digest (each must be refused: no verdict).
 4. Whole-claim search: a forger tries ``--claims`` claims (default 20,000) over the owner's release, each with its
-   own key, module subset, names and ranks; the smallest p any reaches, against what an exact test allows.
+   own key, module subset, names and ranks; the smallest p any reaches, against what an exact test allows. Then
+   ``--hostile`` hostile claims (default 20,000; ``attacks.hostile_claims``: supersets, mixed ranks, shuffled
+   order, repeated entries, a forger key each), the same figures.
 5. SmolLM2-135M-Instruct (the shipped LLaMA-architecture chat model) on the chat task of `peft-ctrl finetune`:
    SEAL vs LoRA on q,v (r=8, seed 0), then the merged-model rewrites on the released SEAL adapter (merge, head
    and neuron permutation with sign flips, residual-stream rotation with norm gains folded, both, and both with
@@ -69,7 +71,6 @@ from peft_ctrl_app.finetune import (
     build_model,
     encode,
     train_one,
-    trim,
 )
 from peft_ctrl_app.forensics import attacks
 from peft_ctrl_app.training import length_bucketed_batches
@@ -85,7 +86,14 @@ FINETUNE_SWEEP = (
     (300, 5e-2, 30, 1.0),
 )
 CLAIM_SEARCH = 20_000
+HOSTILE_SEARCH = 20_000
 SMOL_STEPS, SMOL_LR, SMOL_ATTACK_STEPS, SMOL_BATCH = 60, 2e-3, 100, 8
+
+
+def trim(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the padding columns that no sentence of the batch uses."""
+    width = int(batch["attention_mask"].sum(1).max())
+    return {k: v[:, :width] if v.dim() == 2 else v for k, v in batch.items()}
 
 
 def owner_key(seed: int | str) -> str:
@@ -329,20 +337,64 @@ def claim_search(root: Path, claims: int, chunk: int = 500) -> dict:
     start = time.perf_counter()
     with multiprocessing.get_context("fork").Pool(2) as pool:
         log10_p = np.concatenate(pool.map(_claim_chunk, jobs))
+    return _search_summary(log10_p, time.perf_counter() - start)
+
+
+def _search_summary(log10_p: np.ndarray, seconds: float) -> dict:
+    """How the smallest p of N tries compares with the minimum of N uniform p-values, and the tail counts."""
+    claims = len(log10_p)
     p = 10.0**log10_p
     best = int(log10_p.argmin())
     return {
         "claims": claims,
-        "seconds": time.perf_counter() - start,
+        "seconds": seconds,
         "min_log10_p": float(log10_p[best]),
         "best_claim": best,
         "expected_min_log10_p": float(np.log10(1 / claims)),
+        "n_times_min_p": float(claims * p[best]),
         "below_1e-3": int((p < 1e-3).sum()),
         "expected_below_1e-3": claims * 1e-3,
         "below_owner_threshold": int((log10_p < math.log10(OWNER_THRESHOLD)).sum()),
         "union_bound": claims * OWNER_THRESHOLD,
         "histogram": np.histogram(p, bins=20, range=(0, 1))[0].tolist(),
     }
+
+
+def _hostile_chunk(job: tuple[Path, int, int]) -> tuple[list[float], int, int]:
+    """(log10 p of the accepted hostile claims of seed ``seed``, how many were refused, how many tested more rows
+    or suspect modules than the claim and the suspect hold: must be 0)."""
+    released, seed, count = job
+    torch.set_num_threads(1)
+    plain = read_adapter(released)
+    suspect = Suspect.from_adapter(plain)
+    shapes = {m: suspect.shape(m) for m in suspect.modules()}
+    weights = weights_sha256(plain.factors, plain.scaling)
+    out, refused, overused = [], 0, 0
+    for claim, key in attacks.hostile_claims(shapes, weights, count, seed=seed, max_rank=2 * RANK):
+        if claim is None:
+            refused += 1
+            continue
+        result = verify_key(suspect, key=key, claim=claim)
+        rows = sum(r for *_, r in claim.structure)
+        for used in (result.components["by_name"], result.components["by_structure"]):
+            overused += used["rows"] > rows or used["modules"] > len(shapes)
+        out.append(result.log10_p)
+    return out, refused, overused
+
+
+def hostile_search(root: Path, claims: int, chunk: int = 500) -> dict:
+    """Item 2 of the SEAL forgery issue at scale: ``attacks.hostile_claims`` (supersets of up to 4x the release's
+    modules, mixed ranks, shuffled order, repeated entries, a forger key each) over the owner's release."""
+    jobs = [(root / "release", 1000 + start // chunk, min(chunk, claims - start)) for start in range(0, claims, chunk)]
+    start = time.perf_counter()
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        parts = pool.map(_hostile_chunk, jobs)
+    log10_p = np.concatenate([np.array(p, dtype=float) for p, _, _ in parts])
+    summary = _search_summary(log10_p, time.perf_counter() - start)
+    summary["tried"] = claims
+    summary["refused"] = sum(r for _, r, _ in parts)
+    summary["overused"] = sum(o for _, _, o in parts)
+    return summary
 
 
 def smollm2_part(root: Path) -> dict:
@@ -587,6 +639,20 @@ def write_tables(result: dict) -> str:
             f"threshold 2^-64 (expected number {k['union_bound']:.1e}).",
             "",
         ]
+    if "hostile_search" in result:
+        k = result["hostile_search"]
+        lines += [
+            f"Hostile claims (item 2 of the SEAL forgery issue): {k['tried']:,} claims built to exploit the verifier "
+            "over the owner's release, each with a forger key: the release's modules under their own names with "
+            "mixed ranks (2 to 16), up to three times as many invented modules of its shapes, a shuffled order, and "
+            f"in every fourth claim repeated entries ({k['seconds']:.0f} s on 2 cores). {k['refused']:,} refused "
+            f"(repeated modules: no verdict); of the other {k['claims']:,}, the smallest p is "
+            f"10^{k['min_log10_p']:.2f} (N x min p = {k['n_times_min_p']:.2f}; for the minimum of N uniform p-values "
+            f"it is Exp(1)); {k['below_1e-3']} below 1e-3 (expected at most {k['expected_below_1e-3']:.0f}); "
+            f"{k['below_owner_threshold']} below 2^-64; {k['overused']} tested more rows or modules than the claim "
+            "and the suspect hold.",
+            "",
+        ]
     if "timing" in result:
         t = result["timing"]
         lines += [
@@ -627,6 +693,10 @@ def plot(result: dict, path: Path) -> None:
     ax3.stairs(
         np.array(k["histogram"]) * 20 / k["claims"], np.linspace(0, 1, 21), label=f"claim search ({k['claims']:,})"
     )
+    if "hostile_search" in result:
+        h = result["hostile_search"]
+        counts = np.array(h["histogram"]) * 20 / h["claims"]
+        ax3.stairs(counts, np.linspace(0, 1, 21), label=f"hostile claims ({h['claims']:,})")
     ax3.set_xlabel("p-value")
     ax3.set_ylabel("density")
     ax3.set_title("Null trials: p-values are uniform")
@@ -648,6 +718,7 @@ def main() -> None:
     cli = parser(__doc__)
     cli.add_argument("--only", choices=["timing"], help="run one part only (results are not written)")
     cli.add_argument("--claims", type=int, default=CLAIM_SEARCH, help="claims the forger tries in the claim search")
+    cli.add_argument("--hostile", type=int, default=HOSTILE_SEARCH, help="hostile claims tried (item 2)")
     args = cli.parse_args()
     torch.set_num_threads(2)
     if args.only == "timing":
@@ -666,6 +737,7 @@ def main() -> None:
     result["attacks"] = part("attacks", lambda: attack_table(root, attacker, evaluation, num_labels))
     result["false_positives"] = part("false_positives", lambda: false_positives(root))
     result["claim_search"] = part("claim_search", lambda: claim_search(root, args.claims))
+    result["hostile_search"] = part("hostile_search", lambda: hostile_search(root, args.hostile))
     result["smollm2"] = part("smollm2", lambda: smollm2_part(root))
     result["timing"] = llama7b_timing()
     write_results(args.out, "seal_robustness", write_tables(result), result, lambda path: plot(result, path))

@@ -1,7 +1,8 @@
 """SEAL end to end on a tiny LLaMA (random init, CPU, about 15 seconds):
 
 train a watermarked adapter -> release it as plain LoRA -> verify (owner and key-only) -> attack -> verify,
-including a merged model rewritten by rotation and permutation, and a padded, renamed adapter.
+including a merged model rewritten by rotation and permutation, one saved in bf16 (key mode without the record),
+renamed modules, and a padded, renamed adapter.
 
     python examples/seal_watermark.py
 """
@@ -17,7 +18,7 @@ from peft import PeftModel, get_peft_model
 from peft_ctrl import SealConfig
 from peft_ctrl.seal import generate_key
 from peft_ctrl.seal.claim import read_claim
-from peft_ctrl.seal.io import read_adapter
+from peft_ctrl.seal.io import LoraFactors, read_adapter
 from peft_ctrl.seal.release import release
 from peft_ctrl.seal.verify import Suspect, verify_key, verify_owner
 from peft_ctrl_app.forensics import attacks
@@ -82,6 +83,16 @@ def main() -> None:
             "merged, rotated, permuted:",
             verify_owner(Suspect.from_merged(rewritten, base, rank=16), proof, claim.digest()),
         )
+
+        # The same merged model saved in bf16: every weight now differs from the base, and key mode without the
+        # record still reads the claimed structure from the modules that carry a clear rank-16 update.
+        rounded = {k: v.bfloat16().float() for k, v in attacks.merge(plain, base).items()}
+        print("merged, saved in bf16, key only:", verify_key(Suspect.from_merged(rounded, base, rank=16), r=16))
+
+        # Renamed GGUF-style: owner mode pairs modules by shape, with every key row tested.
+        gguf = {f"blk.{m.split('.')[2]}.{m.rsplit('.', 1)[1]}": f for m, f in plain.factors.items()}
+        renamed = Suspect.from_adapter(LoraFactors(gguf, plain.scaling))
+        print("renamed blk.N.q_proj:", verify_owner(renamed, proof, claim.digest()))
 
         # Near-null rank padding and renamed modules: key mode with the owner's public record (ranks and names).
         dodged = attacks.rename(attacks.pad_rank(plain, 40), "model.layers.", "backbone.layers.")
