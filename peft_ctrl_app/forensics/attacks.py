@@ -9,8 +9,9 @@ loaded LoRA model further on other data, and ``distill`` trains a fresh adapter 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -270,6 +271,36 @@ def claim_of(proof: Proof) -> Claim:
     if proof.claim is None:
         raise ValueError("This proof holds no claim (it predates published claims).")
     return Claim.from_fields(proof.claim)
+
+
+def hostile_claims(
+    modules: dict[str, tuple[int, int]], weights_sha: str, count: int, seed: int, max_rank: int
+) -> Iterator[tuple[Claim | None, str]]:
+    """Claims built to exploit a verifier over a release whose modules have the given shapes, each with its own
+    forger key: the release's modules (all or a subset) under their own names with mixed ranks (2 to max_rank),
+    plus up to three times as many invented modules of the release's shapes (more entries than the suspect has
+    modules; ranks 1 to max_rank), listed in a shuffled order; every fourth claim also repeats some of its
+    entries. Yields (the claim, or None where ``Claim`` refused it, and the forger key)."""
+    names = sorted(modules)
+    shapes = sorted(set(modules.values()))
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        key = f"hostile-{seed}-{i:05d}-0123456789abcdef"
+        own = [names[j] for j in rng.choice(len(names), size=rng.integers(1, len(names) + 1), replace=False)]
+        rows = [(m, *modules[m], int(rng.integers(2, max_rank + 1))) for m in own]
+        for j in range(int(rng.integers(0, 3 * len(names) + 1))):
+            out, inp = shapes[rng.integers(len(shapes))]
+            rows.append((f"invented.{i}.{j}", out, inp, int(rng.integers(1, max_rank + 1))))
+        if i % 4 == 3:
+            rows += [rows[k] for k in rng.choice(len(rows), size=rng.integers(1, len(rows) + 1))]
+        rows = [rows[k] for k in rng.permutation(len(rows))]
+        salt = f"{seed:08x}{i:024x}"
+        try:
+            yield Claim(commitment(key.encode(), salt), salt, tuple(rows), weights_sha), key
+        except ValueError as err:
+            if "more than once" not in str(err):
+                raise
+            yield None, key
 
 
 def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
