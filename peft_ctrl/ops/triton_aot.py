@@ -92,7 +92,7 @@ def compile_kernel(kernel: str, arch: int, dtype: str, block_r: int) -> Compiled
             signature[name] = "constexpr"
         else:
             signature[name] = "fp32" if name in ("p", "inv") else "i32"
-    block_m, block_k, _ = kernels._blocks(block_r)
+    block_m, block_k, _ = kernels._blocks(block_r, dtype == "fp32")
     values = {"IEEE": dtype == "fp32", "BLOCK_M": block_m, "BLOCK_K": block_k, "BLOCK_R": block_r}
     source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in values.items()})
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32))

@@ -154,12 +154,16 @@ def _keep_mask_kernel(out_ptr, M, K, seed, p, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, keep.to(tl.int8), mask=offs < M * K)
 
 
-def _blocks(R: int) -> tuple[int, int, int]:
+def _blocks(R: int, fp32: bool) -> tuple[int, int, int]:
     if R > MAX_RANK:
         raise ValueError(f"The Triton low-rank kernels support ranks up to {MAX_RANK}, got {R}.")
     block_r = max(16, triton.next_power_of_2(R))
     # Above rank 64 a 32 x 32 tile with a whole rank row spills registers in fp32 (and in grad_a at 256) on sm_80
-    # and sm_90; 16 x 16 tiles do not (benchmarks/triton_aot.py, docs/ops.md).
+    # and sm_90; 16 x 16 tiles do not, but for one: fp32 at rank 256 on sm_90, which 16 x 8 tiles fix (the
+    # fp32 products run on FMA units, which take an 8-wide K; bf16/fp16 tensor-core products need 16)
+    # (benchmarks/triton_aot.py, docs/ops.md).
+    if block_r > 128 and fp32:
+        return (16, 8, block_r)
     return (16, 16, block_r) if block_r > 64 else (32, 32, block_r)
 
 
@@ -174,7 +178,7 @@ def _launch(
     """Run one of the three kernels above: they all take (a, b, out, M, K, R, the strides of a, b and out, seed,
     p, 1 / (1 - p)) and the same block sizes; ``grid(BLOCK_M, BLOCK_K)`` gives the launch grid."""
     _check_size(M, K)
-    BM, BK, BR = _blocks(R)
+    BM, BK, BR = _blocks(R, a.dtype == torch.float32)
     kernel[grid(BM, BK)](
         a, b, out, M, K, R, *a.stride(), *b.stride(), *out.stride(), seed, p, 1.0 / (1.0 - p),
         IEEE=a.dtype == torch.float32, BLOCK_M=BM, BLOCK_K=BK, BLOCK_R=BR,
