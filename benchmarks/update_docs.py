@@ -33,6 +33,7 @@ SOURCES = {
     "state_ctrl_zoo": lambda: (RESULTS / "state_ctrl_zoo.md").read_text().strip(),
     "memory_plan": lambda: (RESULTS / "memory_plan.md").read_text().strip(),
     "triton_aot": lambda: (RESULTS / "triton_aot.md").read_text().strip(),
+    "seal_renaming": lambda: (RESULTS / "seal_renaming.md").read_text().strip(),
     "trainer_path": lambda: (RESULTS / "trainer_path.md").read_text().strip(),
     "state_ctrl_zoo_support": lambda: _support_columns(_blocks(RESULTS / "state_ctrl_zoo.md")[0]),
     "state_ctrl_memory": lambda: _blocks(RESULTS / "state_ctrl_memory.md")[0],
