@@ -73,11 +73,12 @@ CONFIG = transformers.LlamaConfig(
 )
 
 
-def trained_release(folder: Path, key: str, seed: int) -> tuple[LoraFactors, Path, str]:
+def trained_release(folder: Path, key: str, seed: int) -> tuple[LoraFactors, dict[str, torch.Tensor], Path, str]:
+    """The released adapter, the weights of the base it was trained on, the proof and the published digest."""
     torch.manual_seed(seed)
-    model = get_peft_model(
-        transformers.LlamaForCausalLM(CONFIG), SealConfig(r=RANK, target_modules=["q_proj", "v_proj"], key=key)
-    )
+    base_model = transformers.LlamaForCausalLM(CONFIG)
+    base = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
+    model = get_peft_model(base_model, SealConfig(r=RANK, target_modules=["q_proj", "v_proj"], key=key))
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     for _ in range(STEPS):
@@ -87,20 +88,16 @@ def trained_release(folder: Path, key: str, seed: int) -> tuple[LoraFactors, Pat
         opt.zero_grad()
     model.save_pretrained(folder / "sealed")
     claim = release(folder / "sealed", folder / "release", folder / "proof.safetensors", key=key)
-    return read_adapter(folder / "release"), folder / "proof.safetensors", claim.digest()
+    return read_adapter(folder / "release"), base, folder / "proof.safetensors", claim.digest()
 
 
-def merged_suspects(plain: LoraFactors, seed: int) -> dict[str, Suspect]:
+def merged_suspects(plain: LoraFactors, base: dict[str, torch.Tensor], seed: int) -> dict[str, Suspect]:
     """The release merged into its base and saved again in bf16, or with noise of 1% of each 2-D weight's spread
     added to every entry: every weight then differs from the base."""
-    torch.manual_seed(seed)
-    base = {k: v.detach().clone() for k, v in transformers.LlamaForCausalLM(CONFIG).state_dict().items()}
     merged = attacks.merge(plain, base)
-    g = torch.Generator().manual_seed(seed)
-    noisy = {k: v + 0.01 * v.std() * torch.randn(v.shape, generator=g) for k, v in merged.items() if v.dim() == 2}
     return {
-        "merged, saved in bf16": Suspect.from_merged({k: v.bfloat16().float() for k, v in merged.items()}, base, RANK),
-        "merged, 1% noise on every weight": Suspect.from_merged({**merged, **noisy}, base, RANK),
+        "merged, saved in bf16": Suspect.from_merged(attacks.round_to_bf16(merged), base, RANK),
+        "merged, 1% noise on every weight": Suspect.from_merged(attacks.noisy_weights(merged, 0.01, seed), base, RANK),
     }
 
 
@@ -121,14 +118,14 @@ def experiment(label: str, i: int) -> dict:
         return json.loads(path.read_text())
     key = owner_key(i)
     with tempfile.TemporaryDirectory() as tmp:
-        plain, proof, digest = trained_release(Path(tmp), key, seed=i)
+        plain, base, proof, digest = trained_release(Path(tmp), key, seed=i)
         record = read_claim(Path(tmp) / "release" / CLAIM_FILE)
         result = {}
         for name, rename in RENAMINGS.items():
             factors = {rename(m): f for m, f in plain.factors.items()}
             suspect = Suspect.from_adapter(LoraFactors(factors, plain.scaling))
             result[name] = summary(verify_owner(suspect, proof, digest, key=key))
-        for name, suspect in merged_suspects(plain, seed=i).items():
+        for name, suspect in merged_suspects(plain, base, seed=i).items():
             result[f"{name}, key mode with the record"] = summary(verify_key(suspect, key=key, claim=record))
             try:
                 result[f"{name}, key mode alone (--r {RANK})"] = summary(verify_key(suspect, key=key, r=RANK))

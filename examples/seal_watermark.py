@@ -86,7 +86,7 @@ def main() -> None:
 
         # The same merged model saved in bf16: every weight now differs from the base, and key mode without the
         # record still reads the claimed structure from the modules that carry a clear rank-16 update.
-        rounded = {k: v.bfloat16().float() for k, v in attacks.merge(plain, base).items()}
+        rounded = attacks.round_to_bf16(attacks.merge(plain, base))
         print("merged, saved in bf16, key only:", verify_key(Suspect.from_merged(rounded, base, rank=16), r=16))
 
         # Renamed GGUF-style: owner mode pairs modules by shape, with every key row tested.

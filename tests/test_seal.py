@@ -732,12 +732,7 @@ def released_qv(tmp_path_factory):
 
 def saved_again(weights, how):
     """A merged model saved in bf16, or with noise of 1% of each 2-D weight's spread added to every entry."""
-    g = torch.Generator().manual_seed(7)
-    if how == "bf16":
-        return {k: v.to(torch.bfloat16).float() for k, v in weights.items()}
-    return {
-        k: v + 0.01 * v.std() * torch.randn(v.shape, generator=g) if v.dim() == 2 else v for k, v in weights.items()
-    }
+    return attacks.round_to_bf16(weights) if how == "bf16" else attacks.noisy_weights(weights, 0.01, seed=7)
 
 
 @pytest.mark.parametrize("how", ["bf16", "noise"])

@@ -15,9 +15,8 @@ Two tests, each with an exact null distribution:
   the claimant names decides which suspect module a claimed module is compared with: the test pairs them by name
   and, independently, by structure (among the modules of one shape, the one-to-one pairing that the key rows
   support best, its p multiplied by the number of such pairings: a union bound), every row tested in both, and
-  reports twice the smaller p. A
-  structure lists each module once (``keys.check_structure``): rows of distinct names are independent, so each
-  tested row is one independent piece of evidence however many entries a claim has.
+  reports twice the smaller p. A structure lists each module once (``keys.check_structure``): rows of distinct
+  names are independent, so each tested row is one independent piece of evidence however many entries a claim has.
 * **passport** (the paper's owner test; needs the proof file): C_hat = B^+ (delta W) A^+ with the
   pre-release B, A. The passport is C = Q D with Q Haar-orthogonal and D independent fair column signs,
   so when C_hat is independent of the key, each column agreement sign(<C_hat_j, C_j>) = d_j

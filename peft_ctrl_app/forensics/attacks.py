@@ -124,6 +124,20 @@ def merge(adapter: LoraFactors, base: dict[str, torch.Tensor]) -> dict[str, torc
     return merged
 
 
+def round_to_bf16(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights as a model saved in bf16 holds them (read back in fp32): every weight moves by its rounding."""
+    return {k: v.to(torch.bfloat16).float() for k, v in weights.items()}
+
+
+def noisy_weights(weights: dict[str, torch.Tensor], relative_std: float, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Every 2-D weight with Gaussian noise of ``relative_std`` times its own spread added to each entry."""
+    g = torch.Generator().manual_seed(seed)
+    noisy = {
+        k: v + relative_std * v.std() * torch.randn(v.shape, generator=g) for k, v in weights.items() if v.dim() == 2
+    }
+    return {**weights, **noisy}
+
+
 def _llama_layout(weights: dict[str, torch.Tensor], config) -> tuple[int, int, int, int]:
     """Layers, query heads, key/value heads and head size of a LLaMA-family model, checked against ``weights``."""
     heads, kv_heads = (
